@@ -1,0 +1,111 @@
+"""The LightningDataModule: builds token shards when missing and streams blocks of tokens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from litdata import StreamingDataLoader, StreamingDataset
+from litdata.streaming.item_loader import TokensLoader
+
+from pretrain.errors import UserError
+from pretrain.prepare import prepare, read_manifest
+from pretrain.tokenizer import load_tokenizer
+
+
+class PretrainData(L.LightningDataModule):
+    """Streams blocks of ``seq_len + 1`` tokens: inputs are ``[:-1]``, targets ``[1:]``.
+
+    Args:
+        sources: Files, directories, globs of .txt/.md, or ``stdlib`` (the Python standard library).
+        data_dir: Where tokenizer, shards and manifest are built and read.
+        seq_len: Tokens the model sees per sequence.
+        batch_size: Sequences per micro-batch on each device.
+        num_workers: DataLoader processes per device (also used to tokenize).
+        vocab_size: Size of the tokenizer trained when ``tokenizer`` is not given.
+        tokenizer: A ``tokenizer.json`` to use instead of training one.
+        val_fraction: Share of documents held out for validation.
+        seed: Shuffling seed of the training stream.
+        overwrite: Rebuild ``data_dir`` even if it was built from other sources or another tokenizer.
+    """
+
+    def __init__(
+        self,
+        sources: list[str] | None = None,
+        data_dir: str = "data/stdlib",
+        seq_len: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 1,
+        vocab_size: int = 4096,
+        tokenizer: str | None = None,
+        val_fraction: float = 0.02,
+        seed: int = 42,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__()
+        self.sources = sources if sources is not None else ["stdlib"]
+        self.data_dir = data_dir
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.tokenizer = tokenizer
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.overwrite = overwrite
+        # A given tokenizer fixes the vocabulary; the model reads it from here.
+        self.vocab_size = load_tokenizer(tokenizer).get_vocab_size() if tokenizer else vocab_size
+        self.train_set: StreamingDataset | None = None
+        self.val_set: StreamingDataset | None = None
+
+    def prepare_data(self) -> None:
+        """Runs on one process per node, before any other: build the shards if they are missing."""
+        prepare(
+            self.sources,
+            self.data_dir,
+            vocab_size=self.vocab_size,
+            tokenizer=self.tokenizer,
+            val_fraction=self.val_fraction,
+            num_workers=max(1, self.num_workers),
+            overwrite=self.overwrite,
+        )
+
+    def setup(self, stage: str) -> None:
+        # Built here, after the process group exists, so each rank streams its own part of the data.
+        manifest = read_manifest(self.data_dir)
+        if manifest is None:
+            raise UserError(
+                f"{self.data_dir} holds no complete build (manifest.json is missing); "
+                "run `python -m pretrain.prepare` or `main.py fit` to build it."
+            )
+        if manifest["tokenizer"]["vocab_size"] > self.vocab_size:
+            raise UserError(
+                f"{self.data_dir} was tokenized with {manifest['tokenizer']['vocab_size']} tokens, "
+                f"more than the model's vocab_size {self.vocab_size}; set data.vocab_size to match."
+            )
+        self.train_set = self._dataset("train", shuffle=True)
+        self.val_set = self._dataset("val", shuffle=False)
+
+    def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
+        return StreamingDataset(
+            str(Path(self.data_dir) / split),
+            item_loader=TokensLoader(block_size=self.seq_len + 1),
+            shuffle=shuffle,
+            drop_last=True,
+            seed=self.seed,
+        )
+
+    def _loader(self, dataset: StreamingDataset) -> StreamingDataLoader:
+        return StreamingDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=True,
+        )
+
+    def train_dataloader(self) -> StreamingDataLoader:
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> StreamingDataLoader:
+        return self._loader(self.val_set)

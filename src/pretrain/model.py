@@ -1,0 +1,203 @@
+"""A Llama-style decoder-only language model in plain PyTorch.
+
+RMSNorm, rotary position embeddings, grouped-query attention through
+``F.scaled_dot_product_attention``, SwiGLU MLP, no biases. Nothing here knows about Lightning,
+FSDP or the data pipeline, so the model can be tested, exported and reused on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Every number that defines the architecture. The model is built from this alone."""
+
+    vocab_size: int = 4096
+    seq_len: int = 256
+    d_model: int = 192
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 4
+    ffn_dim: int = 512
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    padding_multiple: int = 64
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding rows, rounded up so the LM head's matmul has GPU-friendly shapes."""
+        return math.ceil(self.vocab_size / self.padding_multiple) * self.padding_multiple
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: object) -> GPTConfig:
+        """A named preset with some fields replaced, e.g. ``from_preset("tiny", n_layer=6)``."""
+        if name not in PRESETS:
+            raise ValueError(f"Unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"Unknown model field(s) {unknown}; valid fields are {sorted(known)}")
+        return replace(PRESETS[name], **overrides)
+
+
+PRESETS: dict[str, GPTConfig] = {
+    # Sized for a 2-core laptop: the quickstart trains it in a few minutes.
+    "tiny": GPTConfig(
+        vocab_size=4096, seq_len=256, d_model=192, n_layer=4, n_head=4, n_kv_head=4, ffn_dim=512
+    ),
+    # GPT-2 small's shape with Llama's blocks: 124M parameters with GPT-2's vocabulary, tied.
+    "gpt2-124m": GPTConfig(
+        vocab_size=50257,
+        seq_len=1024,
+        d_model=768,
+        n_layer=12,
+        n_head=12,
+        n_kv_head=12,
+        ffn_dim=2048,
+        tie_embeddings=True,
+    ),
+    # TinyLlama 1.1B's shape.
+    "llama-1b": GPTConfig(
+        vocab_size=32000, seq_len=2048, d_model=2048, n_layer=22, n_head=32, n_kv_head=4, ffn_dim=5632
+    ),
+}
+
+
+def rope_cache(seq_len: int, head_dim: int, base: float, device: torch.device | None = None) -> torch.Tensor:
+    """Cos and sin of every (position, frequency) pair, shape (T, head_dim // 2, 2), float32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of each head by their position's angle; x is (B, H, T, D)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
+    cos, sin = cache[: x.size(-2), :, 0], cache[: x.size(-2), :, 1]  # (T, D/2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Causal self-attention; ``n_kv_head < n_head`` shares each key/value head among a group."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.qkv = nn.Linear(config.d_model, qkv_dim, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head
+        )  # (B, H, T, D)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.up = nn.Linear(config.d_model, config.ffn_dim, bias=False)
+        self.down = nn.Linear(config.ffn_dim, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        # Derived from the config, so kept out of the state dict; rebuilt by init_weights.
+        self.register_buffer(
+            "rope", rope_cache(config.seq_len, config.head_dim, config.rope_base), persistent=False
+        )
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, padded_vocab_size)."""
+        if idx.size(1) > self.config.seq_len:
+            raise ValueError(f"Sequence of {idx.size(1)} tokens exceeds seq_len={self.config.seq_len}")
+        x = self.embed(idx)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, self.rope)
+        return self.lm_head(self.norm(x))  # (B, T, V)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic initialisation from ``seed`` alone, whatever the device or RNG state.
+
+        Linear and embedding weights ~ N(0, 0.02); the projections that write into the residual
+        stream get 0.02 / sqrt(2 * n_layer) so the residual's variance does not grow with depth.
+        Values are drawn on the CPU in parameter order, so every device and strategy gets the
+        same weights.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+                continue
+            std = residual_std if name.endswith(("attn.proj.weight", "mlp.down.weight")) else 0.02
+            param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=generator))
+        self.rope = rope_cache(
+            self.config.seq_len, self.config.head_dim, self.config.rope_base, self.rope.device
+        )

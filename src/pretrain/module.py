@@ -1,0 +1,115 @@
+"""The LightningModule: owns the causal LM, its loss, the optimizer wiring and the metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MeanMetric
+
+from pretrain.model import GPT, GPTConfig
+from pretrain.optim import param_groups
+
+
+def default_optimizer(params: Any) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+
+class PretrainModule(L.LightningModule):
+    """Next-token prediction on blocks of ``seq_len + 1`` tokens.
+
+    Args:
+        preset: Name of a model preset in ``pretrain.model.PRESETS``.
+        overrides: Architecture fields replaced in the preset, e.g. ``{n_layer: 6}``.
+        vocab_size: Set from the data module (its tokenizer); not typed in configs.
+        seq_len: Set from the data module; not typed in configs.
+        optimizer: Built over the model's parameter groups (weight decay on matrices only).
+        lr_scheduler: Built over the optimizer and stepped once per optimizer step.
+        compile: ``torch.compile`` the model when it is built.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        overrides: dict[str, Any] | None = None,
+        vocab_size: int = 4096,
+        seq_len: int = 256,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.config = GPTConfig.from_preset(
+            preset, vocab_size=vocab_size, seq_len=seq_len, **(overrides or {})
+        )
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.model: GPT | None = None
+        self.val_loss = MeanMetric()
+
+    def configure_model(self) -> None:
+        """Build the model here, not in ``__init__``, so strategies can create it sharded.
+
+        Weights depend only on the run's seed (``seed_everything``), never on the strategy,
+        the device or how much randomness was drawn before. Safe to call twice.
+        """
+        if self.model is not None:
+            return
+        self.model = GPT(self.config)
+        self.model.init_weights(torch.initial_seed())
+        if self.hparams.compile:
+            self.model.compile()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def _loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``."""
+        batch = batch.long()  # shards store the smallest dtype that holds the vocabulary
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = self.model(inputs)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        # Logger metrics stay on the device until the trainer writes them (every
+        # log_every_n_steps), so these calls do not synchronise with the GPU each step.
+        self.log("train/loss", loss)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            # Progress-bar values are read back every step they are logged: only at intervals.
+            self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.val_loss.update(self._loss(batch), weight=batch.size(0))
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True, sync_dist=False)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(param_groups(self.model))
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip by global norm ourselves, which also works with fused optimizers, and log the norm."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError("Only trainer.gradient_clip_algorithm: norm is supported")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
+        self.log("train/grad_norm", norm)

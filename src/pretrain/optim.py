@@ -1,0 +1,57 @@
+"""Optimizer parameter groups and the learning-rate schedule used for pretraining."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    """Matrices (linear and embedding weights) get the optimizer's weight decay; gains don't.
+
+    Decaying RMSNorm gains pulls them toward zero for no benefit, which is why every modern
+    LM recipe exempts them.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    matrices = [p for p in params if p.dim() >= 2]
+    vectors = [p for p in params if p.dim() < 2]
+    return [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}]
+
+
+class WarmupCosineLR(LRScheduler):
+    """Linear warmup from 0 to the peak LR, then cosine decay to ``min_lr_ratio`` x peak.
+
+    Stepped once per optimizer step; past ``max_steps`` it stays at the floor. From the CLI,
+    ``max_steps`` left unset is taken from ``trainer.max_steps``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int,
+        max_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        last_epoch: int = -1,
+    ) -> None:
+        if max_steps is None or max_steps <= 0:
+            raise ValueError(
+                f"The LR schedule needs a positive max_steps, got {max_steps}: set trainer.max_steps"
+            )
+        if not 0 <= warmup_steps <= max_steps:
+            raise ValueError(f"warmup_steps={warmup_steps} must be between 0 and max_steps={max_steps}")
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def lr_factor(self, step: int) -> float:
+        """The multiple of the peak LR used at optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def get_lr(self) -> list[float]:
+        factor = self.lr_factor(self.last_epoch)
+        return [base_lr * factor for base_lr in self.base_lrs]

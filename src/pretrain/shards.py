@@ -1,0 +1,32 @@
+"""Read prepared shards back as documents, for checks and tests (training streams them via litdata)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from litdata.constants import _NUMPY_DTYPES_MAPPING
+
+# litdata chunk layout: uint32 item count N, uint32 byte offsets[N + 1], then the items' bytes.
+_HEADER_DTYPE = np.uint32
+
+
+def split_dtype(split_dir: Path) -> np.dtype:
+    """Token dtype recorded in the split's index (e.g. ``no_header_numpy:5`` -> uint16)."""
+    config = json.loads((split_dir / "index.json").read_text())["config"]
+    return np.dtype(_NUMPY_DTYPES_MAPPING[int(config["data_format"][0].split(":")[1])])
+
+
+def iter_documents(split_dir: str | Path) -> Iterator[np.ndarray]:
+    """Every document's token ids (end-of-text included), chunk by chunk, in stored order."""
+    split_dir = Path(split_dir)
+    dtype = split_dtype(split_dir)
+    for chunk in json.loads((split_dir / "index.json").read_text())["chunks"]:
+        raw = np.fromfile(split_dir / chunk["filename"], dtype=np.uint8)
+        count = int(raw[:4].view(_HEADER_DTYPE)[0])
+        offsets = raw[4 : 4 * (count + 2)].view(_HEADER_DTYPE)
+        for start, end in itertools.pairwise(offsets):
+            yield raw[start:end].view(dtype)

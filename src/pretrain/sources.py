@@ -1,0 +1,91 @@
+"""Turn the configured source strings into a list of documents, and read a document's text.
+
+A source is one of:
+- ``stdlib``: the ``.py`` files of the running interpreter's standard library, without test
+  folders or site-packages. Real text present wherever Python is, so nothing is downloaded;
+- a file (one file = one document);
+- a directory: every ``.txt`` / ``.md`` file below it;
+- a glob such as ``corpus/**/*.txt``.
+"""
+
+from __future__ import annotations
+
+import glob
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+from pretrain.errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".md")
+STDLIB_EXCLUDED_DIRS = frozenset(
+    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+)
+
+
+@dataclass(frozen=True)
+class Document:
+    """A document to tokenize. ``key`` names it stably across machines (it decides the split)."""
+
+    path: str
+    key: str
+
+
+def read_text(path: str) -> str:
+    """The file's text; bytes that are not UTF-8 become U+FFFD instead of failing the build."""
+    return Path(path).read_text(encoding="utf-8", errors="replace")
+
+
+def stdlib_documents() -> list[Document]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = (
+        path
+        for path in root.rglob("*.py")
+        if not STDLIB_EXCLUDED_DIRS.intersection(path.relative_to(root).parts[:-1])
+    )
+    return [Document(str(path), f"stdlib/{path.relative_to(root).as_posix()}") for path in sorted(files)]
+
+
+def _directory_documents(source: str) -> list[Document]:
+    root = Path(source)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+    return [Document(str(p), f"{source}/{p.relative_to(root).as_posix()}") for p in files]
+
+
+def _source_documents(source: str) -> list[Document]:
+    if source == "stdlib":
+        return stdlib_documents()
+    if Path(source).is_dir():
+        return _directory_documents(source)
+    if Path(source).is_file():
+        return [Document(source, source)]
+    if glob.has_magic(source):
+        matches = sorted(m for m in glob.glob(source, recursive=True) if Path(m).is_file())
+        if not matches:
+            raise UserError(
+                f"Source glob {source!r} matches no files; check the pattern and the working directory."
+            )
+        return [Document(m, m) for m in matches]
+    raise UserError(
+        f"Source {source!r} does not exist. Give a file, a directory, a glob, or 'stdlib' "
+        f"(paths are relative to {Path.cwd()})."
+    )
+
+
+def resolve_documents(sources: list[str]) -> list[Document]:
+    """Every document of every source, in a fixed order, each file once, empty files left out."""
+    if not sources:
+        raise UserError("data.sources is empty; name at least one file, directory, glob or 'stdlib'.")
+    documents, seen = [], set()
+    for source in sources:
+        found = _source_documents(source)
+        if not found:
+            raise UserError(f"Source {source!r} holds no {'/'.join(TEXT_SUFFIXES)} files.")
+        for document in found:
+            real = Path(document.path).resolve()
+            if real not in seen and real.stat().st_size > 0:
+                seen.add(real)
+                documents.append(document)
+    if not documents:
+        raise UserError(f"The sources {sources} hold only empty files; there is no text to train on.")
+    return documents

@@ -1,0 +1,55 @@
+"""Train a byte-level BPE tokenizer, or load a given ``tokenizer.json`` (Hugging Face tokenizers)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from pretrain.errors import UserError
+
+EOS_TOKEN = "<|endoftext|>"
+# End-of-text tokens of common pretrained tokenizers, tried in order when one is given.
+KNOWN_EOS_TOKENS = (EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE: any byte sequence encodes, and decoding gives the exact text back."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a ``tokenizer.json``, with a readable error when it is missing or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            f"Tokenizer file {path} does not exist; give the path of a tokenizer.json or leave "
+            "data.tokenizer empty to train one on the sources."
+        )
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:
+        raise UserError(f"{path} is not a Hugging Face tokenizer.json ({error}).") from None
+
+
+def eos_id(tokenizer: Tokenizer) -> int:
+    """The id of the end-of-text token that separates documents in the shards."""
+    for token in KNOWN_EOS_TOKENS:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    raise UserError(
+        f"The tokenizer has none of the end-of-text tokens {list(KNOWN_EOS_TOKENS)}; "
+        "add one of them as a special token."
+    )

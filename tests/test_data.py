@@ -1,0 +1,137 @@
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from pretrain.data import PretrainData
+from pretrain.errors import UserError
+from pretrain.prepare import prepare, read_manifest, split_documents
+from pretrain.shards import iter_documents
+from pretrain.sources import resolve_documents, stdlib_documents
+from tests.conftest import TINY_VOCAB, make_corpus
+
+
+def decoded_documents(data_dir: Path, split: str) -> list[str]:
+    tokenizer = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    eos = read_manifest(data_dir)["tokenizer"]["eos_id"]
+    texts = []
+    for ids in iter_documents(data_dir / split):
+        assert ids[-1] == eos and eos not in ids[:-1], "exactly one end-of-text, at the end"
+        texts.append(tokenizer.decode(ids[:-1].tolist(), skip_special_tokens=False))
+    return texts
+
+
+def test_shards_decode_back_to_the_exact_documents(corpus, prepared: Path) -> None:
+    _, docs = corpus
+    train, val = decoded_documents(prepared, "train"), decoded_documents(prepared, "val")
+    assert val and train
+    assert Counter(train + val) == Counter(docs.values())  # each document once, byte for byte
+
+
+def test_manifest_records_what_was_built(corpus, prepared: Path) -> None:
+    manifest = read_manifest(prepared)
+    assert manifest["request"]["sources"] == [str(corpus[0])]
+    assert manifest["tokenizer"]["dtype"] == "uint16"
+    assert manifest["tokenizer"]["vocab_size"] <= TINY_VOCAB
+    for split in ("train", "val"):
+        documents = list(iter_documents(prepared / split))
+        assert manifest["splits"][split] == {"documents": len(documents), "tokens": sum(map(len, documents))}
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 40
+
+
+def test_split_is_by_document_and_deterministic(corpus) -> None:
+    documents = resolve_documents([str(corpus[0])])
+    first, second = split_documents(documents, 0.2), split_documents(list(reversed(documents)), 0.2)
+    assert {d.key for d in first["val"]} == {d.key for d in second["val"]}
+    assert not {d.key for d in first["val"]} & {d.key for d in first["train"]}
+    assert 2 <= len(first["val"]) <= 16
+
+
+def test_prepare_reuses_a_matching_build_and_refuses_another(corpus, tmp_path: Path) -> None:
+    root, _ = corpus
+    prepare([str(root)], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1)
+    chunk = next((tmp_path / "train").glob("*.bin"))
+    built_at = chunk.stat().st_mtime_ns
+    prepare([str(root)], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1)
+    assert chunk.stat().st_mtime_ns == built_at  # nothing rebuilt
+    with pytest.raises(UserError, match=r"data\.overwrite: true"):
+        prepare([str(root / "notes")], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1)
+    assert read_manifest(tmp_path)["request"]["sources"] == [str(root)]  # refused build lost nothing
+    manifest = prepare(
+        [str(root / "notes")], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1, overwrite=True
+    )
+    assert manifest["request"]["sources"] == [str(root / "notes")]
+
+
+def test_half_built_data_dir_is_rebuilt(corpus, tmp_path: Path) -> None:
+    root, docs = corpus
+    prepare([str(root)], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1)
+    (tmp_path / "manifest.json").unlink()  # as if killed before the build finished
+    (tmp_path / "val" / "index.json").unlink()
+    prepare([str(root)], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1)
+    assert Counter(decoded_documents(tmp_path, "train") + decoded_documents(tmp_path, "val")) == Counter(
+        docs.values()
+    )
+
+
+def test_given_tokenizer_is_used_as_is(prepared: Path, corpus, tmp_path: Path) -> None:
+    tokenizer = str(prepared / "tokenizer.json")
+    manifest = prepare([str(corpus[0])], str(tmp_path), tokenizer=tokenizer, num_workers=1)
+    assert manifest["tokenizer"]["sha256"] == read_manifest(prepared)["tokenizer"]["sha256"]
+    assert PretrainData(tokenizer=tokenizer).vocab_size == Tokenizer.from_file(tokenizer).get_vocab_size()
+
+
+def test_sources_globs_directories_and_files(tmp_path: Path) -> None:
+    make_corpus(tmp_path, n_docs=8)
+    (tmp_path / "notes" / "skip.bin").write_bytes(b"\x00\x01")
+    (tmp_path / "notes" / "empty.txt").write_text("")
+    from_dir = resolve_documents([str(tmp_path)])
+    assert len(from_dir) == 8  # .bin ignored, empty file left out
+    from_glob = resolve_documents([str(tmp_path / "**" / "*.md")])
+    assert {Path(d.path).suffix for d in from_glob} == {".md"}
+    one = str(tmp_path / "more" / "doc000.md")
+    assert [d.path for d in resolve_documents([one, str(tmp_path / "more")])].count(one) == 1
+
+
+@pytest.mark.parametrize("source", ["does/not/exist", "nothing/*.txt"])
+def test_missing_source_is_named(source: str) -> None:
+    with pytest.raises(UserError, match=r"does not exist|matches no files"):
+        resolve_documents([source])
+
+
+def test_stdlib_source_is_the_standard_library_without_tests() -> None:
+    documents = stdlib_documents()
+    assert len(documents) > 300
+    assert any(d.key == "stdlib/json/decoder.py" for d in documents)
+    for document in documents:
+        parts = Path(document.key).parts
+        assert not {"test", "tests", "site-packages"} & set(parts), document.key
+        assert document.path.startswith(sys.base_prefix) or "python" in document.path
+
+
+def test_datamodule_serves_blocks_of_seq_len_plus_one(prepared: Path) -> None:
+    data = PretrainData(
+        data_dir=str(prepared), seq_len=16, batch_size=4, num_workers=0, vocab_size=TINY_VOCAB
+    )
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    assert batch.shape == (4, 17)
+    assert batch.dtype == torch.uint16
+    all_tokens = torch.cat([torch.from_numpy(d.astype("int64")) for d in iter_documents(prepared / "train")])
+    start = int(torch.nonzero((all_tokens.unfold(0, 17, 1) == batch[0].long()).all(1))[0])
+    assert torch.equal(all_tokens[start : start + 17], batch[0].long())  # a contiguous slice of the stream
+
+
+def test_datamodule_refuses_a_data_dir_without_manifest(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"manifest\.json is missing"):
+        PretrainData(data_dir=str(tmp_path)).setup("fit")
+
+
+def test_manifest_is_json_with_the_eos_id(prepared: Path) -> None:
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    assert tokenizer.id_to_token(manifest["tokenizer"]["eos_id"]) == "<|endoftext|>"

@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.model import GPT, PRESETS, Attention, GPTConfig, apply_rope, rope_cache
+
+SMALL = GPTConfig(vocab_size=100, seq_len=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=64)
+
+
+def make_model(config: GPTConfig = SMALL, seed: int = 0) -> GPT:
+    model = GPT(config)
+    model.init_weights(seed)
+    return model
+
+
+def test_logits_shape_and_padded_vocab() -> None:
+    logits = make_model()(torch.randint(0, 100, (3, 17)))
+    assert logits.shape == (3, 17, 128)  # 100 rounded up to a multiple of 64
+
+
+def test_changing_a_future_token_leaves_earlier_logits_unchanged() -> None:
+    model = make_model()
+    idx = torch.randint(0, 100, (2, 20))
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % 100
+    before, after = model(idx), model(changed)
+    torch.testing.assert_close(before[:, :12], after[:, :12])
+    assert not torch.allclose(before[:, 12:], after[:, 12:])
+
+
+def test_loss_at_init_is_close_to_uniform() -> None:
+    config = GPTConfig(vocab_size=512, seq_len=64, d_model=64, n_layer=2, n_head=4, n_kv_head=4, ffn_dim=128)
+    idx = torch.randint(0, 512, (4, 65))
+    logits = make_model(config)(idx[:, :-1])
+    loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
+    assert abs(loss.item() - math.log(config.padded_vocab_size)) < 0.05
+
+
+def test_rope_matches_complex_rotation() -> None:
+    x = torch.randn(2, 3, 10, 8)
+    cache = rope_cache(16, 8, base=10_000.0)
+    theta = 10_000.0 ** (-torch.arange(0, 8, 2).float() / 8)  # (4,)
+    angles = torch.arange(10).float()[:, None] * theta[None, :]  # (T, 4)
+    pairs = torch.view_as_complex(x.unflatten(-1, (4, 2)).contiguous())
+    expected = torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, cache), expected)
+
+
+def test_rope_keeps_position_zero_and_norms() -> None:
+    x = torch.randn(1, 2, 6, 16)
+    rotated = apply_rope(x, rope_cache(6, 16, 10_000.0))
+    torch.testing.assert_close(rotated[:, :, 0], x[:, :, 0])
+    torch.testing.assert_close(rotated.norm(dim=-1), x.norm(dim=-1))
+
+
+def naive_attention(module: Attention, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Grouped-query causal attention written out loop by loop, head by head."""
+    B, T, _ = x.shape
+    H, KV, D = module.n_head, module.n_kv_head, module.head_dim
+    wq, wk, wv = module.qkv.weight.split([H * D, KV * D, KV * D])
+    q = apply_rope((x @ wq.T).view(B, T, H, D).transpose(1, 2), rope)
+    k = apply_rope((x @ wk.T).view(B, T, KV, D).transpose(1, 2), rope)
+    v = (x @ wv.T).view(B, T, KV, D).transpose(1, 2)
+    heads = []
+    for h in range(H):
+        kv = h // (H // KV)  # query head h reads key/value head h // group_size
+        scores = q[:, h] @ k[:, kv].transpose(-1, -2) / math.sqrt(D)
+        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        heads.append(scores.softmax(-1) @ v[:, kv])
+    return torch.cat(heads, dim=-1) @ module.proj.weight.T
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2, 4])
+def test_attention_matches_naive_grouped_query_reference(n_kv_head: int) -> None:
+    config = GPTConfig(
+        vocab_size=64, seq_len=16, d_model=32, n_layer=1, n_head=4, n_kv_head=n_kv_head, ffn_dim=64
+    )
+    model = make_model(config)
+    attention = model.blocks[0].attn
+    x = torch.randn(2, 12, 32)
+    torch.testing.assert_close(attention(x, model.rope), naive_attention(attention, x, model.rope))
+
+
+def test_init_is_deterministic_from_the_seed() -> None:
+    a, b, c = make_model(seed=1), make_model(seed=1), make_model(seed=2)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+        if not name.endswith("norm.weight"):
+            assert not torch.equal(pa, pc), name
+
+
+def test_init_scales_residual_projections() -> None:
+    config = GPTConfig(vocab_size=64, seq_len=16, d_model=256, n_layer=8, n_head=4, n_kv_head=4, ffn_dim=512)
+    model = make_model(config)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    for weight in (model.blocks[3].attn.proj.weight, model.blocks[3].mlp.down.weight):
+        assert weight.std().item() == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert torch.all(model.blocks[0].attn_norm.weight == 1)
+
+
+def test_tied_embeddings_share_one_tensor() -> None:
+    model = make_model(GPTConfig.from_preset("tiny", tie_embeddings=True, d_model=64, n_head=2, n_kv_head=2))
+    assert model.lm_head.weight is model.embed.weight
+
+
+@pytest.mark.parametrize(("preset", "expected"), [("gpt2-124m", 124e6), ("llama-1b", 1.1e9)])
+def test_presets_have_their_nominal_size(preset: str, expected: float) -> None:
+    with torch.device("meta"):
+        model = GPT(PRESETS[preset])
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(expected, rel=0.02)
+
+
+def test_config_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="Unknown model preset 'huge'"):
+        GPTConfig.from_preset("huge")
+    with pytest.raises(ValueError, match=r"Unknown model field\(s\) \['layers'\]"):
+        GPTConfig.from_preset("tiny", layers=3)
+    with pytest.raises(ValueError, match="multiple of n_kv_head"):
+        GPTConfig(n_head=4, n_kv_head=3)
+
+
+def test_longer_input_than_seq_len_is_refused() -> None:
+    with pytest.raises(ValueError, match="exceeds seq_len=32"):
+        make_model()(torch.zeros(1, 33, dtype=torch.long))
