@@ -60,9 +60,7 @@ def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture) -> Non
     assert "model:" in capsys.readouterr().out
 
 
-def test_fit_through_the_cli_learns_and_writes_logs_and_checkpoints(
-    corpus, prepared: Path, tmp_path: Path
-) -> None:
+def test_fit_through_the_cli_learns_and_writes_logs_and_checkpoints(corpus, prepared: Path, tmp_path: Path) -> None:
     result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "quickstart" / "version_0"
@@ -89,9 +87,7 @@ def test_user_mistake_exits_with_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_model_overfits_one_batch(prepared: Path) -> None:
-    data = PretrainData(
-        data_dir=str(prepared), seq_len=32, batch_size=4, num_workers=0, vocab_size=TINY_VOCAB
-    )
+    data = PretrainData(data_dir=str(prepared), seq_len=32, batch_size=4, num_workers=0, vocab_size=TINY_VOCAB)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     module = PretrainModule(

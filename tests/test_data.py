@@ -61,9 +61,7 @@ def test_prepare_reuses_a_matching_build_and_refuses_another(corpus, tmp_path: P
     with pytest.raises(UserError, match=r"data\.overwrite: true"):
         prepare([str(root / "notes")], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1)
     assert read_manifest(tmp_path)["request"]["sources"] == [str(root)]  # refused build lost nothing
-    manifest = prepare(
-        [str(root / "notes")], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1, overwrite=True
-    )
+    manifest = prepare([str(root / "notes")], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1, overwrite=True)
     assert manifest["request"]["sources"] == [str(root / "notes")]
 
 
@@ -73,9 +71,7 @@ def test_half_built_data_dir_is_rebuilt(corpus, tmp_path: Path) -> None:
     (tmp_path / "manifest.json").unlink()  # as if killed before the build finished
     (tmp_path / "val" / "index.json").unlink()
     prepare([str(root)], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1)
-    assert Counter(decoded_documents(tmp_path, "train") + decoded_documents(tmp_path, "val")) == Counter(
-        docs.values()
-    )
+    assert Counter(decoded_documents(tmp_path, "train") + decoded_documents(tmp_path, "val")) == Counter(docs.values())
 
 
 def test_given_tokenizer_is_used_as_is(prepared: Path, corpus, tmp_path: Path) -> None:
@@ -114,9 +110,7 @@ def test_stdlib_source_is_the_standard_library_without_tests() -> None:
 
 
 def test_datamodule_serves_blocks_of_seq_len_plus_one(prepared: Path) -> None:
-    data = PretrainData(
-        data_dir=str(prepared), seq_len=16, batch_size=4, num_workers=0, vocab_size=TINY_VOCAB
-    )
+    data = PretrainData(data_dir=str(prepared), seq_len=16, batch_size=4, num_workers=0, vocab_size=TINY_VOCAB)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     assert batch.shape == (4, 17)

@@ -74,9 +74,7 @@ def naive_attention(module: Attention, x: torch.Tensor, rope: torch.Tensor) -> t
 
 @pytest.mark.parametrize("n_kv_head", [1, 2, 4])
 def test_attention_matches_naive_grouped_query_reference(n_kv_head: int) -> None:
-    config = GPTConfig(
-        vocab_size=64, seq_len=16, d_model=32, n_layer=1, n_head=4, n_kv_head=n_kv_head, ffn_dim=64
-    )
+    config = GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layer=1, n_head=4, n_kv_head=n_kv_head, ffn_dim=64)
     model = make_model(config)
     attention = model.blocks[0].attn
     x = torch.randn(2, 12, 32)

@@ -5,18 +5,21 @@ from __future__ import annotations
 import logging
 import sys
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from pretrain.checkpointing import PretrainCheckpoint, find_last_checkpoint
 from pretrain.data import PretrainData
 from pretrain.errors import UserError
 from pretrain.module import PretrainModule
+
+log = logging.getLogger(__name__)
 
 
 class PretrainCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # Always checkpoint, configurable as e.g. --checkpoint.every_n_train_steps 50.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PretrainCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.filename": "{step:07d}",
@@ -30,12 +33,35 @@ class PretrainCLI(LightningCLI):
         parser.link_arguments("data.seq_len", "model.seq_len", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        """A schedule with ``max_steps`` unset ends where training ends: ``trainer.max_steps``."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        scheduler = config.model.lr_scheduler
-        init_args = getattr(scheduler, "init_args", None)
-        if init_args is not None and "max_steps" in init_args and init_args.max_steps is None:
-            init_args.max_steps = config.trainer.max_steps
+        _fill_schedule_length(config)
+        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
+            _resume_last_run(config)
+
+
+def _fill_schedule_length(config: Namespace) -> None:
+    """A schedule with ``max_steps`` unset ends where training ends: ``trainer.max_steps``."""
+    init_args = getattr(config.model.lr_scheduler, "init_args", None)
+    if init_args is not None and "max_steps" in init_args and init_args.max_steps is None:
+        init_args.max_steps = config.trainer.max_steps
+
+
+def _resume_last_run(config: Namespace) -> None:
+    """``--ckpt_path last``: continue the newest run of this experiment, in its own log folder."""
+    logger = config.trainer.logger
+    init_args = getattr(logger, "init_args", None)
+    if init_args is None or "save_dir" not in init_args or "version" not in init_args:
+        return  # no versioned logger to search: leave "last" to Lightning
+    name = init_args.get("name") or "lightning_logs"
+    found = find_last_checkpoint(init_args.save_dir, name)
+    if found is None:
+        log.info("No checkpoint of %s under %s yet: starting a new run", name, init_args.save_dir)
+        config.ckpt_path = None
+        return
+    version, path = found
+    log.info("Resuming %s/%s/version_%d from %s", init_args.save_dir, name, version, path.resolve())
+    init_args.version = version  # TensorBoard continues the same run folder
+    config.ckpt_path = str(path)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -47,6 +73,7 @@ def main(args: list[str] | None = None) -> None:
             args=args,
             auto_configure_optimizers=False,
             trainer_defaults={"max_epochs": -1},
+            save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
         )
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -62,9 +62,7 @@ class GPTConfig:
 
 PRESETS: dict[str, GPTConfig] = {
     # Sized for a 2-core laptop: the quickstart trains it in a few minutes.
-    "tiny": GPTConfig(
-        vocab_size=4096, seq_len=256, d_model=192, n_layer=4, n_head=4, n_kv_head=4, ffn_dim=512
-    ),
+    "tiny": GPTConfig(vocab_size=4096, seq_len=256, d_model=192, n_layer=4, n_head=4, n_kv_head=4, ffn_dim=512),
     # GPT-2 small's shape with Llama's blocks: 124M parameters with GPT-2's vocabulary, tied.
     "gpt2-124m": GPTConfig(
         vocab_size=50257,
@@ -168,9 +166,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # Derived from the config, so kept out of the state dict; rebuilt by init_weights.
-        self.register_buffer(
-            "rope", rope_cache(config.seq_len, config.head_dim, config.rope_base), persistent=False
-        )
+        self.register_buffer("rope", rope_cache(config.seq_len, config.head_dim, config.rope_base), persistent=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, padded_vocab_size)."""
@@ -198,6 +194,4 @@ class GPT(nn.Module):
                 continue
             std = residual_std if name.endswith(("attn.proj.weight", "mlp.down.weight")) else 0.02
             param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=generator))
-        self.rope = rope_cache(
-            self.config.seq_len, self.config.head_dim, self.config.rope_base, self.rope.device
-        )
+        self.rope = rope_cache(self.config.seq_len, self.config.head_dim, self.config.rope_base, self.rope.device)

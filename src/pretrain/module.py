@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
@@ -43,9 +44,7 @@ class PretrainModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.config = GPTConfig.from_preset(
-            preset, vocab_size=vocab_size, seq_len=seq_len, **(overrides or {})
-        )
+        self.config = GPTConfig.from_preset(preset, vocab_size=vocab_size, seq_len=seq_len, **(overrides or {}))
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.model: GPT | None = None
@@ -54,13 +53,14 @@ class PretrainModule(L.LightningModule):
     def configure_model(self) -> None:
         """Build the model here, not in ``__init__``, so strategies can create it sharded.
 
-        Weights depend only on the run's seed (``seed_everything``), never on the strategy,
-        the device or how much randomness was drawn before. Safe to call twice.
+        Weights depend only on the run's ``seed_everything`` (which Lightning exports as
+        PL_GLOBAL_SEED to every rank), never on the strategy, the device or on randomness drawn
+        earlier, e.g. while preparing data. Safe to call twice.
         """
         if self.model is not None:
             return
         self.model = GPT(self.config)
-        self.model.init_weights(torch.initial_seed())
+        self.model.init_weights(int(os.environ.get("PL_GLOBAL_SEED", 0)))
         if self.hparams.compile:
             self.model.compile()
 

@@ -37,9 +37,7 @@ class WarmupCosineLR(LRScheduler):
         last_epoch: int = -1,
     ) -> None:
         if max_steps is None or max_steps <= 0:
-            raise ValueError(
-                f"The LR schedule needs a positive max_steps, got {max_steps}: set trainer.max_steps"
-            )
+            raise ValueError(f"The LR schedule needs a positive max_steps, got {max_steps}: set trainer.max_steps")
         if not 0 <= warmup_steps <= max_steps:
             raise ValueError(f"warmup_steps={warmup_steps} must be between 0 and max_steps={max_steps}")
         self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio

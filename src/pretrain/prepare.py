@@ -187,9 +187,7 @@ def prepare(
     counts = {}
     for split in SPLITS:
         log.info("Tokenizing %d %s documents into %s", len(splits[split]), split, root / split)
-        _write_shards(
-            splits[split], root / split, tokenizer_path, eos, dtype, num_workers or os.cpu_count() or 1
-        )
+        _write_shards(splits[split], root / split, tokenizer_path, eos, dtype, num_workers or os.cpu_count() or 1)
         counts[split] = _shard_counts(root / split)
     manifest = {
         "version": MANIFEST_VERSION,

@@ -18,9 +18,7 @@ from pathlib import Path
 from pretrain.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md")
-STDLIB_EXCLUDED_DIRS = frozenset(
-    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-)
+STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
 
 @dataclass(frozen=True)
@@ -39,9 +37,7 @@ def read_text(path: str) -> str:
 def stdlib_documents() -> list[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = (
-        path
-        for path in root.rglob("*.py")
-        if not STDLIB_EXCLUDED_DIRS.intersection(path.relative_to(root).parts[:-1])
+        path for path in root.rglob("*.py") if not STDLIB_EXCLUDED_DIRS.intersection(path.relative_to(root).parts[:-1])
     )
     return [Document(str(path), f"stdlib/{path.relative_to(root).as_posix()}") for path in sorted(files)]
 
@@ -62,9 +58,7 @@ def _source_documents(source: str) -> list[Document]:
     if glob.has_magic(source):
         matches = sorted(m for m in glob.glob(source, recursive=True) if Path(m).is_file())
         if not matches:
-            raise UserError(
-                f"Source glob {source!r} matches no files; check the pattern and the working directory."
-            )
+            raise UserError(f"Source glob {source!r} matches no files; check the pattern and the working directory.")
         return [Document(m, m) for m in matches]
     raise UserError(
         f"Source {source!r} does not exist. Give a file, a directory, a glob, or 'stdlib' "

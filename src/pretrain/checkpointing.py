@@ -1,0 +1,106 @@
+"""Checkpoints that make every run resumable: periodic, at the end, and on preemption signals."""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+from pathlib import Path
+from types import FrameType
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+log = logging.getLogger(__name__)
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends SIGUSR1 ahead of a requeue
+
+
+class PretrainCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also saves when training ends and when the job is told to stop.
+
+    On SIGTERM or SIGUSR1 (clusters send these before preempting or requeueing a job) the run
+    finishes the current step, saves a checkpoint, points ``last`` at it and exits normally;
+    ``--ckpt_path last`` then continues exactly where it stopped. In multi-process runs the
+    ranks agree on stopping every ``signal_check_interval`` steps, so a signal costs no sync per step.
+    """
+
+    def __init__(self, *args, signal_check_interval: int = 10, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.signal_check_interval = signal_check_interval
+        self._received: int | None = None
+        self._previous_handlers: dict[int, object] = {}
+
+    def save_now(self, trainer: L.Trainer) -> None:
+        """Save the current step (unless already saved) and point ``last`` at it."""
+        if self._last_global_step_saved == trainer.global_step:
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        if self._last_global_step_saved != trainer.global_step:  # save_top_k: 0 keeps no step files
+            self._save_checkpoint(trainer, self.format_checkpoint_name(candidates))
+        self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._received = None
+        for signum in PREEMPTION_SIGNALS:
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._received = signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        # The final step is saved here, like periodic steps, so resuming from it behaves the same.
+        if 0 < trainer.max_steps <= trainer.global_step:
+            self.save_now(trainer)
+        if self._stop_requested(trainer):
+            self.save_now(trainer)
+            name = signal.Signals(self._received).name if self._received else "a stop signal on another rank"
+            log.info(
+                "Received %s: saved step %d to %s; continue with --ckpt_path last",
+                name,
+                trainer.global_step,
+                self._last_checkpoint_saved,
+            )
+            trainer.should_stop = True
+
+    def _stop_requested(self, trainer: L.Trainer) -> bool:
+        if trainer.world_size == 1:
+            return self._received is not None
+        if trainer.global_step % self.signal_check_interval:
+            return False
+        return trainer.strategy.reduce_boolean_decision(self._received is not None, all=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # After a mid-epoch resume, litdata's StreamingDataLoader replays the restored position on
+        # every new iterator until one runs to exhaustion, which Lightning never does (it stops at
+        # len()). The epoch is over: let the next one start afresh, as in an uninterrupted run.
+        if getattr(trainer.train_dataloader, "restore", False):
+            trainer.train_dataloader.restore = False
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_now(trainer)  # training stopped early for another reason (max_time, a callback ...)
+        self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+
+def find_last_checkpoint(save_dir: str | Path, name: str) -> tuple[int, Path] | None:
+    """The newest run of experiment ``name`` that has a ``last`` checkpoint: (version, path)."""
+    runs = []
+    for run in (Path(save_dir) / name).glob("version_*"):
+        match = re.fullmatch(r"version_(\d+)", run.name)
+        last = run / "checkpoints" / "last.ckpt"
+        if match and last.exists():
+            runs.append((int(match.group(1)), last))
+    return max(runs, default=None)
