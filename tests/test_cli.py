@@ -52,6 +52,13 @@ def scalars(run_dir: Path, tag: str) -> list[float]:
     return [event.value for event in events.Scalars(tag)]
 
 
+def scalars_by_step(run_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value}; where a resumed run logged a step again, its value wins."""
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {event.step: event.value for event in events.Scalars(tag)}
+
+
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:

@@ -3,17 +3,46 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 log = logging.getLogger(__name__)
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends SIGUSR1 ahead of a requeue
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file beside it, fsync, then rename over the target.
+
+    A crash mid-save leaves the previous checkpoint untouched and never a torn file under a
+    checkpoint's name (Lightning's default writes through the system temp dir and moves the file,
+    which is a plain copy when that is another filesystem).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if "://" in str(path):  # object stores write whole objects: nothing can be torn
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 class PretrainCheckpoint(ModelCheckpoint):
@@ -30,6 +59,20 @@ class PretrainCheckpoint(ModelCheckpoint):
         self.signal_check_interval = signal_check_interval
         self._received: int | None = None
         self._previous_handlers: dict[int, object] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # sharded strategies keep their own
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        """Point ``last`` at the new checkpoint in one rename: it is never missing or dangling."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            tmp = f"{linkpath}.{os.getpid()}.tmp"
+            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
+            os.replace(tmp, linkpath)
+        trainer.strategy.barrier()
 
     def save_now(self, trainer: L.Trainer) -> None:
         """Save the current step (unless already saved) and point ``last`` at it."""
@@ -52,8 +95,9 @@ class PretrainCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
-        # The final step is saved here, like periodic steps, so resuming from it behaves the same.
-        if 0 < trainer.max_steps <= trainer.global_step:
+        # The final step, or one after which something asked training to stop, is saved here like
+        # periodic steps, so resuming from it behaves the same.
+        if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:
             self.save_now(trainer)
         if self._stop_requested(trainer):
             self.save_now(trainer)

@@ -35,6 +35,8 @@ class PretrainCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         _fill_schedule_length(config)
+        if "weights_only" in config and config.weights_only is None:
+            config.weights_only = True  # checkpoints hold tensors and plain values: refuse any that runs code
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
             _resume_last_run(config)
 
@@ -67,7 +69,7 @@ def _resume_last_run(config: Namespace) -> None:
 def main(args: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        PretrainCLI(
+        cli = PretrainCLI(
             PretrainModule,
             PretrainData,
             args=args,
@@ -78,3 +80,6 @@ def main(args: list[str] | None = None) -> None:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if cli.model.stop_reason:
+        print(f"error: {cli.model.stop_reason}", file=sys.stderr)
+        sys.exit(1)

@@ -9,8 +9,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from pretrain.errors import UserError
 from pretrain.model import GPT, GPTConfig
 from pretrain.optim import param_groups
 
@@ -30,6 +32,9 @@ class PretrainModule(L.LightningModule):
         optimizer: Built over the model's parameter groups (weight decay on matrices only).
         lr_scheduler: Built over the optimizer and stepped once per optimizer step.
         compile: ``torch.compile`` the model when it is built.
+        max_nonfinite_steps: Consecutive steps with a non-finite loss or gradient norm that are
+            skipped (counted in ``train/skipped_steps``) before the run stops with a checkpoint
+            of the last good state.
     """
 
     def __init__(
@@ -41,6 +46,7 @@ class PretrainModule(L.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -49,6 +55,9 @@ class PretrainModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.model: GPT | None = None
         self.val_loss = MeanMetric()
+        self.skipped_steps = 0  # non-finite steps skipped so far
+        self.nonfinite_streak = 0  # ... of which the most recent ones in a row
+        self.stop_reason: str | None = None
 
     def configure_model(self) -> None:
         """Build the model here, not in ``__init__``, so strategies can create it sharded.
@@ -106,10 +115,53 @@ class PretrainModule(L.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip by global norm ourselves, which also works with fused optimizers, and log the norm."""
-        if not gradient_clip_val:
-            return
+        """Clip by global norm (also with fused optimizers), log the norm, and guard against NaN/inf.
+
+        Runs after backward, before the optimizer step, on every step. Reading the norm's finiteness is
+        the one host sync per step this adds; it is what lets a bad step be skipped before it
+        corrupts the weights.
+        """
         if gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError("Only trainer.gradient_clip_algorithm: norm is supported")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
+            raise UserError("Only trainer.gradient_clip_algorithm: norm is supported.")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val or float("inf"))
         self.log("train/grad_norm", norm)
+        if torch.isfinite(norm):
+            self.nonfinite_streak = 0
+            return
+        optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients
+        self.skipped_steps += 1
+        self.nonfinite_streak += 1
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        rank_zero_warn(
+            f"Non-finite loss or gradients at step {self.global_step}: step skipped "
+            f"({self.nonfinite_streak} in a row, {self.skipped_steps} in total)."
+        )
+        if self.nonfinite_streak > self.hparams.max_nonfinite_steps:
+            self.stop_reason = (
+                f"The loss or gradients were non-finite for {self.nonfinite_streak} steps in a row "
+                f"(step {self.global_step}); the last good state is saved in the run's checkpoints. "
+                "Lower the learning rate or raise warmup, then continue with --ckpt_path last."
+            )
+            self.trainer.should_stop = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["nonfinite_guard"] = {"skipped_steps": self.skipped_steps, "streak": self.nonfinite_streak}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint that does not fit this model, naming each mismatch, before loading it."""
+        self.configure_model()
+        expected = {name: tuple(t.shape) for name, t in self.state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
+        problems = [
+            f"{name}: checkpoint {found.get(name, 'missing')} vs config {expected.get(name, 'missing')}"
+            for name in sorted(expected.keys() | found.keys())
+            if found.get(name) != expected.get(name)
+        ]
+        if problems:
+            raise UserError(
+                "The checkpoint does not fit the configured model (vocabulary, preset or overrides differ):\n  "
+                + "\n  ".join(problems[:10])
+                + "\nUse the config the checkpoint was trained with, or start a new run without --ckpt_path."
+            )
+        guard = checkpoint.get("nonfinite_guard", {})
+        self.skipped_steps, self.nonfinite_streak = guard.get("skipped_steps", 0), guard.get("streak", 0)
