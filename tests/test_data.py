@@ -44,7 +44,7 @@ def test_manifest_records_what_was_built(corpus, prepared: Path) -> None:
 
 
 def test_split_is_by_document_and_deterministic(corpus) -> None:
-    documents = resolve_documents([str(corpus[0])])
+    documents = resolve_documents([str(corpus[0])]).documents
     first, second = split_documents(documents, 0.2), split_documents(list(reversed(documents)), 0.2)
     assert {d.key for d in first["val"]} == {d.key for d in second["val"]}
     assert not {d.key for d in first["val"]} & {d.key for d in first["train"]}
@@ -85,12 +85,12 @@ def test_sources_globs_directories_and_files(tmp_path: Path) -> None:
     make_corpus(tmp_path, n_docs=8)
     (tmp_path / "notes" / "skip.bin").write_bytes(b"\x00\x01")
     (tmp_path / "notes" / "empty.txt").write_text("")
-    from_dir = resolve_documents([str(tmp_path)])
+    from_dir = resolve_documents([str(tmp_path)]).documents
     assert len(from_dir) == 8  # .bin ignored, empty file left out
-    from_glob = resolve_documents([str(tmp_path / "**" / "*.md")])
+    from_glob = resolve_documents([str(tmp_path / "**" / "*.md")]).documents
     assert {Path(d.path).suffix for d in from_glob} == {".md"}
     one = str(tmp_path / "more" / "doc000.md")
-    assert [d.path for d in resolve_documents([one, str(tmp_path / "more")])].count(one) == 1
+    assert [d.path for d in resolve_documents([one, str(tmp_path / "more")]).documents].count(one) == 1
 
 
 @pytest.mark.parametrize("source", ["does/not/exist", "nothing/*.txt"])

@@ -3,6 +3,7 @@ import itertools
 import pytest
 import torch
 
+from pretrain.errors import UserError
 from pretrain.model import GPT, GPTConfig
 from pretrain.optim import WarmupCosineLR, param_groups
 
@@ -37,5 +38,5 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor() -> None:
 
 def test_schedule_without_max_steps_says_what_to_set() -> None:
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    with pytest.raises(ValueError, match=r"set trainer\.max_steps"):
+    with pytest.raises(UserError, match=r"set trainer\.max_steps"):
         WarmupCosineLR(optimizer, warmup_steps=2, max_steps=-1)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
+from pathlib import Path
+from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -32,6 +35,24 @@ class PretrainCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.seq_len", apply_on="instantiate")
 
+    def fit(self, model: PretrainModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
+        """``trainer.fit``, with the checkpoint named in plain words when it cannot be used."""
+        if ckpt_path and "://" not in ckpt_path and not Path(ckpt_path).exists():
+            raise UserError(
+                f"Checkpoint {ckpt_path} does not exist; give a .ckpt file, or 'last' to continue the newest run."
+            )
+        try:
+            self.trainer.fit(model, ckpt_path=ckpt_path, **kwargs)
+        except pickle.UnpicklingError:
+            raise _unsafe_checkpoint(ckpt_path) from None
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters before anything else runs.
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError:
+            raise _unsafe_checkpoint(self.config[self.config.subcommand].get("ckpt_path")) from None
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         _fill_schedule_length(config)
@@ -39,6 +60,13 @@ class PretrainCLI(LightningCLI):
             config.weights_only = True  # checkpoints hold tensors and plain values: refuse any that runs code
         if self.subcommand == "fit" and config.get("ckpt_path") == "last":
             _resume_last_run(config)
+
+
+def _unsafe_checkpoint(path: str | None) -> UserError:
+    return UserError(
+        f"{path} holds objects other than tensors and plain values, so it was not loaded: unpickling it "
+        "could run code. If you trust where it came from, add --weights_only false."
+    )
 
 
 def _fill_schedule_length(config: Namespace) -> None:

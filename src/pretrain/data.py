@@ -11,6 +11,7 @@ from litdata.streaming.item_loader import TokensLoader
 
 from pretrain.errors import UserError
 from pretrain.prepare import prepare, read_manifest
+from pretrain.shards import verify_split
 from pretrain.tokenizer import load_tokenizer
 
 
@@ -83,6 +84,8 @@ class PretrainData(L.LightningDataModule):
                 f"{self.data_dir} was tokenized with {manifest['tokenizer']['vocab_size']} tokens, "
                 f"more than the model's vocab_size {self.vocab_size}; set data.vocab_size to match."
             )
+        for split in ("train", "val"):
+            verify_split(Path(self.data_dir) / split)
         self.train_set = self._dataset("train", shuffle=True)
         self.val_set = self._dataset("val", shuffle=False)
 

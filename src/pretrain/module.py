@@ -152,15 +152,18 @@ class PretrainModule(L.LightningModule):
         self.configure_model()
         expected = {name: tuple(t.shape) for name, t in self.state_dict().items()}
         found = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
+        names = list(expected) + [name for name in found if name not in expected]  # model order: embedding first
         problems = [
             f"{name}: checkpoint {found.get(name, 'missing')} vs config {expected.get(name, 'missing')}"
-            for name in sorted(expected.keys() | found.keys())
+            for name in names
             if found.get(name) != expected.get(name)
         ]
         if problems:
+            more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
             raise UserError(
                 "The checkpoint does not fit the configured model (vocabulary, preset or overrides differ):\n  "
-                + "\n  ".join(problems[:10])
+                + "\n  ".join(problems[:8])
+                + more
                 + "\nUse the config the checkpoint was trained with, or start a new run without --ckpt_path."
             )
         guard = checkpoint.get("nonfinite_guard", {})

@@ -8,6 +8,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from pretrain.errors import UserError
+
 
 def param_groups(model: nn.Module) -> list[dict]:
     """Matrices (linear and embedding weights) get the optimizer's weight decay; gains don't.
@@ -37,9 +39,9 @@ class WarmupCosineLR(LRScheduler):
         last_epoch: int = -1,
     ) -> None:
         if max_steps is None or max_steps <= 0:
-            raise ValueError(f"The LR schedule needs a positive max_steps, got {max_steps}: set trainer.max_steps")
+            raise UserError(f"The LR schedule needs a positive max_steps, got {max_steps}: set trainer.max_steps")
         if not 0 <= warmup_steps <= max_steps:
-            raise ValueError(f"warmup_steps={warmup_steps} must be between 0 and max_steps={max_steps}")
+            raise UserError(f"warmup_steps={warmup_steps} must be between 0 and max_steps={max_steps}; lower it.")
         self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
         super().__init__(optimizer, last_epoch)
 

@@ -30,7 +30,7 @@ from litdata.streaming.item_loader import TokensLoader
 from tokenizers import Tokenizer
 
 from pretrain.errors import UserError
-from pretrain.sources import Document, read_text, resolve_documents
+from pretrain.sources import Document, decode_text, read_text, resolve_documents
 from pretrain.tokenizer import eos_id, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,18 @@ def split_documents(documents: list[Document], val_fraction: float) -> dict[str,
 _TOKENIZERS: dict[str, Tokenizer] = {}
 
 
-def tokenize_document(path: str, tokenizer_path: str, eos: int, dtype: str) -> Iterator[np.ndarray]:
-    """One document -> its token ids followed by end-of-text (runs in litdata's worker processes)."""
+def tokenize_document(path: str, tokenizer_path: str, eos: int, dtype: str, report_dir: str) -> Iterator[np.ndarray]:
+    """One document -> its token ids followed by end-of-text (runs in litdata's worker processes).
+
+    Documents whose invalid UTF-8 was replaced are listed in ``report_dir``, one file per process.
+    """
     if tokenizer_path not in _TOKENIZERS:  # loaded once per worker, not once per document
         _TOKENIZERS[tokenizer_path] = Tokenizer.from_file(tokenizer_path)
-    ids = _TOKENIZERS[tokenizer_path].encode(read_text(path), add_special_tokens=False).ids
+    text, replaced = decode_text(Path(path).read_bytes())
+    if replaced:
+        with open(Path(report_dir) / f"{os.getpid()}.txt", "a") as report:
+            report.write(path + "\n")
+    ids = _TOKENIZERS[tokenizer_path].encode(text, add_special_tokens=False).ids
     yield np.array([*ids, eos], dtype=dtype)
 
 
@@ -117,9 +124,15 @@ def _shard_counts(split_dir: Path) -> dict[str, int]:
 
 def _write_shards(
     documents: list[Document], output_dir: Path, tokenizer_path: Path, eos: int, dtype: str, num_workers: int
-) -> None:
+) -> int:
+    """Tokenize ``documents`` into litdata chunks; returns how many had invalid UTF-8 replaced."""
+    report_dir = output_dir.with_name(f".{output_dir.name}-invalid-utf8")
+    shutil.rmtree(report_dir, ignore_errors=True)
+    report_dir.mkdir(parents=True)
     optimize(
-        fn=partial(tokenize_document, tokenizer_path=str(tokenizer_path), eos=eos, dtype=dtype),
+        fn=partial(
+            tokenize_document, tokenizer_path=str(tokenizer_path), eos=eos, dtype=dtype, report_dir=str(report_dir)
+        ),
         inputs=[d.path for d in documents],
         output_dir=str(output_dir),
         chunk_bytes="64MB",
@@ -128,6 +141,9 @@ def _write_shards(
         reorder_files=False,
         verbose=False,
     )
+    replaced = sum(len(report.read_text().splitlines()) for report in report_dir.iterdir())
+    shutil.rmtree(report_dir)
+    return replaced
 
 
 def prepare(
@@ -165,8 +181,8 @@ def prepare(
             "or set data.overwrite: true."
         )
     started = time.perf_counter()
-    documents = resolve_documents(sources)
-    splits = split_documents(documents, val_fraction)
+    corpus = resolve_documents(sources)
+    splits = split_documents(corpus.documents, val_fraction)
     # Whatever is there is stale or half-built: without the manifest it is never served.
     (root / "manifest.json").unlink(missing_ok=True)
     for split in SPLITS:
@@ -184,10 +200,11 @@ def prepare(
         tok.save(str(tokenizer_path))
     eos, dtype = eos_id(tok), token_dtype(tok.get_vocab_size())
 
-    counts = {}
+    counts, invalid_utf8 = {}, 0
     for split in SPLITS:
         log.info("Tokenizing %d %s documents into %s", len(splits[split]), split, root / split)
-        _write_shards(splits[split], root / split, tokenizer_path, eos, dtype, num_workers or os.cpu_count() or 1)
+        workers = num_workers or os.cpu_count() or 1
+        invalid_utf8 += _write_shards(splits[split], root / split, tokenizer_path, eos, dtype, workers)
         counts[split] = _shard_counts(root / split)
     manifest = {
         "version": MANIFEST_VERSION,
@@ -200,6 +217,8 @@ def prepare(
             "dtype": dtype,
         },
         "splits": counts,
+        "skipped_files": corpus.skipped,  # left out: empty or binary
+        "invalid_utf8_documents": invalid_utf8,  # kept, with undecodable bytes replaced by U+FFFD
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_json_atomic(root / "manifest.json", manifest)

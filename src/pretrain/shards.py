@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 from litdata.constants import _NUMPY_DTYPES_MAPPING
 
+from pretrain.errors import UserError
+
 # litdata chunk layout: uint32 item count N, uint32 byte offsets[N + 1], then the items' bytes.
 _HEADER_DTYPE = np.uint32
 
@@ -18,6 +20,30 @@ def split_dtype(split_dir: Path) -> np.dtype:
     """Token dtype recorded in the split's index (e.g. ``no_header_numpy:5`` -> uint16)."""
     config = json.loads((split_dir / "index.json").read_text())["config"]
     return np.dtype(_NUMPY_DTYPES_MAPPING[int(config["data_format"][0].split(":")[1])])
+
+
+def verify_split(split_dir: str | Path) -> None:
+    """Check every chunk is present, whole and self-consistent; name the first one that is not.
+
+    Reads only sizes and chunk headers, so it is cheap enough to run before every training run.
+    """
+    split_dir = Path(split_dir)
+    rebuild = f"Remove {split_dir.parent / 'manifest.json'} and run again: the shards are rebuilt from the sources."
+    index = split_dir / "index.json"
+    if not index.is_file():
+        raise UserError(f"{index} is missing. {rebuild}")
+    for chunk in json.loads(index.read_text())["chunks"]:
+        path = split_dir / chunk["filename"]
+        if not path.is_file():
+            raise UserError(f"Shard {path} is missing. {rebuild}")
+        size = path.stat().st_size
+        if size != chunk["chunk_bytes"]:
+            raise UserError(
+                f"Shard {path} is truncated or corrupted ({size} bytes, expected {chunk['chunk_bytes']}). {rebuild}"
+            )
+        header = np.fromfile(path, dtype=_HEADER_DTYPE, count=chunk["chunk_size"] + 2)
+        if header[0] != chunk["chunk_size"] or header[-1] != size:
+            raise UserError(f"Shard {path} is corrupted (its header does not match index.json). {rebuild}")
 
 
 def iter_documents(split_dir: str | Path) -> Iterator[np.ndarray]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import glob
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pretrain.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md")
+BINARY_SNIFF_BYTES = 8192
 STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
 
@@ -31,7 +32,15 @@ class Document:
 
 def read_text(path: str) -> str:
     """The file's text; bytes that are not UTF-8 become U+FFFD instead of failing the build."""
-    return Path(path).read_text(encoding="utf-8", errors="replace")
+    return decode_text(Path(path).read_bytes())[0]
+
+
+def decode_text(data: bytes) -> tuple[str, bool]:
+    """(text, whether any invalid UTF-8 had to be replaced by U+FFFD)."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("utf-8", errors="replace"), True
 
 
 def stdlib_documents() -> list[Document]:
@@ -66,20 +75,42 @@ def _source_documents(source: str) -> list[Document]:
     )
 
 
-def resolve_documents(sources: list[str]) -> list[Document]:
-    """Every document of every source, in a fixed order, each file once, empty files left out."""
+def is_binary(path: str) -> bool:
+    """Text files hold no NUL bytes; binary formats almost always do, early on."""
+    with open(path, "rb") as file:
+        return b"\0" in file.read(BINARY_SNIFF_BYTES)
+
+
+@dataclass
+class Corpus:
+    """The documents to tokenize, and how many files were left out and why."""
+
+    documents: list[Document]
+    skipped: dict[str, int] = field(default_factory=lambda: {"empty": 0, "binary": 0})
+
+
+def resolve_documents(sources: list[str]) -> Corpus:
+    """Every document of every source, in a fixed order, each file once; empty and binary files left out."""
     if not sources:
         raise UserError("data.sources is empty; name at least one file, directory, glob or 'stdlib'.")
-    documents, seen = [], set()
+    corpus, seen = Corpus([]), set()
     for source in sources:
         found = _source_documents(source)
         if not found:
             raise UserError(f"Source {source!r} holds no {'/'.join(TEXT_SUFFIXES)} files.")
         for document in found:
             real = Path(document.path).resolve()
-            if real not in seen and real.stat().st_size > 0:
-                seen.add(real)
-                documents.append(document)
-    if not documents:
-        raise UserError(f"The sources {sources} hold only empty files; there is no text to train on.")
-    return documents
+            if real in seen:
+                continue
+            seen.add(real)
+            if real.stat().st_size == 0:
+                corpus.skipped["empty"] += 1
+            elif is_binary(document.path):
+                corpus.skipped["binary"] += 1
+            else:
+                corpus.documents.append(document)
+    if not corpus.documents:
+        raise UserError(
+            f"The sources {sources} hold no text (skipped: {corpus.skipped}); point data.sources at text files."
+        )
+    return corpus

@@ -1,0 +1,196 @@
+"""Every user mistake and every fault ends in one clear message, and loses nothing already built."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pretrain.checkpointing import AtomicCheckpointIO, PretrainCheckpoint
+from pretrain.data import PretrainData
+from pretrain.errors import UserError
+from pretrain.module import PretrainModule
+from pretrain.prepare import prepare, read_manifest
+from pretrain.sources import resolve_documents
+from tests.conftest import TINY_VOCAB, make_corpus
+from tests.test_cli import ROOT, run_main, tiny_fit_args
+from tests.test_data import decoded_documents
+
+TINY = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2, "ffn_dim": 64}
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr[-3000:]
+
+
+# --- sources and preparation ---------------------------------------------------------------------
+
+
+def test_sources_without_text_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.txt").write_bytes(b"\x00\x01\x02")
+    with pytest.raises(UserError, match=r"hold no text \(skipped: \{'empty': 1, 'binary': 1\}\)"):
+        resolve_documents([str(tmp_path)])
+
+
+def test_binary_files_are_skipped_and_counted(tmp_path: Path) -> None:
+    docs = make_corpus(tmp_path / "corpus", n_docs=6)
+    (tmp_path / "corpus" / "notes" / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    manifest = prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, num_workers=1)
+    assert manifest["skipped_files"] == {"empty": 0, "binary": 1}
+    assert sum(manifest["splits"][s]["documents"] for s in ("train", "val")) == len(docs)
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path: Path) -> None:
+    make_corpus(tmp_path / "corpus", n_docs=4)
+    (tmp_path / "corpus" / "latin1.txt").write_bytes("café crème brûlée\n".encode("latin-1"))
+    manifest = prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, num_workers=2)
+    assert manifest["invalid_utf8_documents"] == 1
+    texts = decoded_documents(tmp_path / "data", "train") + decoded_documents(tmp_path / "data", "val")
+    assert "caf\ufffd cr\ufffdme br\ufffdl\ufffde\n" in texts
+
+
+def test_truncated_shard_is_named(prepared: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(prepared), str(copy)], check=True)
+    chunk = next((copy / "train").glob("*.bin"))
+    chunk.write_bytes(chunk.read_bytes()[:-100])
+    data = PretrainData(data_dir=str(copy), vocab_size=TINY_VOCAB)
+    with pytest.raises(UserError, match=rf"Shard {chunk} is truncated or corrupted"):
+        data.setup("fit")
+
+
+def test_corrupted_shard_header_is_named(prepared: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(prepared), str(copy)], check=True)
+    chunk = next((copy / "val").glob("*.bin"))
+    raw = bytearray(chunk.read_bytes())
+    raw[0:4] = (12345).to_bytes(4, "little")
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=rf"Shard {chunk} is corrupted"):
+        PretrainData(data_dir=str(copy), vocab_size=TINY_VOCAB).setup("fit")
+
+
+def test_preparation_killed_halfway_is_redone(tmp_path: Path) -> None:
+    docs = make_corpus(tmp_path / "corpus", n_docs=60)
+    data_dir = tmp_path / "data"
+    command = [sys.executable, "-m", "pretrain.prepare", "--sources", f"[{tmp_path / 'corpus'}]",
+               "--data_dir", str(data_dir), "--vocab_size", str(TINY_VOCAB), "--num_workers", "1"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (data_dir / "train" / "index.json").exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.kill()  # the train split is written, the val split and the manifest are not
+    process.wait()
+    assert read_manifest(data_dir) is None
+    with pytest.raises(UserError, match=r"manifest\.json is missing"):
+        PretrainData(data_dir=str(data_dir), vocab_size=TINY_VOCAB).setup("fit")
+    prepare([str(tmp_path / "corpus")], str(data_dir), vocab_size=TINY_VOCAB, num_workers=1)
+    texts = decoded_documents(data_dir, "train") + decoded_documents(data_dir, "val")
+    assert sorted(texts) == sorted(docs.values())
+
+
+# --- configuration and checkpoints ---------------------------------------------------------------
+
+
+def test_unknown_config_key_is_readable(tmp_path: Path) -> None:
+    result = run_main("fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--model.learning_rate", "1")
+    assert_clean_failure(result, "learning_rate")
+
+
+def test_checkpoint_that_does_not_fit_the_config_is_refused(corpus, prepared: Path, tmp_path: Path) -> None:
+    short = ("--trainer.max_steps", "2", "--model.lr_scheduler.init_args.warmup_steps", "1")
+    first = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, *short))
+    assert first.returncode == 0, first.stderr[-3000:]
+    other = "{d_model: 32, n_layer: 2, n_head: 2, n_kv_head: 2, ffn_dim: 128}"
+    result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, "--model.overrides", other, "--ckpt_path", "last"))
+    assert_clean_failure(result, "does not fit the configured model", "model.embed.weight: checkpoint (320, 64)")
+
+
+def test_checkpoint_that_would_run_code_is_refused(corpus, prepared: Path, tmp_path: Path) -> None:
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": pickle.loads(pickle.dumps(Path("x")))}, evil)
+    result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, "--ckpt_path", str(evil)))
+    assert_clean_failure(result, f"{evil} holds objects other than tensors")
+
+
+def test_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path: Path, monkeypatch) -> None:
+    io = AtomicCheckpointIO()
+    target = tmp_path / "step=0000002.ckpt"
+    io.save_checkpoint({"global_step": 2, "weights": torch.ones(4)}, target)
+
+    def crash_half_way(obj, file) -> None:
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk vanished")
+
+    monkeypatch.setattr(torch, "save", crash_half_way)
+    with pytest.raises(OSError, match="disk vanished"):
+        io.save_checkpoint({"global_step": 4}, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step=0000002.ckpt"]  # no torn or temporary file
+    assert torch.load(target, weights_only=True)["global_step"] == 2
+
+
+# --- non-finite losses ---------------------------------------------------------------------------
+
+
+class NaNLossModule(PretrainModule):
+    """Returns a NaN loss at the given optimizer steps."""
+
+    def __init__(self, nan_steps: set[int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.nan_steps = nan_steps
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step in self.nan_steps else loss
+
+
+def train_with_nans(nan_steps: set[int], prepared: Path, tmp_path: Path, max_steps: int = 10):
+    data = PretrainData(data_dir=str(prepared), seq_len=16, batch_size=2, num_workers=0, vocab_size=TINY_VOCAB)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    module = NaNLossModule(nan_steps, overrides=TINY, vocab_size=TINY_VOCAB, seq_len=16, max_nonfinite_steps=2)
+    snapshots = {}
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            snapshots[trainer.global_step] = pl_module.model.embed.weight.detach().clone()
+
+    checkpoint = PretrainCheckpoint(dirpath=tmp_path, save_last="link", every_n_train_steps=0)
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[checkpoint, Snapshot()], gradient_clip_val=1.0, accelerator="cpu")  # fmt: skip
+    with pytest.warns(UserWarning, match="Non-finite loss or gradients"):
+        trainer.fit(module, DataLoader([batch] * max_steps, batch_size=None))
+    return module, trainer, snapshots
+
+
+def test_nonfinite_steps_are_skipped_and_counted(prepared: Path, tmp_path: Path) -> None:
+    module, trainer, snapshots = train_with_nans({3, 4}, prepared, tmp_path)
+    assert module.skipped_steps == 2 and module.stop_reason is None
+    assert trainer.global_step == 10  # training went on
+    assert torch.equal(snapshots[3], snapshots[5])  # the two bad steps changed nothing
+    assert not torch.equal(snapshots[5], snapshots[6])
+    assert torch.isfinite(module.model.embed.weight).all()
+
+
+def test_persistent_nonfinite_loss_stops_with_the_last_good_state(prepared: Path, tmp_path: Path) -> None:
+    module, trainer, snapshots = train_with_nans(set(range(4, 100)), prepared, tmp_path)
+    assert module.stop_reason and "non-finite for 3 steps in a row" in module.stop_reason
+    assert trainer.global_step == 7  # steps 4, 5, 6 skipped, then stopped
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]["model.embed.weight"]
+    assert torch.equal(saved, snapshots[4])  # the weights after the last good step
+
+
+def test_diverging_run_exits_with_a_message(corpus, prepared: Path, tmp_path: Path) -> None:
+    result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, "--model.optimizer.init_args.lr", "1e30"))
+    assert_clean_failure(result, "error: The loss or gradients were non-finite for 6 steps in a row")
+    assert (tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt").exists()
