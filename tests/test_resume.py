@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.module import PretrainModule
 from tests.test_cli import ROOT, run_main, scalars_by_step, tiny_fit_args
 
 STEPS = 60
@@ -95,3 +97,15 @@ def test_ckpt_path_last_without_a_previous_run_starts_fresh(corpus, prepared: Pa
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting a new run" in result.stderr
     assert (tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_random_number_streams_continue_after_restore() -> None:
+    module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2}, vocab_size=64)
+    module.configure_model()
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    expected = (torch.rand(4), random.random())
+    torch.manual_seed(123)  # as a new process would start
+    random.seed(123)
+    module.on_load_checkpoint(checkpoint)
+    assert torch.equal(torch.rand(4), expected[0]) and random.random() == expected[1]

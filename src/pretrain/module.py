@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 from typing import Any
 
 import lightning as L
@@ -146,6 +147,12 @@ class PretrainModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["nonfinite_guard"] = {"skipped_steps": self.skipped_steps, "streak": self.nonfinite_streak}
+        # Anything random added to training later (dropout, sampling) continues as if never stopped.
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that does not fit this model, naming each mismatch, before loading it."""
@@ -168,3 +175,8 @@ class PretrainModule(L.LightningModule):
             )
         guard = checkpoint.get("nonfinite_guard", {})
         self.skipped_steps, self.nonfinite_streak = guard.get("skipped_steps", 0), guard.get("streak", 0)
+        if rng := checkpoint.get("rng_states"):
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] and torch.cuda.device_count() == len(rng["cuda"]):
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            random.setstate(rng["python"])
