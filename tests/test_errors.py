@@ -113,7 +113,9 @@ def test_checkpoint_that_does_not_fit_the_config_is_refused(corpus, prepared: Pa
     assert first.returncode == 0, first.stderr[-3000:]
     other = "{d_model: 32, n_layer: 2, n_head: 2, n_kv_head: 2, ffn_dim: 128}"
     result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, "--model.overrides", other, "--ckpt_path", "last"))
-    assert_clean_failure(result, "does not fit the configured model", "model.embed.weight: checkpoint (320, 64)")
+    assert_clean_failure(
+        result, "does not fit the configured model", "model.embed.weight: (320, 64) vs config (320, 32)"
+    )
 
 
 def test_checkpoint_that_would_run_code_is_refused(corpus, prepared: Path, tmp_path: Path) -> None:

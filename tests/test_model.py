@@ -40,12 +40,12 @@ def test_loss_at_init_is_close_to_uniform() -> None:
 
 def test_rope_matches_complex_rotation() -> None:
     x = torch.randn(2, 3, 10, 8)
-    cache = rope_cache(16, 8, base=10_000.0)
     theta = 10_000.0 ** (-torch.arange(0, 8, 2).float() / 8)  # (4,)
     angles = torch.arange(10).float()[:, None] * theta[None, :]  # (T, 4)
-    pairs = torch.view_as_complex(x.unflatten(-1, (4, 2)).contiguous())
-    expected = torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
-    torch.testing.assert_close(apply_rope(x, cache), expected)
+    pairs = torch.complex(x[..., :4], x[..., 4:])  # Llama pairs dimension i with i + D/2
+    rotated = pairs * torch.polar(torch.ones_like(angles), angles)
+    expected = torch.cat([rotated.real, rotated.imag], dim=-1)
+    torch.testing.assert_close(apply_rope(x, rope_cache(10, 8, base=10_000.0)), expected)
 
 
 def test_rope_keeps_position_zero_and_norms() -> None:
@@ -78,7 +78,8 @@ def test_attention_matches_naive_grouped_query_reference(n_kv_head: int) -> None
     model = make_model(config)
     attention = model.blocks[0].attn
     x = torch.randn(2, 12, 32)
-    torch.testing.assert_close(attention(x, model.rope), naive_attention(attention, x, model.rope))
+    rope = model.rope[:12]
+    torch.testing.assert_close(attention(x, rope), naive_attention(attention, x, rope))
 
 
 def test_init_is_deterministic_from_the_seed() -> None:
@@ -120,5 +121,17 @@ def test_config_errors_name_the_problem() -> None:
 
 
 def test_longer_input_than_seq_len_is_refused() -> None:
-    with pytest.raises(ValueError, match="exceeds seq_len=32"):
+    with pytest.raises(ValueError, match="33 tokens exceed seq_len=32"):
         make_model()(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_kv_cache_gives_the_same_logits_as_a_full_forward() -> None:
+    model = make_model()
+    idx = torch.randint(0, 100, (2, 20))
+    full = model(idx)
+    cache = model.new_cache()
+    pieces = [model(idx[:, :7], cache)] + [model(idx[:, t : t + 1], cache) for t in range(7, 17)]
+    pieces.append(model(idx[:, 17:], cache))  # several new tokens at once, after a prefix
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="33 tokens exceed"):
+        model(torch.zeros(2, 13, dtype=torch.long), cache)

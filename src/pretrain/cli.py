@@ -58,8 +58,8 @@ class PretrainCLI(LightningCLI):
         _fill_schedule_length(config)
         if "weights_only" in config and config.weights_only is None:
             config.weights_only = True  # checkpoints hold tensors and plain values: refuse any that runs code
-        if self.subcommand == "fit" and config.get("ckpt_path") == "last":
-            _resume_last_run(config)
+        if config.get("ckpt_path") == "last":
+            _use_last_checkpoint(config, continue_run=self.subcommand == "fit")
 
 
 def _unsafe_checkpoint(path: str | None) -> UserError:
@@ -76,22 +76,27 @@ def _fill_schedule_length(config: Namespace) -> None:
         init_args.max_steps = config.trainer.max_steps
 
 
-def _resume_last_run(config: Namespace) -> None:
-    """``--ckpt_path last``: continue the newest run of this experiment, in its own log folder."""
-    logger = config.trainer.logger
-    init_args = getattr(logger, "init_args", None)
+def _use_last_checkpoint(config: Namespace, continue_run: bool) -> None:
+    """``--ckpt_path last``: the newest checkpoint of this experiment's newest run.
+
+    ``fit`` continues that run in its own log folder; ``validate``/``test`` just read it.
+    """
+    init_args = getattr(config.trainer.logger, "init_args", None)
     if init_args is None or "save_dir" not in init_args or "version" not in init_args:
         return  # no versioned logger to search: leave "last" to Lightning
     name = init_args.get("name") or "lightning_logs"
     found = find_last_checkpoint(init_args.save_dir, name)
     if found is None:
+        if not continue_run:
+            raise UserError(f"No checkpoint of {name} under {init_args.save_dir}; give --ckpt_path a .ckpt file.")
         log.info("No checkpoint of %s under %s yet: starting a new run", name, init_args.save_dir)
         config.ckpt_path = None
         return
     version, path = found
-    log.info("Resuming %s/%s/version_%d from %s", init_args.save_dir, name, version, path.resolve())
-    init_args.version = version  # TensorBoard continues the same run folder
     config.ckpt_path = str(path)
+    if continue_run:
+        log.info("Resuming %s/%s/version_%d from %s", init_args.save_dir, name, version, path.resolve())
+        init_args.version = version  # TensorBoard continues the same run folder
 
 
 def main(args: list[str] | None = None) -> None:

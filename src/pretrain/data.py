@@ -56,6 +56,7 @@ class PretrainData(L.LightningDataModule):
         self.overwrite = overwrite
         # A given tokenizer fixes the vocabulary; the model reads it from here.
         self.vocab_size = load_tokenizer(tokenizer).get_vocab_size() if tokenizer else vocab_size
+        self.tokenizer_path = Path(data_dir) / "tokenizer.json"  # written by prepare_data
         self.train_set: StreamingDataset | None = None
         self.val_set: StreamingDataset | None = None
 
@@ -89,6 +90,10 @@ class PretrainData(L.LightningDataModule):
         self.train_set = self._dataset("train", shuffle=True)
         self.val_set = self._dataset("val", shuffle=False)
 
+    def state_dict(self) -> dict[str, str]:
+        """Saved in every checkpoint, so generation and export need nothing but the checkpoint."""
+        return {"tokenizer_json": self.tokenizer_path.read_text()}
+
     def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
         return StreamingDataset(
             str(Path(self.data_dir) / split),
@@ -111,4 +116,8 @@ class PretrainData(L.LightningDataModule):
         return self._loader(self.train_set)
 
     def val_dataloader(self) -> StreamingDataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> StreamingDataLoader:
+        """``main.py test`` reports on the held-out split too."""
         return self._loader(self.val_set)

@@ -88,13 +88,32 @@ def rope_cache(seq_len: int, head_dim: int, base: float, device: torch.device | 
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of each head by their position's angle; x is (B, H, T, D)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, H, T, D/2, 2)
-    cos, sin = cache[: x.size(-2), :, 0], cache[: x.size(-2), :, 1]  # (T, D/2)
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[i], x[i + D/2]) by its position's angle; x is (B, H, T, D), rope (T, D/2, 2).
+
+    The half-split pairing is Llama's (Hugging Face's ``rotate_half``), so exported weights need
+    no permutation.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each
+    cos, sin = rope[..., 0], rope[..., 1]  # (T, D/2)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
+
+
+class LayerCache:
+    """Keys and values (B, KV, T, D) of the tokens one attention layer has seen, for incremental decoding."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.size(2)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
 
 
 class RMSNorm(nn.Module):
@@ -117,7 +136,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, qkv_dim, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -125,8 +144,13 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        past = 0 if cache is None else len(cache)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, KV, past + T, D)
+        # New tokens see every cached token and, among themselves, only earlier ones.
+        mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head
+            q, k, v, attn_mask=mask, is_causal=past == 0, enable_gqa=self.n_kv_head != self.n_head
         )  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -150,8 +174,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -168,14 +192,22 @@ class GPT(nn.Module):
         # Derived from the config, so kept out of the state dict; rebuilt by init_weights.
         self.register_buffer("rope", rope_cache(config.seq_len, config.head_dim, config.rope_base), persistent=False)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> next-token logits (B, T, padded_vocab_size)."""
-        if idx.size(1) > self.config.seq_len:
-            raise ValueError(f"Sequence of {idx.size(1)} tokens exceeds seq_len={self.config.seq_len}")
+    def forward(self, idx: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> next-token logits (B, T, padded_vocab_size).
+
+        With ``cache`` (from ``new_cache()``), ``idx`` continues the tokens seen so far.
+        """
+        start = 0 if cache is None else len(cache[0])
+        if start + idx.size(1) > self.config.seq_len:
+            raise ValueError(f"{start + idx.size(1)} tokens exceed seq_len={self.config.seq_len}")
+        rope = self.rope[start : start + idx.size(1)]
         x = self.embed(idx)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, self.rope)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, None if cache is None else cache[i])
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def new_cache(self) -> list[LayerCache]:
+        return [LayerCache() for _ in self.blocks]
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -194,4 +226,10 @@ class GPT(nn.Module):
                 continue
             std = residual_std if name.endswith(("attn.proj.weight", "mlp.down.weight")) else 0.02
             param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=generator))
-        self.rope = rope_cache(self.config.seq_len, self.config.head_dim, self.config.rope_base, self.rope.device)
+        self.init_rope()
+
+    def init_rope(self) -> None:
+        """(Re)compute the rotary table on the embedding's device, e.g. after building on the meta device."""
+        self.rope = rope_cache(
+            self.config.seq_len, self.config.head_dim, self.config.rope_base, self.embed.weight.device
+        )

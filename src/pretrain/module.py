@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,6 +15,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from pretrain.errors import UserError
+from pretrain.export import load_exported_weights
+from pretrain.loading import load_checkpoint, model_state_dict
 from pretrain.model import GPT, GPTConfig
 from pretrain.optim import param_groups
 
@@ -33,6 +36,8 @@ class PretrainModule(L.LightningModule):
         optimizer: Built over the model's parameter groups (weight decay on matrices only).
         lr_scheduler: Built over the optimizer and stepped once per optimizer step.
         compile: ``torch.compile`` the model when it is built.
+        init_from: Start from these weights instead of random ones (continued pretraining): a
+            checkpoint of this project or a folder it exported. Only the weights are read.
         max_nonfinite_steps: Consecutive steps with a non-finite loss or gradient norm that are
             skipped (counted in ``train/skipped_steps``) before the run stops with a checkpoint
             of the last good state.
@@ -47,6 +52,7 @@ class PretrainModule(L.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
+        init_from: str | None = None,
         max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
@@ -71,6 +77,10 @@ class PretrainModule(L.LightningModule):
             return
         self.model = GPT(self.config)
         self.model.init_weights(int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        if self.hparams.init_from:
+            weights = load_pretrained_weights(self.hparams.init_from, self.config)
+            raise_on_mismatch(self.model.state_dict(), weights, f"The weights in {self.hparams.init_from}")
+            self.model.load_state_dict(weights)
         if self.hparams.compile:
             self.model.compile()
 
@@ -99,9 +109,18 @@ class PretrainModule(L.LightningModule):
         self.val_loss.update(self._loss(batch), weight=batch.size(0))
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
+        self._log_held_out("val")
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.val_loss.update(self._loss(batch), weight=batch.size(0))
+
+    def on_test_epoch_end(self) -> None:
+        self._log_held_out("test")
+
+    def _log_held_out(self, stage: str) -> None:
+        loss = self.val_loss.compute()  # torchmetrics reduces across ranks
         self.val_loss.reset()
-        self.log_dict({"val/loss": loss, "val/ppl": loss.exp()}, prog_bar=True, sync_dist=False)
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/ppl": loss.exp()}, prog_bar=True)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(param_groups(self.model))
@@ -157,22 +176,7 @@ class PretrainModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that does not fit this model, naming each mismatch, before loading it."""
         self.configure_model()
-        expected = {name: tuple(t.shape) for name, t in self.state_dict().items()}
-        found = {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()}
-        names = list(expected) + [name for name in found if name not in expected]  # model order: embedding first
-        problems = [
-            f"{name}: checkpoint {found.get(name, 'missing')} vs config {expected.get(name, 'missing')}"
-            for name in names
-            if found.get(name) != expected.get(name)
-        ]
-        if problems:
-            more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
-            raise UserError(
-                "The checkpoint does not fit the configured model (vocabulary, preset or overrides differ):\n  "
-                + "\n  ".join(problems[:8])
-                + more
-                + "\nUse the config the checkpoint was trained with, or start a new run without --ckpt_path."
-            )
+        raise_on_mismatch(self.state_dict(), checkpoint["state_dict"], "The checkpoint")
         guard = checkpoint.get("nonfinite_guard", {})
         self.skipped_steps, self.nonfinite_streak = guard.get("skipped_steps", 0), guard.get("streak", 0)
         if rng := checkpoint.get("rng_states"):
@@ -180,3 +184,30 @@ class PretrainModule(L.LightningModule):
             if rng["cuda"] and torch.cuda.device_count() == len(rng["cuda"]):
                 torch.cuda.set_rng_state_all(rng["cuda"])
             random.setstate(rng["python"])
+
+
+def raise_on_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse weights that do not fit the model, listing each differing tensor (embedding first)."""
+    expected_shapes = {name: tuple(t.shape) for name, t in expected.items()}
+    found_shapes = {name: tuple(t.shape) for name, t in found.items()}
+    names = list(expected_shapes) + [name for name in found_shapes if name not in expected_shapes]
+    problems = [
+        f"{name}: {found_shapes.get(name, 'missing')} vs config {expected_shapes.get(name, 'missing')}"
+        for name in names
+        if found_shapes.get(name) != expected_shapes.get(name)
+    ]
+    if problems:
+        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise UserError(
+            f"{what} does not fit the configured model (vocabulary, preset or overrides differ):\n  "
+            + "\n  ".join(problems[:8])
+            + more
+            + "\nUse the config the weights were trained with."
+        )
+
+
+def load_pretrained_weights(path: str, config: GPTConfig) -> dict[str, torch.Tensor]:
+    """The GPT's weights from a checkpoint (file or sharded folder) or from an exported folder."""
+    if (Path(path) / "model.safetensors").is_file():
+        return load_exported_weights(path, config)
+    return model_state_dict(load_checkpoint(path))

@@ -24,7 +24,8 @@ STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages",
 
 @dataclass(frozen=True)
 class Document:
-    """A document to tokenize. ``key`` names it stably across machines (it decides the split)."""
+    """A document to tokenize. ``key`` names it relative to its source, the same on every machine
+    and wherever the corpus is mounted: it decides the document's split."""
 
     path: str
     key: str
@@ -54,7 +55,14 @@ def stdlib_documents() -> list[Document]:
 def _directory_documents(source: str) -> list[Document]:
     root = Path(source)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-    return [Document(str(p), f"{source}/{p.relative_to(root).as_posix()}") for p in files]
+    return [Document(str(p), p.relative_to(root).as_posix()) for p in files]
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder above the pattern's first wildcard: ``corpus/*/x.txt`` -> ``corpus``."""
+    parts = Path(pattern).parts
+    fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    return Path(*parts[:fixed]) if fixed else Path()
 
 
 def _source_documents(source: str) -> list[Document]:
@@ -63,12 +71,13 @@ def _source_documents(source: str) -> list[Document]:
     if Path(source).is_dir():
         return _directory_documents(source)
     if Path(source).is_file():
-        return [Document(source, source)]
+        return [Document(source, Path(source).name)]
     if glob.has_magic(source):
-        matches = sorted(m for m in glob.glob(source, recursive=True) if Path(m).is_file())
+        matches = sorted(Path(m) for m in glob.glob(source, recursive=True) if Path(m).is_file())
         if not matches:
             raise UserError(f"Source glob {source!r} matches no files; check the pattern and the working directory.")
-        return [Document(m, m) for m in matches]
+        root = _glob_root(source)
+        return [Document(str(m), m.relative_to(root).as_posix()) for m in matches]
     raise UserError(
         f"Source {source!r} does not exist. Give a file, a directory, a glob, or 'stdlib' "
         f"(paths are relative to {Path.cwd()})."

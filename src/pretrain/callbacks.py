@@ -1,0 +1,40 @@
+"""Callbacks that show what the model learns while it trains."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tokenizers import Tokenizer
+
+from pretrain.generate import continue_text
+
+
+class TextSamples(L.Callback):
+    """After each validation, continue a few prompts greedily and log them to TensorBoard's text tab.
+
+    Every rank generates (sharded models need all ranks in each forward); rank 0 logs. With a KV
+    cache and a few dozen tokens this costs a fraction of one validation.
+
+    Args:
+        prompts: Texts to continue; an empty string starts a new document.
+        max_new_tokens: Tokens generated per prompt.
+    """
+
+    def __init__(self, prompts: list[str], max_new_tokens: int = 48) -> None:
+        self.prompts = prompts
+        self.max_new_tokens = max_new_tokens
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        tokenizer = Tokenizer.from_file(str(trainer.datamodule.tokenizer_path))
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # new shapes each token: don't recompile
+            samples = [continue_text(pl_module.model, tokenizer, p, self.max_new_tokens) for p in self.prompts]
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    text = "\n\n".join(
+                        f"    {p}{s}".replace("\n", "\n    ") for p, s in zip(self.prompts, samples, strict=True)
+                    )
+                    logger.experiment.add_text("samples", text, trainer.global_step)
