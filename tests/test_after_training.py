@@ -1,0 +1,141 @@
+"""A finished run: samples in TensorBoard, generation, Hugging Face export, continued pretraining, evaluation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pretrain.errors import UserError
+from pretrain.export import export
+from pretrain.generate import generate
+from pretrain.loading import load_checkpoint, load_model, load_tokenizer_from_checkpoint
+from pretrain.module import PretrainModule
+from tests.test_cli import ROOT, run_main, tiny_fit_args
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run folder of a short training run (the quickstart config, so it logs text samples too)."""
+    logs = tmp_path_factory.mktemp("trained")
+    result = run_main(*tiny_fit_args(corpus[0], prepared, logs))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return logs / "quickstart" / "version_0"
+
+
+def python_module(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_text_samples_are_logged_at_each_validation(trained: Path) -> None:
+    events = EventAccumulator(str(trained), size_guidance={"tensors": 0})
+    events.Reload()
+    samples = events.Tensors("samples/text_summary")
+    assert [s.step for s in samples] == [20, 40]
+    text = samples[-1].tensor_proto.string_val[0].decode()
+    assert text.startswith("    def ") and "    import " in text  # the quickstart's prompts, continued
+
+
+def test_generate_prints_prompt_and_greedy_continuation(trained: Path) -> None:
+    ckpt = str(trained / "checkpoints" / "last.ckpt")
+    args = ("pretrain.generate", ckpt, "--prompt", "The cat", "--max_new_tokens", "12", "--temperature", "0")
+    first, second = python_module(*args), python_module(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.startswith("The cat") and len(first.stdout.strip()) > len("The cat")
+    assert first.stdout == second.stdout  # greedy is deterministic
+    sampled = python_module(*args[:-1], "1.0", "--top_k", "5")
+    assert sampled.returncode == 0 and sampled.stdout.startswith("The cat")
+
+
+def test_cached_generation_matches_recomputing_everything(trained: Path) -> None:
+    checkpoint = load_checkpoint(trained / "checkpoints" / "last.ckpt")
+    model = load_model(checkpoint)
+    prompt = load_tokenizer_from_checkpoint(checkpoint).encode("The dog sees").ids
+    cached = generate(model, prompt, max_new_tokens=15)
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(15):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1, : model.config.vocab_size].argmax()))
+    assert cached == tokens[len(prompt) :]
+
+
+def test_sharded_checkpoint_folder_is_read_like_a_file(trained: Path, tmp_path: Path) -> None:
+    checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    folder = tmp_path / "sharded.ckpt"  # the layout Lightning's FSDP strategy writes
+    dcp.save({"model": checkpoint.pop("state_dict")}, checkpoint_id=folder)
+    torch.save({k: v for k, v in checkpoint.items() if k != "optimizer_states"}, folder / "meta.pt")
+    from_folder, from_file = (
+        load_model(load_checkpoint(folder)),
+        load_model(load_checkpoint(trained / "checkpoints" / "last.ckpt")),
+    )
+    ids = torch.randint(0, 300, (2, 10))
+    torch.testing.assert_close(from_folder(ids), from_file(ids))
+
+
+def test_export_loads_in_transformers_with_the_same_logits(trained: Path, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    checkpoint_path = trained / "checkpoints" / "last.ckpt"
+    result = python_module("pretrain.export", str(checkpoint_path), str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    checkpoint = load_checkpoint(checkpoint_path)
+    ours, tokenizer = load_model(checkpoint), load_tokenizer_from_checkpoint(checkpoint)
+    text = "The red bird eats.\nA small house"
+    assert hf_tokenizer(text)["input_ids"] == tokenizer.encode(text).ids
+    assert hf_tokenizer.decode(hf_tokenizer(text)["input_ids"]) == text
+    ids = torch.randint(0, tokenizer.get_vocab_size(), (2, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_export_never_leaves_a_half_folder_or_overwrites(trained: Path, tmp_path: Path) -> None:
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        export(str(trained / "checkpoints" / "last.ckpt"), str(tmp_path / "taken"))
+    with pytest.raises(UserError, match="does not exist"):
+        export(str(tmp_path / "missing.ckpt"), str(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "exported"])
+def test_init_from_loads_weights_only(trained: Path, tmp_path: Path, source: str) -> None:
+    checkpoint_path = trained / "checkpoints" / "last.ckpt"
+    checkpoint = load_checkpoint(checkpoint_path)
+    path = str(checkpoint_path) if source == "checkpoint" else str(export(str(checkpoint_path), str(tmp_path / "hf")))
+    hparams = checkpoint["hyper_parameters"]
+    module = PretrainModule(
+        overrides=hparams["overrides"], vocab_size=hparams["vocab_size"], seq_len=hparams["seq_len"], init_from=path
+    )
+    module.configure_model()
+    expected = load_model(checkpoint).state_dict()
+    for name, tensor in module.model.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], msg=name)
+    wrong = PretrainModule(
+        overrides={**hparams["overrides"], "d_model": 32}, vocab_size=hparams["vocab_size"], init_from=path
+    )
+    with pytest.raises(UserError, match=r"model\.embed\.weight|embed\.weight: \(320, 64\) vs config \(320, 32\)"):
+        wrong.configure_model()
+
+
+def test_continued_pretraining_through_the_cli(corpus, prepared: Path, trained: Path, tmp_path: Path) -> None:
+    ckpt = str(trained / "checkpoints" / "last.ckpt")
+    short = ("--trainer.max_steps", "2", "--model.lr_scheduler.init_args.warmup_steps", "1")
+    result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, "--model.init_from", ckpt, *short))
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 2  # a new run (fresh optimizer and schedule), from trained weights
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_evaluate_a_checkpoint(corpus, prepared: Path, trained: Path, stage: str) -> None:
+    args = tiny_fit_args(corpus[0], prepared, trained.parents[1])
+    args[0] = stage
+    result = run_main(*args, "--ckpt_path", "last")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{stage if stage == 'test' else 'val'}/loss" in result.stdout and "ppl" in result.stdout
