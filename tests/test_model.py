@@ -135,3 +135,15 @@ def test_kv_cache_gives_the_same_logits_as_a_full_forward() -> None:
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="33 tokens exceed"):
         model(torch.zeros(2, 13, dtype=torch.long), cache)
+
+
+def test_meta_device_build_then_init_equals_plain_init() -> None:
+    """What sharded strategies do: build without memory, allocate, then initialise."""
+    with torch.device("meta"):
+        model = GPT(SMALL)
+    model.to_empty(device="cpu")
+    model.init_weights(3)
+    plain = make_model(seed=3)
+    for (name, tensor), expected in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(tensor, expected), name
+    torch.testing.assert_close(model.rope, plain.rope)

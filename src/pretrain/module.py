@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics import MeanMetric
 
 from pretrain.errors import UserError
@@ -143,7 +144,11 @@ class PretrainModule(L.LightningModule):
         """
         if gradient_clip_algorithm not in (None, "norm"):
             raise UserError("Only trainer.gradient_clip_algorithm: norm is supported.")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val or float("inf"))
+        max_norm = gradient_clip_val or float("inf")
+        if isinstance(self.trainer.model, FullyShardedDataParallel):  # the norm over all shards, not this rank's
+            norm = self.trainer.model.clip_grad_norm_(max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.log("train/grad_norm", norm)
         if torch.isfinite(norm):
             self.nonfinite_streak = 0

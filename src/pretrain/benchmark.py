@@ -1,0 +1,159 @@
+"""Measure training speed: ``python -m pretrain.benchmark train --config configs/quickstart.yaml``.
+
+Runs the project's real training step (its LightningModule and DataModule over real shards, the
+configured callbacks and progress bar) and a bare PyTorch loop over the same model, optimizer,
+precision and batch, in the same process. Prints a table, then one JSON line:
+``project_tokens_per_sec``, ``bare_tokens_per_sec``, ``ratio``, ``mfu``, ``peak_mem_gib``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from pretrain.cli import PretrainCLI
+from pretrain.data import PretrainData
+from pretrain.model import GPT
+from pretrain.module import PretrainModule
+from pretrain.optim import param_groups
+from pretrain.throughput import flops_per_token, peak_flops
+
+
+class StepTimer(L.Callback):
+    """Wall time of optimizer steps ``warmup`` .. ``warmup + steps``, synchronised at both ends."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps = warmup, steps
+        self.seconds = 0.0
+        self.tokens_per_step = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.warmup:
+            _synchronize(pl_module.device)
+            self._start = time.perf_counter()
+            self.tokens_per_step = batch.size(0) * (batch.size(1) - 1)
+        elif trainer.global_step == self.warmup + self.steps:
+            _synchronize(pl_module.device)
+            self.seconds = time.perf_counter() - self._start
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def project_run(config: str, warmup: int, steps: int, extra: list[str]) -> tuple[PretrainCLI, StepTimer]:
+    timer = StepTimer(warmup, steps)
+    logs = tempfile.mkdtemp(prefix="benchmark-")
+    args = ["--config", config, "--trainer.max_steps", str(warmup + steps + 1), "--trainer.limit_val_batches", "0",
+            "--trainer.logger.init_args.save_dir", logs, *extra]  # fmt: skip
+    cli = PretrainCLI(PretrainModule, PretrainData, args=args, run=False, auto_configure_optimizers=False)
+    cli.trainer.callbacks.append(timer)
+    if cli.trainer.strategy.root_device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, timer
+
+
+def bare_loop(cli: PretrainCLI, batch: torch.Tensor, warmup: int, steps: int) -> float:
+    """Seconds for ``steps`` steps of a hand-written loop: forward, loss, backward, clip, step."""
+    module, trainer = cli.model, cli.trainer
+    device = trainer.strategy.root_device
+    model = GPT(module.config).to(device)
+    model.init_weights(0)
+    if module.hparams.compile:
+        model.compile()
+    optimizer = module.optimizer_factory(param_groups(model))
+    bf16 = str(trainer.precision).startswith("bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    batch = batch.to(device).long()
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    clip = trainer.gradient_clip_val
+    for step in range(warmup + steps):
+        if step == warmup:
+            _synchronize(device)
+            start = time.perf_counter()
+        with autocast:
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def train(config: str, warmup: int = 5, steps: int = 30, args: list[str] | None = None) -> dict:
+    """Benchmark the training step of ``config`` against a bare loop.
+
+    Args:
+        config: A training config, e.g. configs/quickstart.yaml.
+        warmup: Steps run before timing starts (compilation, allocator warm-up).
+        steps: Steps timed.
+        args: Extra CLI overrides, e.g. ["--data.batch_size", "16"].
+    """
+    cli, timer = project_run(config, warmup, steps, args or [])
+    device = cli.trainer.strategy.root_device
+    project_peak = _peak_memory_gib(device)
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    bare_seconds = bare_loop(cli, batch, warmup, steps)
+    tokens = timer.tokens_per_step * steps
+    project, bare = tokens / timer.seconds, tokens / bare_seconds
+    peak = peak_flops(device)
+    per_token = flops_per_token(cli.model.model, cli.model.config)
+    result = {
+        "config": config,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "project_tokens_per_sec": round(project),
+        "bare_tokens_per_sec": round(bare),
+        "ratio": round(project / bare, 4),
+        "mfu": round(project * per_token / peak, 4) if peak else None,
+        "bare_mfu": round(bare * per_token / peak, 4) if peak else None,
+        "peak_mem_gib": round(project_peak, 2),
+    }
+    _print_table(result)
+    return result
+
+
+def _print_table(result: dict) -> None:
+    rows = [("", "tokens/s", "MFU"), ("project", result["project_tokens_per_sec"], result["mfu"]),
+            ("bare loop", result["bare_tokens_per_sec"], result["bare_mfu"])]  # fmt: skip
+    print(f"\n{result['config']} on {result['device']} (torch {result['torch']})")
+    for name, speed, mfu in rows:
+        print(f"  {name:<10} {speed!s:>12} {'-' if mfu is None else mfu!s:>8}")
+    print(f"  ratio {result['ratio']}, peak memory {result['peak_mem_gib']} GiB")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.benchmark", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_parser = commands.add_parser("train", help="the training step against a bare loop")
+    train_parser.add_argument("--config", required=True, help="a training config, e.g. configs/quickstart.yaml")
+    train_parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
+    train_parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    options, overrides = parser.parse_known_args(argv)  # the rest goes to the training CLI, e.g. --data.batch_size 16
+    result = train(options.config, options.warmup, options.steps, overrides)
+    sys.stdout.flush()
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

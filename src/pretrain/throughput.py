@@ -1,0 +1,65 @@
+"""Training speed in tokens per second and model FLOPs utilisation (MFU), logged without GPU syncs."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from torch import nn
+
+from pretrain.model import GPTConfig
+
+# Dense bf16 peak of one chip, FLOP/s, by a substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def flops_per_token(model: nn.Module, config: GPTConfig) -> float:
+    """PaLM's count for a training step: 6 x (weights of all Linear layers, LM head included)
+    for the matmuls forward and backward, plus 12 x layers x width x context for attention."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    return 6 * linear + 12 * config.n_layer * config.d_model * config.seq_len
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+class Throughput(L.Callback):
+    """Logs ``perf/tokens_per_sec`` (all devices together) and ``perf/mfu`` every ``interval`` steps.
+
+    Wall-clock time between two logging steps, with no ``cuda.synchronize``: the GPU queue is bounded,
+    so over ``interval`` steps the host's clock measures the device's pace. MFU is logged where the
+    chip's peak is known (see ``PEAK_BF16_FLOPS``; pass ``peak_flops`` for others).
+    """
+
+    def __init__(self, interval: int = 50, peak_flops: float | None = None) -> None:
+        self.interval = interval
+        self.peak = peak_flops
+        self._tokens = 0
+        self._started: float | None = None
+        self._flops_per_token = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._flops_per_token = flops_per_token(pl_module.model, pl_module.config)
+        self.peak = self.peak or peak_flops(pl_module.device)
+        self._tokens, self._started = 0, None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if self._started is None:  # the first step includes warm-up (compilation, allocator): not counted
+            self._started = time.perf_counter()
+            return
+        self._tokens += batch.size(0) * (batch.size(1) - 1) * trainer.world_size
+        if trainer.global_step % self.interval:
+            return
+        now = time.perf_counter()
+        tokens_per_sec = self._tokens / (now - self._started)
+        metrics = {"perf/tokens_per_sec": tokens_per_sec}
+        if self.peak:
+            metrics["perf/mfu"] = tokens_per_sec * self._flops_per_token / (self.peak * trainer.world_size)
+        for logger in trainer.loggers:  # straight to the loggers: written once, at this step
+            logger.log_metrics(metrics, step=trainer.global_step)
+        self._tokens, self._started = 0, now

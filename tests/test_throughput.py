@@ -1,0 +1,37 @@
+import json
+
+import pytest
+import torch
+
+from pretrain.benchmark import main as benchmark_main
+from pretrain.model import GPT, PRESETS
+from pretrain.throughput import flops_per_token
+from tests.conftest import TINY_VOCAB
+from tests.test_cli import ROOT, run_main, scalars_by_step, tiny_fit_args
+
+
+def test_flops_per_token_follows_the_palm_formula() -> None:
+    config = PRESETS["gpt2-124m"]
+    with torch.device("meta"):
+        model = GPT(config)
+    linear = 12 * (768 * 3 * 768 + 768 * 768 + 3 * 768 * 2048) + 768 * config.padded_vocab_size  # LM head included
+    assert flops_per_token(model, config) == 6 * linear + 12 * 12 * 768 * 1024
+
+
+def test_throughput_is_logged_during_training(corpus, prepared, tmp_path) -> None:
+    result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path))  # the quickstart logs it every 25 steps
+    assert result.returncode == 0, result.stderr[-3000:]
+    speeds = scalars_by_step(tmp_path / "quickstart" / "version_0", "perf/tokens_per_sec")
+    assert list(speeds) == [25] and speeds[25] > 0  # no perf/mfu: a CPU has no known peak
+
+
+def test_benchmark_prints_a_table_then_json(corpus, prepared, capsys: pytest.CaptureFixture) -> None:
+    overrides = tiny_fit_args(corpus[0], prepared, prepared.parent / "bench-logs")[3:]  # drop "fit --config X"
+    benchmark_main(["train", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--warmup", "2", "--steps", "6",
+                    *overrides, "--data.vocab_size", str(TINY_VOCAB)])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert any("bare loop" in line for line in lines)
+    result = json.loads(lines[-1])
+    assert result["project_tokens_per_sec"] > 0 and result["bare_tokens_per_sec"] > 0
+    assert result["ratio"] == pytest.approx(result["project_tokens_per_sec"] / result["bare_tokens_per_sec"], rel=1e-3)
+    assert result["mfu"] is None and result["peak_mem_gib"] > 0
