@@ -112,8 +112,7 @@ class PretrainModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_held_out("val")
 
-    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self.val_loss.update(self._loss(batch), weight=batch.size(0))
+    test_step = validation_step  # the same held-out loss, reported as test/*
 
     def on_test_epoch_end(self) -> None:
         self._log_held_out("test")
