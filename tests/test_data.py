@@ -9,9 +9,9 @@ from tokenizers import Tokenizer
 
 from pretrain.data import PretrainData
 from pretrain.errors import UserError
-from pretrain.prepare import prepare, read_manifest, split_documents
+from pretrain.prepare import plan_split, prepare, read_manifest
 from pretrain.shards import iter_documents
-from pretrain.sources import resolve_documents, stdlib_documents
+from pretrain.sources import resolve_sources, stdlib_files
 from tests.conftest import TINY_VOCAB, make_corpus
 
 
@@ -44,11 +44,12 @@ def test_manifest_records_what_was_built(corpus, prepared: Path) -> None:
 
 
 def test_split_is_by_document_and_deterministic(corpus) -> None:
-    documents = resolve_documents([str(corpus[0])]).documents
-    first, second = split_documents(documents, 0.2), split_documents(list(reversed(documents)), 0.2)
-    assert {d.key for d in first["val"]} == {d.key for d in second["val"]}
-    assert not {d.key for d in first["val"]} & {d.key for d in first["train"]}
+    files = resolve_sources([str(corpus[0])]).files
+    (rule, first), (_, second) = plan_split(files, 0.2), plan_split(list(reversed(files)), 0.2)
+    assert {f.key for f in first["val"]} == {f.key for f in second["val"]}
+    assert not {f.key for f in first["val"]} & {f.key for f in first["train"]}
     assert 2 <= len(first["val"]) <= 16
+    assert all(rule.of(f.key) == "val" for f in first["val"])
 
 
 def test_prepare_reuses_a_matching_build_and_refuses_another(corpus, tmp_path: Path) -> None:
@@ -85,22 +86,22 @@ def test_sources_globs_directories_and_files(tmp_path: Path) -> None:
     make_corpus(tmp_path, n_docs=8)
     (tmp_path / "notes" / "skip.bin").write_bytes(b"\x00\x01")
     (tmp_path / "notes" / "empty.txt").write_text("")
-    from_dir = resolve_documents([str(tmp_path)]).documents
-    assert len(from_dir) == 8  # .bin ignored, empty file left out
-    from_glob = resolve_documents([str(tmp_path / "**" / "*.md")]).documents
+    from_dir = resolve_sources([str(tmp_path)]).files
+    assert len(from_dir) == 8  # .bin passed over, empty file left out
+    from_glob = resolve_sources([str(tmp_path / "**" / "*.md")]).files
     assert {Path(d.path).suffix for d in from_glob} == {".md"}
     one = str(tmp_path / "more" / "doc000.md")
-    assert [d.path for d in resolve_documents([one, str(tmp_path / "more")]).documents].count(one) == 1
+    assert [d.path for d in resolve_sources([one, str(tmp_path / "more")]).files].count(one) == 1
 
 
 @pytest.mark.parametrize("source", ["does/not/exist", "nothing/*.txt"])
 def test_missing_source_is_named(source: str) -> None:
     with pytest.raises(UserError, match=r"does not exist|matches no files"):
-        resolve_documents([source])
+        resolve_sources([source])
 
 
 def test_stdlib_source_is_the_standard_library_without_tests() -> None:
-    documents = stdlib_documents()
+    documents = stdlib_files()
     assert len(documents) > 300
     assert any(d.key == "stdlib/json/decoder.py" for d in documents)
     for document in documents:

@@ -18,7 +18,7 @@ from pretrain.data import PretrainData
 from pretrain.errors import UserError
 from pretrain.module import PretrainModule
 from pretrain.prepare import prepare, read_manifest
-from pretrain.sources import resolve_documents
+from pretrain.sources import resolve_sources
 from tests.conftest import TINY_VOCAB, make_corpus
 from tests.test_cli import ROOT, run_main, tiny_fit_args
 from tests.test_data import decoded_documents
@@ -39,15 +39,15 @@ def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str) -
 def test_sources_without_text_are_refused(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("")
     (tmp_path / "b.txt").write_bytes(b"\x00\x01\x02")
-    with pytest.raises(UserError, match=r"hold no text \(skipped: \{'empty': 1, 'binary': 1\}\)"):
-        resolve_documents([str(tmp_path)])
+    with pytest.raises(UserError, match=r"hold no text \(skipped: \{'empty': 1, 'binary': 1, 'unsupported': 0\}\)"):
+        resolve_sources([str(tmp_path)])
 
 
 def test_binary_files_are_skipped_and_counted(tmp_path: Path) -> None:
     docs = make_corpus(tmp_path / "corpus", n_docs=6)
     (tmp_path / "corpus" / "notes" / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     manifest = prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, num_workers=1)
-    assert manifest["skipped_files"] == {"empty": 0, "binary": 1}
+    assert manifest["skipped_files"] == {"empty": 0, "binary": 1, "unsupported": 0}
     assert sum(manifest["splits"][s]["documents"] for s in ("train", "val")) == len(docs)
 
 

@@ -19,7 +19,7 @@ class PretrainData(L.LightningDataModule):
     """Streams blocks of ``seq_len + 1`` tokens: inputs are ``[:-1]``, targets ``[1:]``.
 
     Args:
-        sources: Files, directories, globs of .txt/.md, or ``stdlib`` (the Python standard library).
+        sources: Files, directories or globs (.txt, .md, .jsonl, .jsonl.gz, .parquet), or ``stdlib``.
         data_dir: Where tokenizer, shards and manifest are built and read.
         seq_len: Tokens the model sees per sequence.
         batch_size: Sequences per micro-batch on each device.
@@ -27,6 +27,7 @@ class PretrainData(L.LightningDataModule):
         vocab_size: Size of the tokenizer trained when ``tokenizer`` is not given.
         tokenizer: A ``tokenizer.json`` to use instead of training one.
         val_fraction: Share of documents held out for validation.
+        text_field: The JSONL field / Parquet column holding each document's text.
         seed: Shuffling seed of the training stream.
         overwrite: Rebuild ``data_dir`` even if it was built from other sources or another tokenizer.
     """
@@ -41,6 +42,7 @@ class PretrainData(L.LightningDataModule):
         vocab_size: int = 4096,
         tokenizer: str | None = None,
         val_fraction: float = 0.02,
+        text_field: str = "text",
         seed: int = 42,
         overwrite: bool = False,
     ) -> None:
@@ -52,6 +54,7 @@ class PretrainData(L.LightningDataModule):
         self.num_workers = num_workers
         self.tokenizer = tokenizer
         self.val_fraction = val_fraction
+        self.text_field = text_field
         self.seed = seed
         self.overwrite = overwrite
         # A given tokenizer fixes the vocabulary; the model reads it from here.
@@ -68,6 +71,7 @@ class PretrainData(L.LightningDataModule):
             vocab_size=self.vocab_size,
             tokenizer=self.tokenizer,
             val_fraction=self.val_fraction,
+            text_field=self.text_field,
             num_workers=max(1, self.num_workers),
             overwrite=self.overwrite,
         )

@@ -19,7 +19,9 @@ import logging
 import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,8 @@ from litdata.streaming.item_loader import TokensLoader
 from tokenizers import Tokenizer
 
 from pretrain.errors import UserError
-from pretrain.sources import Document, decode_text, read_text, resolve_documents
+from pretrain.readers import read_documents
+from pretrain.sources import SourceFile, resolve_sources
 from pretrain.tokenizer import eos_id, load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,57 +50,93 @@ def token_dtype(vocab_size: int) -> str:
     raise ValueError(f"vocab_size={vocab_size} does not fit in uint32")
 
 
-def is_validation(key: str, val_fraction: float) -> bool:
-    """Stable split by document name: the same document lands in the same split on every machine."""
-    return _unit_hash(key) < val_fraction
-
-
 def _unit_hash(key: str) -> float:
     digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
-def split_documents(documents: list[Document], val_fraction: float) -> dict[str, list[Document]]:
-    """Train/val split by document; each split gets at least one document."""
-    if len(documents) < 2:
-        raise UserError("The sources hold a single document; train/val splitting needs at least two.")
-    val = [d for d in documents if is_validation(d.key, val_fraction)]
-    if not val:  # tiny corpora: hold out the document that hashes lowest
-        val = [min(documents, key=lambda d: _unit_hash(d.key))]
-    if len(val) == len(documents):
-        raise UserError(f"data.val_fraction={val_fraction} leaves no document for training; lower it.")
-    val_keys = {d.key for d in val}
-    return {"train": [d for d in documents if d.key not in val_keys], "val": val}
+@dataclass(frozen=True)
+class DocumentSplit:
+    """Which split a document goes to, decided by a hash of its key alone: the same on every machine."""
+
+    val_fraction: float
+    forced_val: frozenset[str] = frozenset()  # tiny text corpora: keys held out so val is never empty
+
+    def of(self, key: str) -> str:
+        return "val" if key in self.forced_val or _unit_hash(key) < self.val_fraction else "train"
+
+
+def plan_split(files: list[SourceFile], val_fraction: float) -> tuple[DocumentSplit, dict[str, list[SourceFile]]]:
+    """The split rule, and the files each split reads (a JSONL or Parquet file feeds both)."""
+    split = DocumentSplit(val_fraction)
+    if all(f.format == "text" for f in files):  # one document per file: the split is known now
+        if len(files) < 2:
+            raise UserError("The sources hold a single document; train/val splitting needs at least two.")
+        if not any(split.of(f.key) == "val" for f in files):
+            split = DocumentSplit(val_fraction, frozenset({min((f.key for f in files), key=_unit_hash)}))
+        if all(split.of(f.key) == "val" for f in files):
+            raise UserError(f"data.val_fraction={val_fraction} leaves no document for training; lower it.")
+    return split, {name: [f for f in files if f.format != "text" or split.of(f.key) == name] for name in SPLITS}
+
+
+def training_texts(files: list[SourceFile], split: DocumentSplit, text_field: str) -> Iterator[str]:
+    """The training split's documents, for fitting the tokenizer (validation text stays unseen)."""
+    for file in files:
+        for document in read_documents(file.path, file.key, text_field):
+            if document.text and split.of(document.key) == "train":
+                yield document.text
 
 
 _TOKENIZERS: dict[str, Tokenizer] = {}
 
 
-def tokenize_document(path: str, tokenizer_path: str, eos: int, dtype: str, report_dir: str) -> Iterator[np.ndarray]:
-    """One document -> its token ids followed by end-of-text (runs in litdata's worker processes).
+def tokenize_file(
+    file: tuple[str, str],
+    split_name: str,
+    split: DocumentSplit,
+    text_field: str,
+    tokenizer_path: str,
+    eos: int,
+    dtype: str,
+    report_dir: str,
+) -> Iterator[np.ndarray]:
+    """Each of the file's documents in ``split_name`` -> token ids + end-of-text (in litdata's workers).
 
-    Documents whose invalid UTF-8 was replaced are listed in ``report_dir``, one file per process.
+    Unusable records, empty documents and replaced invalid UTF-8 are noted in ``report_dir``.
     """
-    if tokenizer_path not in _TOKENIZERS:  # loaded once per worker, not once per document
+    if tokenizer_path not in _TOKENIZERS:  # loaded once per worker, not once per file
         _TOKENIZERS[tokenizer_path] = Tokenizer.from_file(tokenizer_path)
-    text, replaced = decode_text(Path(path).read_bytes())
-    if replaced:
+    tokenizer, events = _TOKENIZERS[tokenizer_path], []
+    for document in read_documents(*file, text_field):
+        if split.of(document.key) != split_name:
+            continue
+        if document.text is None:
+            events.append("malformed")
+            continue
+        if not document.text:
+            events.append("empty")
+            continue
+        if document.replaced_invalid_utf8:
+            events.append("invalid_utf8")
+        yield np.array([*tokenizer.encode(document.text, add_special_tokens=False).ids, eos], dtype=dtype)
+    if events:
         with open(Path(report_dir) / f"{os.getpid()}.txt", "a") as report:
-            report.write(path + "\n")
-    ids = _TOKENIZERS[tokenizer_path].encode(text, add_special_tokens=False).ids
-    yield np.array([*ids, eos], dtype=dtype)
+            report.write("".join(event + "\n" for event in events))
 
 
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def build_request(sources: list[str], vocab_size: int, tokenizer: str | None, val_fraction: float) -> dict:
+def build_request(
+    sources: list[str], vocab_size: int, tokenizer: str | None, val_fraction: float, text_field: str
+) -> dict:
     """What defines the shards: a data_dir built for a different request must not be reused."""
     return {
         "sources": list(sources),
         "tokenizer": {"sha256": file_sha256(tokenizer)} if tokenizer else {"train_vocab_size": vocab_size},
         "val_fraction": val_fraction,
+        "text_field": text_field,
     }
 
 
@@ -122,28 +161,24 @@ def _shard_counts(split_dir: Path) -> dict[str, int]:
     return {"documents": sum(c["chunk_size"] for c in chunks), "tokens": sum(c["dim"] for c in chunks)}
 
 
-def _write_shards(
-    documents: list[Document], output_dir: Path, tokenizer_path: Path, eos: int, dtype: str, num_workers: int
-) -> int:
-    """Tokenize ``documents`` into litdata chunks; returns how many had invalid UTF-8 replaced."""
-    report_dir = output_dir.with_name(f".{output_dir.name}-invalid-utf8")
+def _write_shards(files: list[SourceFile], split_name: str, output_dir: Path, work: dict, num_workers: int) -> Counter:
+    """Tokenize the split's documents into litdata chunks; returns the noted events by kind."""
+    report_dir = output_dir.with_name(f".{output_dir.name}-report")
     shutil.rmtree(report_dir, ignore_errors=True)
     report_dir.mkdir(parents=True)
     optimize(
-        fn=partial(
-            tokenize_document, tokenizer_path=str(tokenizer_path), eos=eos, dtype=dtype, report_dir=str(report_dir)
-        ),
-        inputs=[d.path for d in documents],
+        fn=partial(tokenize_file, split_name=split_name, report_dir=str(report_dir), **work),
+        inputs=[(f.path, f.key) for f in files],
         output_dir=str(output_dir),
         chunk_bytes="64MB",
         item_loader=TokensLoader(),
-        num_workers=max(1, min(num_workers, len(documents))),
+        num_workers=max(1, min(num_workers, len(files))),
         reorder_files=False,
         verbose=False,
     )
-    replaced = sum(len(report.read_text().splitlines()) for report in report_dir.iterdir())
+    events = Counter(line for report in report_dir.iterdir() for line in report.read_text().splitlines())
     shutil.rmtree(report_dir)
-    return replaced
+    return events
 
 
 def prepare(
@@ -152,6 +187,7 @@ def prepare(
     vocab_size: int = 4096,
     tokenizer: str | None = None,
     val_fraction: float = 0.02,
+    text_field: str = "text",
     num_workers: int | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
@@ -163,6 +199,7 @@ def prepare(
         vocab_size: Size of the tokenizer trained when none is given.
         tokenizer: Path of a ``tokenizer.json`` to use instead of training one.
         val_fraction: Share of documents held out for validation.
+        text_field: The JSONL field / Parquet column that holds each document's text.
         num_workers: Tokenizing processes (default: all cores).
         overwrite: Rebuild even if ``data_dir`` holds shards built from something else.
 
@@ -170,7 +207,7 @@ def prepare(
         The manifest.
     """
     root = Path(data_dir)
-    request = build_request(sources, vocab_size, tokenizer, val_fraction)
+    request = build_request(sources, vocab_size, tokenizer, val_fraction, text_field)
     manifest = read_manifest(root)
     if manifest is not None and manifest["request"] == request:
         return manifest
@@ -181,12 +218,12 @@ def prepare(
             "or set data.overwrite: true."
         )
     started = time.perf_counter()
-    corpus = resolve_documents(sources)
-    splits = split_documents(corpus.documents, val_fraction)
+    corpus = resolve_sources(sources, text_field)
+    split, split_files = plan_split(corpus.files, val_fraction)
     # Whatever is there is stale or half-built: without the manifest it is never served.
     (root / "manifest.json").unlink(missing_ok=True)
-    for split in SPLITS:
-        shutil.rmtree(root / split, ignore_errors=True)
+    for name in SPLITS:
+        shutil.rmtree(root / name, ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
 
     tokenizer_path = root / "tokenizer.json"
@@ -195,17 +232,19 @@ def prepare(
             shutil.copyfile(tokenizer, tokenizer_path)
         tok = load_tokenizer(tokenizer_path)
     else:
-        log.info("Training a %d-token BPE tokenizer on %d documents", vocab_size, len(splits["train"]))
-        tok = train_tokenizer((read_text(d.path) for d in splits["train"]), vocab_size)
+        log.info("Training a %d-token BPE tokenizer on the training split", vocab_size)
+        tok = train_tokenizer(training_texts(split_files["train"], split, text_field), vocab_size)
         tok.save(str(tokenizer_path))
     eos, dtype = eos_id(tok), token_dtype(tok.get_vocab_size())
+    work = {"split": split, "text_field": text_field, "tokenizer_path": str(tokenizer_path), "eos": eos, "dtype": dtype}
 
-    counts, invalid_utf8 = {}, 0
-    for split in SPLITS:
-        log.info("Tokenizing %d %s documents into %s", len(splits[split]), split, root / split)
-        workers = num_workers or os.cpu_count() or 1
-        invalid_utf8 += _write_shards(splits[split], root / split, tokenizer_path, eos, dtype, workers)
-        counts[split] = _shard_counts(root / split)
+    counts, events = {}, Counter()
+    for name in SPLITS:
+        log.info("Tokenizing the %s split (%d files) into %s", name, len(split_files[name]), root / name)
+        events += _write_shards(split_files[name], name, root / name, work, num_workers or os.cpu_count() or 1)
+        counts[name] = _shard_counts(root / name)
+    if counts["val"]["documents"] == 0:
+        raise UserError(f"No document fell into the validation split; raise data.val_fraction ({val_fraction}).")
     manifest = {
         "version": MANIFEST_VERSION,
         "request": request,
@@ -217,8 +256,9 @@ def prepare(
             "dtype": dtype,
         },
         "splits": counts,
-        "skipped_files": corpus.skipped,  # left out: empty or binary
-        "invalid_utf8_documents": invalid_utf8,  # kept, with undecodable bytes replaced by U+FFFD
+        "skipped_files": corpus.skipped,  # left out: empty, binary, or not a supported format
+        "skipped_records": {"malformed": events["malformed"], "empty": events["empty"]},  # JSONL/Parquet
+        "invalid_utf8_documents": events["invalid_utf8"],  # kept, undecodable bytes replaced by U+FFFD
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_json_atomic(root / "manifest.json", manifest)
