@@ -1,4 +1,5 @@
 import json
+import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -130,3 +131,16 @@ def test_manifest_is_json_with_the_eos_id(prepared: Path) -> None:
     manifest = json.loads((prepared / "manifest.json").read_text())
     tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
     assert tokenizer.id_to_token(manifest["tokenizer"]["eos_id"]) == "<|endoftext|>"
+
+
+def test_prepare_alone_from_a_training_config(corpus, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[1]
+    overrides = ["--data.sources", f"[{corpus[0]}]", "--data.data_dir", str(tmp_path), "--data.vocab_size", "320"]
+    config = str(root / "configs" / "quickstart.yaml")
+    command = [sys.executable, "-m", "pretrain.prepare", "--config", config, *overrides]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = read_manifest(tmp_path)
+    documents = manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"]
+    assert f"documents  {documents:,}" in result.stdout and "tokens/s" in result.stdout
+    assert manifest["request"]["sources"] == [str(corpus[0])] and manifest["tokenizer"]["vocab_size"] <= 320

@@ -84,8 +84,8 @@ def test_corrupted_shard_header_is_named(prepared: Path, tmp_path: Path) -> None
 def test_preparation_killed_halfway_is_redone(tmp_path: Path) -> None:
     docs = make_corpus(tmp_path / "corpus", n_docs=60)
     data_dir = tmp_path / "data"
-    command = [sys.executable, "-m", "pretrain.prepare", "--sources", f"[{tmp_path / 'corpus'}]",
-               "--data_dir", str(data_dir), "--vocab_size", str(TINY_VOCAB), "--num_workers", "1"]  # fmt: skip
+    options = {"sources": f"[{tmp_path / 'corpus'}]", "data_dir": data_dir, "vocab_size": TINY_VOCAB, "num_workers": 1}
+    command = [sys.executable, "-m", "pretrain.prepare", *(f"--data.{k}={v}" for k, v in options.items())]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not (data_dir / "train" / "index.json").exists() and process.poll() is None:
         time.sleep(0.01)

@@ -23,7 +23,7 @@ class PretrainData(L.LightningDataModule):
         data_dir: Where tokenizer, shards and manifest are built and read.
         seq_len: Tokens the model sees per sequence.
         batch_size: Sequences per micro-batch on each device.
-        num_workers: DataLoader processes per device (also used to tokenize).
+        num_workers: DataLoader processes per device (tokenizing uses every core).
         vocab_size: Size of the tokenizer trained when ``tokenizer`` is not given.
         tokenizer: A ``tokenizer.json`` to use instead of training one.
         val_fraction: Share of documents held out for validation.
@@ -72,7 +72,6 @@ class PretrainData(L.LightningDataModule):
             tokenizer=self.tokenizer,
             val_fraction=self.val_fraction,
             text_field=self.text_field,
-            num_workers=max(1, self.num_workers),
             overwrite=self.overwrite,
         )
 

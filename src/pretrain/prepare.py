@@ -7,17 +7,19 @@ Output, under ``data_dir``:
 - ``manifest.json``: what was asked for and what was built. Written last, so a build that was
   interrupted has none and is redone on the next run instead of being served.
 
-Run alone (e.g. on a CPU node before training):
-``python -m pretrain.prepare --sources "[stdlib]" --data_dir data/stdlib --vocab_size 4096``
+Run alone (e.g. on CPU nodes before training), with a progress bar and a closing summary:
+``python -m pretrain.prepare --config configs/quickstart.yaml``
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from litdata import optimize
 from litdata.streaming.item_loader import TokensLoader
 from tokenizers import Tokenizer
@@ -161,7 +164,9 @@ def _shard_counts(split_dir: Path) -> dict[str, int]:
     return {"documents": sum(c["chunk_size"] for c in chunks), "tokens": sum(c["dim"] for c in chunks)}
 
 
-def _write_shards(files: list[SourceFile], split_name: str, output_dir: Path, work: dict, num_workers: int) -> Counter:
+def _write_shards(
+    files: list[SourceFile], split_name: str, output_dir: Path, work: dict, num_workers: int, progress: bool
+) -> Counter:
     """Tokenize the split's documents into litdata chunks; returns the noted events by kind."""
     report_dir = output_dir.with_name(f".{output_dir.name}-report")
     shutil.rmtree(report_dir, ignore_errors=True)
@@ -174,7 +179,7 @@ def _write_shards(files: list[SourceFile], split_name: str, output_dir: Path, wo
         item_loader=TokensLoader(),
         num_workers=max(1, min(num_workers, len(files))),
         reorder_files=False,
-        verbose=False,
+        verbose=progress,
     )
     events = Counter(line for report in report_dir.iterdir() for line in report.read_text().splitlines())
     shutil.rmtree(report_dir)
@@ -190,6 +195,7 @@ def prepare(
     text_field: str = "text",
     num_workers: int | None = None,
     overwrite: bool = False,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Build tokenizer and shards in ``data_dir`` unless an identical build is already there.
 
@@ -202,6 +208,7 @@ def prepare(
         text_field: The JSONL field / Parquet column that holds each document's text.
         num_workers: Tokenizing processes (default: all cores).
         overwrite: Rebuild even if ``data_dir`` holds shards built from something else.
+        progress: Show litdata's progress bars while tokenizing.
 
     Returns:
         The manifest.
@@ -241,7 +248,8 @@ def prepare(
     counts, events = {}, Counter()
     for name in SPLITS:
         log.info("Tokenizing the %s split (%d files) into %s", name, len(split_files[name]), root / name)
-        events += _write_shards(split_files[name], name, root / name, work, num_workers or os.cpu_count() or 1)
+        workers = num_workers or os.cpu_count() or 1
+        events += _write_shards(split_files[name], name, root / name, work, workers, progress)
         counts[name] = _shard_counts(root / name)
     if counts["val"]["documents"] == 0:
         raise UserError(f"No document fell into the validation split; raise data.val_fraction ({val_fraction}).")
@@ -256,6 +264,7 @@ def prepare(
             "dtype": dtype,
         },
         "splits": counts,
+        "source_bytes": sum(Path(f.path).stat().st_size for f in corpus.files),
         "skipped_files": corpus.skipped,  # left out: empty, binary, or not a supported format
         "skipped_records": {"malformed": events["malformed"], "empty": events["empty"]},  # JSONL/Parquet
         "invalid_utf8_documents": events["invalid_utf8"],  # kept, undecodable bytes replaced by U+FFFD
@@ -266,8 +275,61 @@ def prepare(
     return manifest
 
 
-if __name__ == "__main__":
-    from jsonargparse import auto_cli
+def summary(manifest: dict) -> str:
+    """The closing lines of a standalone preparation."""
+    splits = manifest["splits"]
+    documents = sum(split["documents"] for split in splits.values())
+    tokens = sum(split["tokens"] for split in splits.values())
+    seconds = manifest["seconds"]
+    return "\n".join(
+        [
+            f"documents  {documents:,} (train {splits['train']['documents']:,}, val {splits['val']['documents']:,})",
+            f"tokens     {tokens:,} (train {splits['train']['tokens']:,}, val {splits['val']['tokens']:,})",
+            f"bytes      {manifest['source_bytes']:,} of source files",
+            f"skipped    files {manifest['skipped_files']}, records {manifest['skipped_records']}, "
+            f"invalid UTF-8 documents {manifest['invalid_utf8_documents']}",
+            f"seconds    {seconds} ({tokens / seconds:,.0f} tokens/s, tokenizer training included)",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pretrain.prepare --config configs/X.yaml [--data.key value ...]``: the shards alone.
+
+    Reads the ``data:`` section of a training config (other sections are ignored); ``--data.*``
+    options override it, or give everything without a config.
+    """
+    from jsonargparse import ArgumentParser
+
+    from pretrain.data import PretrainData
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    auto_cli(prepare)
+    parser = ArgumentParser(prog="python -m pretrain.prepare", description="Build tokenizer and token shards.")
+    parser.add_argument("--config", help="a training config; its data section is used")
+    parser.add_class_arguments(PretrainData, "data")
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--config")
+    config_path = peek.parse_known_args(argv)[0].config
+    if config_path:
+        data_section = yaml.safe_load(Path(config_path).read_text()).get("data", {})
+        parser.set_defaults({f"data.{key}": value for key, value in data_section.items()})
+    data = parser.instantiate(parser.parse_args(argv)).data
+    manifest = prepare(
+        data.sources,
+        data.data_dir,
+        vocab_size=data.vocab_size,
+        tokenizer=data.tokenizer,
+        val_fraction=data.val_fraction,
+        text_field=data.text_field,
+        overwrite=data.overwrite,
+        progress=True,
+    )
+    print(f"\n{data.data_dir}\n{summary(manifest)}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
