@@ -65,7 +65,11 @@ class PretrainData(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Runs on one process per node, before any other: build the shards if they are missing."""
-        prepare(
+        self.build()
+
+    def build(self, progress: bool = False) -> dict:
+        """Build tokenizer and shards unless an identical build exists; returns the manifest."""
+        return prepare(
             self.sources,
             self.data_dir,
             vocab_size=self.vocab_size,
@@ -73,6 +77,7 @@ class PretrainData(L.LightningDataModule):
             val_fraction=self.val_fraction,
             text_field=self.text_field,
             overwrite=self.overwrite,
+            progress=progress,
         )
 
     def setup(self, stage: str) -> None:

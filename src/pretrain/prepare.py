@@ -314,16 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         data_section = yaml.safe_load(Path(config_path).read_text()).get("data", {})
         parser.set_defaults({f"data.{key}": value for key, value in data_section.items()})
     data = parser.instantiate(parser.parse_args(argv)).data
-    manifest = prepare(
-        data.sources,
-        data.data_dir,
-        vocab_size=data.vocab_size,
-        tokenizer=data.tokenizer,
-        val_fraction=data.val_fraction,
-        text_field=data.text_field,
-        overwrite=data.overwrite,
-        progress=True,
-    )
+    manifest = data.build(progress=True)
     print(f"\n{data.data_dir}\n{summary(manifest)}")
 
 
