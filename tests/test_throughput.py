@@ -5,6 +5,7 @@ import torch
 
 from pretrain.benchmark import main as benchmark_main
 from pretrain.model import GPT, PRESETS
+from pretrain.prepare import read_manifest
 from pretrain.throughput import flops_per_token
 from tests.conftest import TINY_VOCAB
 from tests.test_cli import ROOT, run_main, scalars_by_step, tiny_fit_args
@@ -35,3 +36,16 @@ def test_benchmark_prints_a_table_then_json(corpus, prepared, capsys: pytest.Cap
     assert result["project_tokens_per_sec"] > 0 and result["bare_tokens_per_sec"] > 0
     assert result["ratio"] == pytest.approx(result["project_tokens_per_sec"] / result["bare_tokens_per_sec"], rel=1e-3)
     assert result["mfu"] is None and result["peak_mem_gib"] > 0
+
+
+def test_data_benchmark_reports_preparation_against_the_tokenizer(corpus, tmp_path, capsys) -> None:
+    overrides = ["--data.sources", f"[{corpus[0]}]", "--data.data_dir", str(tmp_path), "--data.vocab_size", "320"]
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    loader = ["--batch_size", "4", "--seq_len", "16", "--batches", "20", "--data.num_workers", "0"]
+    benchmark_main(["data", "--config", config, *loader, *overrides])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tokens"] == sum(split["tokens"] for split in read_manifest(tmp_path)["splits"].values())
+    assert result["prepare_ratio"] == pytest.approx(
+        result["prepare_tokens_per_sec"] / result["tokenizer_tokens_per_sec"], abs=1e-3
+    )  # the ratio is rounded to 3 decimals
+    assert result["loader_tokens_per_sec"] > 0

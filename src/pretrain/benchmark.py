@@ -1,4 +1,4 @@
-"""Measure training speed: ``python -m pretrain.benchmark train --config configs/quickstart.yaml``.
+"""Measure speed: ``python -m pretrain.benchmark train|data --config configs/quickstart.yaml``.
 
 Runs the project's real training step (its LightningModule and DataModule over real shards, the
 configured callbacks and progress bar) and a bare PyTorch loop over the same model, optimizer,
@@ -20,6 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from pretrain import benchmark_data
 from pretrain.cli import PretrainCLI
 from pretrain.data import PretrainData
 from pretrain.model import GPT
@@ -149,8 +150,17 @@ def main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("--config", required=True, help="a training config, e.g. configs/quickstart.yaml")
     train_parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     train_parser.add_argument("--steps", type=int, default=30, help="timed steps")
-    options, overrides = parser.parse_known_args(argv)  # the rest goes to the training CLI, e.g. --data.batch_size 16
-    result = train(options.config, options.warmup, options.steps, overrides)
+    data_parser = commands.add_parser("data", help="preparation vs the tokenizer alone, and the loader")
+    data_parser.add_argument("--config", help="a training config: its data section is measured")
+    data_parser.add_argument("--batch_size", type=int, default=32, help="loader micro-batch")
+    data_parser.add_argument("--seq_len", type=int, default=1024, help="loader blocks hold seq_len + 1 tokens")
+    data_parser.add_argument("--batches", type=int, default=300, help="loader batches timed")
+    options, rest = parser.parse_known_args(argv)  # the rest goes to the config's CLI, e.g. --data.batch_size 16
+    if options.command == "train":
+        result = train(options.config, options.warmup, options.steps, rest)
+    else:  # --config and --data.* describe the data, as for `python -m pretrain.prepare`
+        config = ["--config", options.config] if options.config else []
+        result = benchmark_data.data(config + rest, options.batch_size, options.seq_len, options.batches)
     sys.stdout.flush()
     print(json.dumps(result))
 

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
@@ -38,6 +38,9 @@ from pretrain.errors import UserError
 from pretrain.readers import read_documents
 from pretrain.sources import SourceFile, resolve_sources
 from pretrain.tokenizer import eos_id, load_tokenizer, train_tokenizer
+
+if TYPE_CHECKING:
+    from pretrain.data import PretrainData
 
 log = logging.getLogger(__name__)
 
@@ -293,19 +296,14 @@ def summary(manifest: dict) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m pretrain.prepare --config configs/X.yaml [--data.key value ...]``: the shards alone.
-
-    Reads the ``data:`` section of a training config (other sections are ignored); ``--data.*``
-    options override it, or give everything without a config.
-    """
+def data_module_from_args(argv: list[str] | None, prog: str) -> PretrainData:
+    """The data module described by ``--config X`` (its ``data:`` section) and ``--data.*`` options."""
     from jsonargparse import ArgumentParser
 
     from pretrain.data import PretrainData
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    parser = ArgumentParser(prog="python -m pretrain.prepare", description="Build tokenizer and token shards.")
-    parser.add_argument("--config", help="a training config; its data section is used")
+    parser = ArgumentParser(prog=prog)
+    parser.add_argument("--config", help="a training config; its data section is used, the rest ignored")
     parser.add_class_arguments(PretrainData, "data")
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--config")
@@ -313,7 +311,13 @@ def main(argv: list[str] | None = None) -> None:
     if config_path:
         data_section = yaml.safe_load(Path(config_path).read_text()).get("data", {})
         parser.set_defaults({f"data.{key}": value for key, value in data_section.items()})
-    data = parser.instantiate(parser.parse_args(argv)).data
+    return parser.instantiate(parser.parse_args(argv)).data
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pretrain.prepare --config configs/X.yaml [--data.key value ...]``: the shards alone."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    data = data_module_from_args(argv, "python -m pretrain.prepare")
     manifest = data.build(progress=True)
     print(f"\n{data.data_dir}\n{summary(manifest)}")
 

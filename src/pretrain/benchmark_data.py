@@ -1,0 +1,78 @@
+"""Data-side speed: preparation against the tokenizer's own throughput, and the training loader.
+
+``python -m pretrain.benchmark data --config configs/quickstart.yaml``
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+from tokenizers import Tokenizer
+
+from pretrain.data import PretrainData
+from pretrain.errors import UserError
+from pretrain.prepare import data_module_from_args, prepare
+from pretrain.readers import read_documents
+from pretrain.sources import resolve_sources
+
+
+def tokenizer_speed(data: PretrainData) -> tuple[float, int]:
+    """Tokens/s of HF tokenizers' ``encode_batch`` over every document, on all cores: the practical limit."""
+    tokenizer = Tokenizer.from_file(str(data.tokenizer_path))
+    texts = [
+        document.text
+        for file in resolve_sources(data.sources, data.text_field).files
+        for document in read_documents(file.path, file.key, data.text_field)
+        if document.text
+    ]
+    start = time.perf_counter()
+    tokens = sum(len(encoding.ids) + 1 for encoding in tokenizer.encode_batch(texts, add_special_tokens=False))
+    return tokens / (time.perf_counter() - start), tokens  # + 1: the end-of-text each document gets
+
+
+def preparation_speed(data: PretrainData) -> float:
+    """Tokens/s of building the shards from the raw sources with the (already trained) tokenizer."""
+    with tempfile.TemporaryDirectory(prefix="benchmark-data-") as scratch:
+        start = time.perf_counter()
+        manifest = prepare(data.sources, scratch, tokenizer=str(data.tokenizer_path), val_fraction=data.val_fraction,
+                           text_field=data.text_field)  # fmt: skip
+        seconds = time.perf_counter() - start
+    return sum(split["tokens"] for split in manifest["splits"].values()) / seconds
+
+
+def loader_speed(data: PretrainData, batch_size: int, seq_len: int, batches: int) -> float:
+    """Tokens/s the training DataLoader delivers at ``batch_size`` x (``seq_len`` + 1)."""
+    loader_data = PretrainData(data_dir=data.data_dir, seq_len=seq_len, batch_size=batch_size,
+                               num_workers=data.num_workers, vocab_size=data.vocab_size)  # fmt: skip
+    loader_data.setup("fit")
+    loader, seen, start = loader_data.train_dataloader(), 0, time.perf_counter()
+    if len(loader) == 0:
+        raise UserError(f"{data.data_dir} holds too few tokens for one batch of {batch_size} x {seq_len + 1}.")
+    while seen < batches:
+        for _ in loader:
+            seen += 1
+            if seen == batches:
+                break
+    return batches * batch_size * (seq_len + 1) / (time.perf_counter() - start)
+
+
+def data(argv: list[str], batch_size: int = 32, seq_len: int = 1024, batches: int = 300) -> dict:
+    source = data_module_from_args(argv, "python -m pretrain.benchmark data")
+    source.build()  # tokenizer and shards in place, so only the measured work is timed below
+    tokenizer_tps, tokens = tokenizer_speed(source)
+    prepare_tps = preparation_speed(source)
+    loader_tps = loader_speed(source, batch_size, seq_len, batches)
+    result = {
+        "data_dir": source.data_dir,
+        "tokens": tokens,
+        "prepare_tokens_per_sec": round(prepare_tps),
+        "tokenizer_tokens_per_sec": round(tokenizer_tps),
+        "prepare_ratio": round(prepare_tps / tokenizer_tps, 3),
+        "loader_tokens_per_sec": round(loader_tps),
+    }
+    print(f"\n{source.data_dir}: {tokens:,} tokens")
+    print(f"  preparation      {prepare_tps:>14,.0f} tokens/s")
+    print(f"  encode_batch     {tokenizer_tps:>14,.0f} tokens/s   (ratio {result['prepare_ratio']})")
+    print(f"  loader {batch_size}x{seq_len + 1} {loader_tps:>14,.0f} tokens/s")
+    return result
