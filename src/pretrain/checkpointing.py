@@ -59,6 +59,7 @@ class PretrainCheckpoint(ModelCheckpoint):
         self.signal_check_interval = signal_check_interval
         self._received: int | None = None
         self._previous_handlers: dict[int, object] = {}
+        self._step_metrics: tuple[int, dict[str, float]] | None = None  # see _save_checkpoint
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -74,6 +75,21 @@ class PretrainCheckpoint(ModelCheckpoint):
             os.replace(tmp, linkpath)
         trainer.strategy.barrier()
 
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # Lightning hands a step's metrics to the loggers only after this hook; a run killed right
+        # after the save would lose them for good. They travel in the checkpoint and are written
+        # when the run resumes, so TensorBoard has no hole at the resumed step.
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        self._step_metrics = (trainer.global_step - 1, metrics)
+        super()._save_checkpoint(trainer, filepath)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "step_metrics": self._step_metrics}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._step_metrics = state_dict.get("step_metrics")
+
     def save_now(self, trainer: L.Trainer) -> None:
         """Save the current step (unless already saved) and point ``last`` at it."""
         if self._last_global_step_saved == trainer.global_step:
@@ -86,6 +102,10 @@ class PretrainCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        if self._step_metrics is not None and trainer.ckpt_path:  # resumed: rewrite the saved step's metrics
+            step, metrics = self._step_metrics
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
         self._received = None
         for signum in PREEMPTION_SIGNALS:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
