@@ -24,13 +24,17 @@ class TextSamples(L.Callback):
     def __init__(self, prompts: list[str], max_new_tokens: int = 48) -> None:
         self.prompts = prompts
         self.max_new_tokens = max_new_tokens
+        self.tokenizer: Tokenizer | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # After prepare_data, so the tokenizer file exists; read once, not at every validation.
+        self.tokenizer = Tokenizer.from_file(str(trainer.datamodule.tokenizer_path))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        tokenizer = Tokenizer.from_file(str(trainer.datamodule.tokenizer_path))
         with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # new shapes each token: don't recompile
-            samples = [continue_text(pl_module.model, tokenizer, p, self.max_new_tokens) for p in self.prompts]
+            samples = [continue_text(pl_module.model, self.tokenizer, p, self.max_new_tokens) for p in self.prompts]
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):

@@ -10,10 +10,11 @@ from lightning.fabric.utilities.load import _load_distributed_checkpoint
 from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
 from tokenizers import Tokenizer
 
+from pretrain.data import PretrainData
 from pretrain.errors import UserError
 from pretrain.model import GPT, GPTConfig
 
-DATA_STATE_KEY = "PretrainData"  # Lightning stores the data module's state_dict under its class name
+DATA_STATE_KEY = PretrainData.__qualname__  # Lightning stores the data module's state_dict under its class name
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -248,10 +248,9 @@ def prepare(
     eos, dtype = eos_id(tok), token_dtype(tok.get_vocab_size())
     work = {"split": split, "text_field": text_field, "tokenizer_path": str(tokenizer_path), "eos": eos, "dtype": dtype}
 
-    counts, events = {}, Counter()
+    counts, events, workers = {}, Counter(), num_workers or os.cpu_count() or 1
     for name in SPLITS:
         log.info("Tokenizing the %s split (%d files) into %s", name, len(split_files[name]), root / name)
-        workers = num_workers or os.cpu_count() or 1
         events += _write_shards(split_files[name], name, root / name, work, workers, progress)
         counts[name] = _shard_counts(root / name)
     if counts["val"]["documents"] == 0:
