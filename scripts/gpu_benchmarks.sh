@@ -1,31 +1,41 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the project in one go, a summary table last.
 #   bash scripts/gpu_benchmarks.sh            # logs under $OUT (default: logs/gpu-benchmarks)
-# Each config's training step is timed against a bare PyTorch loop on the same model and batch.
-set -euo pipefail
+#   BUDGET_S=540 bash scripts/gpu_benchmarks.sh   # stop starting variants when time runs short
+# Each line below is one variant: the project's training step (optionally against a bare PyTorch
+# loop on the same model and batch) on one GPU.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-logs/gpu-benchmarks}"
 mkdir -p "$out"
+deadline=$((SECONDS + ${BUDGET_S:-100000}))
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$out/gpu.txt"
 
-run() {  # name, then benchmark arguments
-  local name=$1; shift
-  python -m pretrain.benchmark train "$@" 2>&1 | tee "$out/$name.log" | grep -v '^{' || true
-  tail -n 1 "$out/$name.log" > "$out/$name.json"
+FSDP2='{"class_path": "pretrain.parallel.FSDP2Strategy"}'
+run() {  # name, time cap in seconds, then benchmark arguments
+  local name=$1 cap=$2; shift 2
+  local left=$((deadline - SECONDS - 20))  # keep 20 s for the table
+  if ((left < 60)); then echo "skipped $name: out of time" | tee "$out/$name.log"; return; fi
+  ((cap > left)) && cap=$left
+  echo "== $name (at most $cap s)"
+  timeout --kill-after 10 "$cap" python -m pretrain.benchmark train "$@" > "$out/$name.log" 2>&1
+  echo "   exit $?; $(tail -n 1 "$out/$name.log" | cut -c1-300)"
 }
-run gpt2-124m --config configs/gpt2-124m.yaml --warmup 10 --steps 50
-run llama-1b --config configs/llama-1b-fsdp.yaml --warmup 10 --steps 30 --trainer.devices 1
+run gpt2-124m 200 --config configs/gpt2-124m.yaml --warmup 10 --steps 40
+run llama-1b-fsdp2 240 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --trainer.strategy "$FSDP2" \
+  --warmup 8 --steps 20
+run llama-1b-fsdp1 150 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --warmup 8 --steps 20 --no-bare
+run gpt2-124m-mb64 100 --config configs/gpt2-124m.yaml --data.batch_size 64 --warmup 10 --steps 30 --no-bare
 
 python - "$out" <<'PY'
 import json, pathlib, sys
-print(f"\n{'config':<12} {'project tok/s':>14} {'bare tok/s':>12} {'ratio':>7} {'MFU':>7} {'peak GiB':>9}")
-for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+print(f"\n{'variant':<16} {'project tok/s':>14} {'bare tok/s':>12} {'ratio':>7} {'MFU':>7} {'bare MFU':>9} {'peak GiB':>9}")
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.log"), key=lambda p: p.stat().st_mtime):
     try:
-        r = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        print(f"{path.stem:<12} failed: see {path.with_suffix('.log')}")
-        continue
-    print(f"{path.stem:<12} {r['project_tokens_per_sec']:>14} {r['bare_tokens_per_sec']:>12} {r['ratio']:>7} "
-          f"{r['mfu']!s:>7} {r['peak_mem_gib']:>9}")
+        r = json.loads(path.read_text().splitlines()[-1])
+        print(f"{path.stem:<16} {r['project_tokens_per_sec']:>14} {r['bare_tokens_per_sec']!s:>12} {r['ratio']!s:>7} "
+              f"{r['mfu']!s:>7} {r['bare_mfu']!s:>9} {r['peak_mem_gib']:>9}")
+    except (json.JSONDecodeError, KeyError, IndexError):
+        print(f"{path.stem:<16} failed: see {path.name}")
 PY

@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -137,13 +138,16 @@ def test_kv_cache_gives_the_same_logits_as_a_full_forward() -> None:
         model(torch.zeros(2, 13, dtype=torch.long), cache)
 
 
-def test_meta_device_build_then_init_equals_plain_init() -> None:
+@pytest.mark.parametrize("tied", [False, True])
+def test_meta_device_build_then_init_equals_plain_init(tied: bool) -> None:
     """What sharded strategies do: build without memory, allocate, then initialise."""
+    config = replace(SMALL, tie_embeddings=tied)
     with torch.device("meta"):
-        model = GPT(SMALL)
+        model = GPT(config)
     model.to_empty(device="cpu")
     model.init_weights(3)
-    plain = make_model(seed=3)
+    plain = make_model(config, seed=3)
     for (name, tensor), expected in zip(model.state_dict().items(), plain.state_dict().values(), strict=True):
         assert torch.equal(tensor, expected), name
     torch.testing.assert_close(model.rope, plain.rope)
+    assert (model.lm_head.weight is model.embed.weight) == tied  # one tensor, trained as one

@@ -15,15 +15,16 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
+import yaml
 
 from pretrain import benchmark_data
 from pretrain.cli import PretrainCLI
 from pretrain.data import PretrainData
-from pretrain.model import GPT
+from pretrain.model import GPT, next_token_loss
 from pretrain.module import PretrainModule
 from pretrain.optim import param_groups
 from pretrain.throughput import flops_per_token, peak_flops
@@ -62,7 +63,7 @@ def project_run(config: str, warmup: int, steps: int, extra: list[str]) -> tuple
     timer = StepTimer(warmup, steps)
     logs = tempfile.mkdtemp(prefix="benchmark-")
     args = ["--config", config, "--trainer.max_steps", str(warmup + steps + 1), "--trainer.limit_val_batches", "0",
-            "--trainer.logger.init_args.save_dir", logs, *extra]  # fmt: skip
+            "--trainer.logger.init_args.save_dir", logs, *_schedule_length(config), *extra]  # fmt: skip
     cli = PretrainCLI(PretrainModule, PretrainData, args=args, run=False, auto_configure_optimizers=False)
     cli.trainer.callbacks.append(timer)
     if cli.trainer.strategy.root_device.type == "cuda":
@@ -71,27 +72,35 @@ def project_run(config: str, warmup: int, steps: int, extra: list[str]) -> tuple
     return cli, timer
 
 
+def _schedule_length(config: str) -> list[str]:
+    """Keep the config's LR schedule length: the benchmark's few steps may be shorter than its warmup."""
+    raw = yaml.safe_load(Path(config).read_text()) or {}
+    max_steps = (raw.get("trainer") or {}).get("max_steps")
+    if (raw.get("model") or {}).get("lr_scheduler") and max_steps:
+        return ["--model.lr_scheduler.init_args.max_steps", str(max_steps)]
+    return []
+
+
 def bare_loop(cli: PretrainCLI, batch: torch.Tensor, warmup: int, steps: int) -> float:
     """Seconds for ``steps`` steps of a hand-written loop: forward, loss, backward, clip, step."""
     module, trainer = cli.model, cli.trainer
     device = trainer.strategy.root_device
-    model = GPT(module.config).to(device)
+    with torch.device("meta"):
+        model = GPT(module.config)
+    model.to_empty(device=device)
     model.init_weights(0)
-    if module.hparams.compile:
-        model.compile()
+    loss_fn = torch.compile(next_token_loss) if module.hparams.compile else next_token_loss
     optimizer = module.optimizer_factory(param_groups(model))
     bf16 = str(trainer.precision).startswith("bf16")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    batch = batch.to(device).long()
-    inputs, targets = batch[:, :-1], batch[:, 1:]
+    batch = batch.to(device)
     clip = trainer.gradient_clip_val
     for step in range(warmup + steps):
         if step == warmup:
             _synchronize(device)
             start = time.perf_counter()
         with autocast:
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            loss = loss_fn(model, batch)
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -101,7 +110,7 @@ def bare_loop(cli: PretrainCLI, batch: torch.Tensor, warmup: int, steps: int) ->
     return time.perf_counter() - start
 
 
-def train(config: str, warmup: int = 5, steps: int = 30, args: list[str] | None = None) -> dict:
+def train(config: str, warmup: int = 5, steps: int = 30, args: list[str] | None = None, bare: bool = True) -> dict:
     """Benchmark the training step of ``config`` against a bare loop.
 
     Args:
@@ -109,25 +118,28 @@ def train(config: str, warmup: int = 5, steps: int = 30, args: list[str] | None 
         warmup: Steps run before timing starts (compilation, allocator warm-up).
         steps: Steps timed.
         args: Extra CLI overrides, e.g. ["--data.batch_size", "16"].
+        bare: Also time the bare loop (skip it to compare variants of the project's step quickly).
     """
     cli, timer = project_run(config, warmup, steps, args or [])
     device = cli.trainer.strategy.root_device
     project_peak = _peak_memory_gib(device)
-    batch = next(iter(cli.datamodule.train_dataloader()))
-    bare_seconds = bare_loop(cli, batch, warmup, steps)
     tokens = timer.tokens_per_step * steps
-    project, bare = tokens / timer.seconds, tokens / bare_seconds
+    project = tokens / timer.seconds
+    if bare:
+        batch = next(iter(cli.datamodule.train_dataloader()))
+        bare = tokens / bare_loop(cli, batch, warmup, steps)
     peak = peak_flops(device)
     per_token = flops_per_token(cli.model.model, cli.model.config)
     result = {
         "config": config,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
+        "overrides": " ".join(args or []),
         "project_tokens_per_sec": round(project),
-        "bare_tokens_per_sec": round(bare),
-        "ratio": round(project / bare, 4),
+        "bare_tokens_per_sec": round(bare) if bare else None,
+        "ratio": round(project / bare, 4) if bare else None,
         "mfu": round(project * per_token / peak, 4) if peak else None,
-        "bare_mfu": round(bare * per_token / peak, 4) if peak else None,
+        "bare_mfu": round(bare * per_token / peak, 4) if peak and bare else None,
         "peak_mem_gib": round(project_peak, 2),
     }
     _print_table(result)
@@ -140,7 +152,7 @@ def _print_table(result: dict) -> None:
     print(f"\n{result['config']} on {result['device']} (torch {result['torch']})")
     for name, speed, mfu in rows:
         print(f"  {name:<10} {speed!s:>12} {'-' if mfu is None else mfu!s:>8}")
-    print(f"  ratio {result['ratio']}, peak memory {result['peak_mem_gib']} GiB")
+    print(f"  ratio {result['ratio']}, peak memory {result['peak_mem_gib']} GiB  {result['overrides']}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -150,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("--config", required=True, help="a training config, e.g. configs/quickstart.yaml")
     train_parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     train_parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    train_parser.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True,
+                              help="also time a bare PyTorch loop on the same model and batch")  # fmt: skip
     data_parser = commands.add_parser("data", help="preparation vs the tokenizer alone, and the loader")
     data_parser.add_argument("--config", help="a training config: its data section is measured")
     data_parser.add_argument("--batch_size", type=int, default=32, help="loader micro-batch")
@@ -157,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     data_parser.add_argument("--batches", type=int, default=300, help="loader batches timed")
     options, rest = parser.parse_known_args(argv)  # the rest goes to the config's CLI, e.g. --data.batch_size 16
     if options.command == "train":
-        result = train(options.config, options.warmup, options.steps, rest)
+        result = train(options.config, options.warmup, options.steps, rest, options.bare)
     else:  # --config and --data.* describe the data, as for `python -m pretrain.prepare`
         config = ["--config", options.config] if options.config else []
         result = benchmark_data.data(config + rest, options.batch_size, options.seq_len, options.batches)

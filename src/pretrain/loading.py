@@ -20,11 +20,13 @@ DATA_STATE_KEY = PretrainData.__qualname__  # Lightning stores the data module's
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint as one dict, on the CPU, loaded weights-only (nothing in it can run code).
 
-    A folder is a sharded (FSDP) checkpoint: Lightning's own consolidation gathers it.
+    A folder is a sharded checkpoint: Lightning's own consolidation gathers it. FSDPStrategy names
+    the weights ``model`` there and needs reformatting; ModelParallelStrategy already writes ``state_dict``.
     """
     path = Path(path)
     if path.is_dir():
-        return _format_checkpoint(_load_distributed_checkpoint(path))
+        checkpoint = _load_distributed_checkpoint(path)
+        return checkpoint if "state_dict" in checkpoint else _format_checkpoint(checkpoint)
     if not path.is_file():
         raise UserError(f"Checkpoint {path} does not exist; give a .ckpt file or a sharded checkpoint folder.")
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 @dataclass(frozen=True)
@@ -216,8 +217,10 @@ class GPT(nn.Module):
         Linear and embedding weights ~ N(0, 0.02); the projections that write into the residual
         stream get 0.02 / sqrt(2 * n_layer) so the residual's variance does not grow with depth.
         Values are drawn on the CPU in parameter order, so every device and strategy gets the
-        same weights.
+        same weights; a sharded parameter (FSDP2's DTensor) keeps its slice of the full draw.
         """
+        if self.config.tie_embeddings and self.lm_head.weight is not self.embed.weight:
+            self.lm_head.weight = self.embed.weight  # ``to_empty`` after a meta-device build unties them
         generator = torch.Generator().manual_seed(seed)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, param in self.named_parameters():
@@ -225,7 +228,10 @@ class GPT(nn.Module):
                 param.fill_(1.0)
                 continue
             std = residual_std if name.endswith(("attn.proj.weight", "mlp.down.weight")) else 0.02
-            param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=generator))
+            value = torch.empty(param.shape).normal_(0.0, std, generator=generator)
+            if isinstance(param, DTensor):
+                value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+            param.copy_(value)
         self.init_rope()
 
     def init_rope(self) -> None:
@@ -233,3 +239,14 @@ class GPT(nn.Module):
         self.rope = rope_cache(
             self.config.seq_len, self.config.head_dim, self.config.rope_base, self.embed.weight.device
         )
+
+
+def next_token_loss(model: GPT, batch: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``.
+
+    A function of its own so that ``torch.compile`` can take the model and the loss as one graph:
+    the fp32 upcast of the logits then fuses into the softmax instead of filling memory.
+    """
+    batch = batch.long()  # shards store the smallest dtype that holds the vocabulary
+    logits = model(batch[:, :-1])  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())

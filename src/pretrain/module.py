@@ -9,17 +9,18 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from pretrain.errors import UserError
 from pretrain.export import load_exported_weights
 from pretrain.loading import load_checkpoint, model_state_dict
-from pretrain.model import GPT, GPTConfig
+from pretrain.model import GPT, GPTConfig, next_token_loss
 from pretrain.optim import param_groups
+from pretrain.parallel import build_sharded_model
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -62,6 +63,7 @@ class PretrainModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.model: GPT | None = None
+        self.loss_fn = next_token_loss  # replaced by its compiled version in configure_model
         self.val_loss = MeanMetric()
         self.skipped_steps = 0  # non-finite steps skipped so far
         self.nonfinite_streak = 0  # ... of which the most recent ones in a row
@@ -76,24 +78,39 @@ class PretrainModule(L.LightningModule):
         """
         if self.model is not None:
             return
-        self.model = GPT(self.config)
-        self.model.init_weights(int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        weights = None
         if self.hparams.init_from:
             weights = load_pretrained_weights(self.hparams.init_from, self.config)
-            raise_on_mismatch(self.model.state_dict(), weights, f"The weights in {self.hparams.init_from}")
+            with torch.device("meta"):  # shapes only
+                expected = GPT(self.config).state_dict()
+            raise_on_mismatch(expected, weights, f"The weights in {self.hparams.init_from}")
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel ranks
+            precision = str(self.trainer.precision)
+            self.model = build_sharded_model(
+                self.config,
+                self.device_mesh["data_parallel"],
+                self.trainer.strategy.root_device,
+                seed,
+                param_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
+                compile=self.hparams.compile,
+                weights=weights,
+            )
+            return
+        with torch.device("meta"):  # no throw-away default initialisation
+            self.model = GPT(self.config)
+        self.model.to_empty(device="cpu")
+        self.model.init_weights(seed)
+        if weights is not None:
             self.model.load_state_dict(weights)
-        if self.hparams.compile:
-            self.model.compile()
+        if self.hparams.compile:  # the whole model and its loss as one graph
+            self.loss_fn = torch.compile(next_token_loss)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``."""
-        batch = batch.long()  # shards store the smallest dtype that holds the vocabulary
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = self.model(inputs)  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return self.loss_fn(self.model, batch)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -148,6 +165,8 @@ class PretrainModule(L.LightningModule):
             norm = self.trainer.model.clip_grad_norm_(max_norm)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            if isinstance(norm, DTensor):  # FSDP2: already reduced over the shards
+                norm = norm.full_tensor()
         self.log("train/grad_norm", norm)
         if torch.isfinite(norm):
             self.nonfinite_streak = 0
@@ -180,7 +199,8 @@ class PretrainModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that does not fit this model, naming each mismatch, before loading it."""
         self.configure_model()
-        raise_on_mismatch(self.state_dict(), checkpoint["state_dict"], "The checkpoint")
+        if "state_dict" in checkpoint:  # absent where the strategy loaded the shards itself (FSDP2)
+            raise_on_mismatch(self.state_dict(), checkpoint["state_dict"], "The checkpoint")
         guard = checkpoint.get("nonfinite_guard", {})
         self.skipped_steps, self.nonfinite_streak = guard.get("skipped_steps", 0), guard.get("streak", 0)
         if rng := checkpoint.get("rng_states"):
