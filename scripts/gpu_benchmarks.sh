@@ -2,6 +2,7 @@
 # Every GPU measurement of the project in one go, a summary table last.
 #   bash scripts/gpu_benchmarks.sh            # logs under $OUT (default: logs/gpu-benchmarks)
 #   BUDGET_S=540 bash scripts/gpu_benchmarks.sh   # stop starting variants when time runs short
+#   bash scripts/gpu_benchmarks.sh gpt2-124m llama-1b-1gpu   # only these variants
 # Each line below is one variant: the project's training step (optionally against a bare PyTorch
 # loop on the same model and batch) on one GPU.
 set -uo pipefail
@@ -13,8 +14,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$out/gpu.txt"
 
 FSDP2='{"class_path": "pretrain.parallel.FSDP2Strategy"}'
+selected=" $* "
 run() {  # name, time cap in seconds, then benchmark arguments
   local name=$1 cap=$2; shift 2
+  [[ "$selected" == "  " || "$selected" == *" $name "* ]] || return 0
   local left=$((deadline - SECONDS - 20))  # keep 20 s for the table
   if ((left < 60)); then echo "skipped $name: out of time" | tee "$out/$name.log"; return; fi
   ((cap > left)) && cap=$left
@@ -25,6 +28,8 @@ run() {  # name, time cap in seconds, then benchmark arguments
 run gpt2-124m 200 --config configs/gpt2-124m.yaml --warmup 10 --steps 40
 run llama-1b-fsdp2 240 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --trainer.strategy "$FSDP2" \
   --warmup 8 --steps 20
+run llama-1b-1gpu 150 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --trainer.strategy auto \
+  --warmup 8 --steps 20 --no-bare
 run llama-1b-fsdp1 150 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --warmup 8 --steps 20 --no-bare
 run gpt2-124m-mb64 100 --config configs/gpt2-124m.yaml --data.batch_size 64 --warmup 10 --steps 30 --no-bare
 

@@ -228,7 +228,7 @@ class GPT(nn.Module):
                 param.fill_(1.0)
                 continue
             std = residual_std if name.endswith(("attn.proj.weight", "mlp.down.weight")) else 0.02
-            value = torch.empty(param.shape).normal_(0.0, std, generator=generator)
+            value = torch.empty(param.shape, device="cpu").normal_(0.0, std, generator=generator)
             if isinstance(param, DTensor):
                 value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
             param.copy_(value)

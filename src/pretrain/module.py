@@ -99,7 +99,8 @@ class PretrainModule(L.LightningModule):
             return
         with torch.device("meta"):  # no throw-away default initialisation
             self.model = GPT(self.config)
-        self.model.to_empty(device="cpu")
+        device = torch.get_default_device()  # the strategy's device where it sets one
+        self.model.to_empty(device="cpu" if device.type == "meta" else device)
         self.model.init_weights(seed)
         if weights is not None:
             self.model.load_state_dict(weights)
