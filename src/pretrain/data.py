@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from litdata import StreamingDataLoader, StreamingDataset
+from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
 from litdata.streaming.item_loader import TokensLoader
 
 from pretrain.errors import UserError
+from pretrain.mixture import MixtureLoader, check_mixture, prepare_mixture
 from pretrain.prepare import prepare, read_manifest
 from pretrain.shards import verify_split
 from pretrain.tokenizer import load_tokenizer
@@ -20,6 +22,8 @@ class PretrainData(L.LightningDataModule):
 
     Args:
         sources: Files, directories or globs (.txt, .md, .jsonl, .jsonl.gz, .parquet), or ``stdlib``.
+        mixture: Instead of ``sources``, named datasets sampled by weight:
+            ``{name: {sources: [...], weight: w}}``; each is prepared into ``data_dir/<name>``.
         data_dir: Where tokenizer, shards and manifest are built and read.
         seq_len: Tokens the model sees per sequence.
         batch_size: Sequences per micro-batch on each device.
@@ -35,6 +39,7 @@ class PretrainData(L.LightningDataModule):
     def __init__(
         self,
         sources: list[str] | None = None,
+        mixture: dict[str, dict[str, Any]] | None = None,
         data_dir: str = "data/stdlib",
         seq_len: int = 256,
         batch_size: int = 8,
@@ -47,7 +52,12 @@ class PretrainData(L.LightningDataModule):
         overwrite: bool = False,
     ) -> None:
         super().__init__()
-        self.sources = sources if sources is not None else ["stdlib"]
+        if mixture is not None and sources is not None:
+            raise UserError("Give either data.sources or data.mixture, not both.")
+        self.mixture = mixture
+        if mixture is not None:
+            check_mixture(mixture)  # bad names or weights fail here, before anything is built
+        self.sources = sources if sources is not None or mixture is not None else ["stdlib"]
         self.data_dir = data_dir
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -60,8 +70,8 @@ class PretrainData(L.LightningDataModule):
         # A given tokenizer fixes the vocabulary; the model reads it from here.
         self.vocab_size = load_tokenizer(tokenizer).get_vocab_size() if tokenizer else vocab_size
         self.tokenizer_path = Path(data_dir) / "tokenizer.json"  # written by prepare_data
-        self.train_set: StreamingDataset | None = None
-        self.val_set: StreamingDataset | None = None
+        self.train_set: StreamingDataset | CombinedStreamingDataset | None = None
+        self.val_set: StreamingDataset | CombinedStreamingDataset | None = None
 
     def prepare_data(self) -> None:
         """Runs on one process per node, before any other: build the shards if they are missing."""
@@ -69,6 +79,12 @@ class PretrainData(L.LightningDataModule):
 
     def build(self, progress: bool = False) -> dict:
         """Build tokenizer and shards unless an identical build exists; returns the manifest."""
+        if self.mixture is not None:
+            return prepare_mixture(
+                self.mixture, self.data_dir, vocab_size=self.vocab_size, tokenizer=self.tokenizer,
+                val_fraction=self.val_fraction, text_field=self.text_field, overwrite=self.overwrite,
+                progress=progress,
+            )  # fmt: skip
         return prepare(
             self.sources,
             self.data_dir,
@@ -93,10 +109,27 @@ class PretrainData(L.LightningDataModule):
                 f"{self.data_dir} was tokenized with {manifest['tokenizer']['vocab_size']} tokens, "
                 f"more than the model's vocab_size {self.vocab_size}; set data.vocab_size to match."
             )
-        for split in ("train", "val"):
-            verify_split(Path(self.data_dir) / split)
-        self.train_set = self._dataset("train", shuffle=True)
-        self.val_set = self._dataset("val", shuffle=False)
+        if self.mixture is None:
+            for split in ("train", "val"):
+                verify_split(Path(self.data_dir) / split)
+            self.train_set = self._dataset("train", shuffle=True)
+            self.val_set = self._dataset("val", shuffle=False)
+            return
+        shares = {name: spec["share"] for name, spec in check_mixture(self.mixture).items()}
+        names = list(shares)
+        for name in names:
+            for split in ("train", "val"):
+                verify_split(Path(self.data_dir) / name / split)
+        # Each training sample comes from one dataset drawn by weight; validation reads every dataset whole.
+        self.train_set = CombinedStreamingDataset(
+            [self._dataset(f"{name}/train", shuffle=True) for name in names],
+            seed=self.seed,
+            weights=[shares[name] for name in names],
+            iterate_over_all=False,
+        )
+        self.val_set = CombinedStreamingDataset(
+            [self._dataset(f"{name}/val", shuffle=False) for name in names], seed=self.seed, iterate_over_all=True
+        )
 
     def state_dict(self) -> dict[str, str]:
         """Saved in every checkpoint, so generation and export need nothing but the checkpoint."""
@@ -111,8 +144,10 @@ class PretrainData(L.LightningDataModule):
             seed=self.seed,
         )
 
-    def _loader(self, dataset: StreamingDataset) -> StreamingDataLoader:
-        return StreamingDataLoader(
+    def _loader(
+        self, dataset: StreamingDataset | CombinedStreamingDataset, loader: type = StreamingDataLoader
+    ) -> StreamingDataLoader:
+        return loader(
             dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
@@ -121,7 +156,7 @@ class PretrainData(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> StreamingDataLoader:
-        return self._loader(self.train_set)
+        return self._loader(self.train_set, MixtureLoader if self.mixture is not None else StreamingDataLoader)
 
     def val_dataloader(self) -> StreamingDataLoader:
         return self._loader(self.val_set)

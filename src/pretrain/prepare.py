@@ -158,6 +158,23 @@ def write_json_atomic(path: Path, content: dict) -> None:
     os.replace(tmp, path)
 
 
+def existing_build(root: Path, request: dict, overwrite: bool) -> dict | None:
+    """The manifest of a complete build of ``request`` in ``root``; None where there is none to keep.
+
+    Refuses to replace a build of something else unless ``overwrite``.
+    """
+    manifest = read_manifest(root)
+    if manifest is not None and manifest["request"] == request:
+        return manifest
+    if manifest is not None and not overwrite:
+        raise UserError(
+            f"{root} holds shards built for {_describe(manifest['request'])}, but this run asks for "
+            f"{_describe(request)}. Point data.data_dir elsewhere, delete {root}, "
+            "or set data.overwrite: true."
+        )
+    return None
+
+
 def _describe(request: dict) -> str:
     return json.dumps(request, sort_keys=True)
 
@@ -218,15 +235,8 @@ def prepare(
     """
     root = Path(data_dir)
     request = build_request(sources, vocab_size, tokenizer, val_fraction, text_field)
-    manifest = read_manifest(root)
-    if manifest is not None and manifest["request"] == request:
+    if manifest := existing_build(root, request, overwrite):
         return manifest
-    if manifest is not None and not overwrite:
-        raise UserError(
-            f"{root} holds shards built for {_describe(manifest['request'])}, but this run asks for "
-            f"{_describe(request)}. Point data.data_dir elsewhere, delete {root}, "
-            "or set data.overwrite: true."
-        )
     started = time.perf_counter()
     corpus = resolve_sources(sources, text_field)
     split, split_files = plan_split(corpus.files, val_fraction)

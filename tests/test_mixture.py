@@ -1,0 +1,113 @@
+"""Weighted mixtures: one tokenizer, a build per dataset, sampling by weight, exact resume."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from pretrain.data import PretrainData
+from pretrain.errors import UserError
+from pretrain.mixture import check_mixture
+from tests.conftest import TINY_VOCAB
+from tests.test_cli import run_main, scalars_by_step, tiny_fit_args
+
+
+def write_docs(root: Path, words: list[str], n_docs: int = 60, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    root.mkdir(parents=True)
+    for i in range(n_docs):
+        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(80, 160))))
+    return root
+
+
+@pytest.fixture(scope="module")
+def mixture(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Letters three times as likely as digits: a sequence's characters tell which dataset it came from."""
+    root = tmp_path_factory.mktemp("mixture")
+    letters = write_docs(root / "letters", ["cat", "dog", "tree", "house", "river"])
+    digits = write_docs(root / "digits", ["1234", "5678", "90", "13"], seed=1)
+    return {"letters": {"sources": [str(letters)], "weight": 3}, "digits": {"sources": [str(digits)], "weight": 1}}
+
+
+@pytest.fixture(scope="module")
+def built(mixture: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data_dir = tmp_path_factory.mktemp("mixture-data")
+    PretrainData(mixture=mixture, data_dir=str(data_dir), vocab_size=TINY_VOCAB, val_fraction=0.1).build()
+    return data_dir
+
+
+def test_each_dataset_is_built_with_the_shared_tokenizer_and_the_manifest_says_how(built: Path) -> None:
+    manifest = json.loads((built / "manifest.json").read_text())
+    parts = {name: json.loads((built / name / "manifest.json").read_text()) for name in ("letters", "digits")}
+    assert {m["tokenizer"]["sha256"] for m in parts.values()} == {manifest["tokenizer"]["sha256"]}
+    assert {name: (m["weight"], m["share"]) for name, m in manifest["mixture"].items()} == {
+        "letters": (3, 0.75),
+        "digits": (1, 0.25),
+    }
+    for split in ("train", "val"):
+        assert manifest["splits"][split]["tokens"] == sum(m["splits"][split]["tokens"] for m in parts.values())
+        assert manifest["mixture"]["letters"]["splits"][split] == parts["letters"]["splits"][split]
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 120
+
+
+def test_training_samples_follow_the_weights_and_the_seed(mixture: dict, built: Path) -> None:
+    def origins(seed: int) -> list[str]:
+        data = PretrainData(mixture=mixture, data_dir=str(built), vocab_size=TINY_VOCAB, val_fraction=0.1,
+                            seq_len=16, batch_size=8, num_workers=0, seed=seed)  # fmt: skip
+        data.setup("fit")
+        decode = Tokenizer.from_file(str(data.tokenizer_path)).decode
+        batches = [batch for _, batch in zip(range(30), data.train_dataloader(), strict=False)]
+        texts = [decode(sequence.tolist()) for batch in batches for sequence in batch]
+        return ["digits" if any(c.isdigit() for c in text) else "letters" for text in texts]
+
+    first = origins(seed=7)
+    assert len(first) == 240
+    assert 0.68 < first.count("letters") / len(first) < 0.82  # weight 3 : 1
+    assert origins(seed=7) == first  # deterministic from the seed
+    assert origins(seed=8) != first
+
+
+def test_a_mixture_run_resumes_exactly(mixture: dict, built: Path, tmp_path: Path) -> None:
+    """16 steps straight vs 8 + 8 with --ckpt_path last, two loader workers; the mixture's first epoch
+    ends in between (the letters run out after about 13 batches of 16)."""
+    spec = json.dumps(mixture)
+    extra = ("--data.sources", "null", "--data.mixture", spec, "--data.num_workers", "2", "--data.batch_size", "16",
+             "--model.lr_scheduler.init_args.max_steps", "16", "--model.lr_scheduler.init_args.warmup_steps", "4",
+             "--checkpoint.every_n_train_steps", "8")  # fmt: skip
+    whole = run_main(*tiny_fit_args(Path("unused"), built, tmp_path / "whole", *extra, "--trainer.max_steps", "16"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    for max_steps, resume in (("8", ()), ("16", ("--ckpt_path", "last"))):
+        half = run_main(*tiny_fit_args(Path("unused"), built, tmp_path / "halves", *extra, "--trainer.max_steps",
+                                       max_steps, *resume))  # fmt: skip
+        assert half.returncode == 0, half.stderr[-3000:]
+    reference = scalars_by_step(tmp_path / "whole" / "quickstart" / "version_0", "train/loss")
+    assert len(reference) == 16
+    assert scalars_by_step(tmp_path / "halves" / "quickstart" / "version_0", "train/loss") == reference
+    last = torch.load(tmp_path / "whole" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] >= 1  # the resumed half crossed an epoch boundary
+
+
+@pytest.mark.parametrize(
+    ("mixture", "message"),
+    [
+        ({}, "must map dataset names"),
+        ({"a": {"sources": ["x"], "weight": 0}}, "weight must be a positive number"),
+        ({"a": {"sources": "x", "weight": 1}}, "sources must be a non-empty list"),
+        ({"a/b": {"sources": ["x"], "weight": 1}}, "becomes a folder"),
+        ({"a": {"sources": ["x"], "weigth": 1}}, r"must be \{sources"),
+    ],
+)
+def test_bad_mixtures_are_refused_with_the_fix(mixture: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        check_mixture(mixture)
+
+
+def test_sources_and_mixture_together_are_refused() -> None:
+    with pytest.raises(UserError, match=re.escape("either data.sources or data.mixture")):
+        PretrainData(sources=["stdlib"], mixture={"a": {"sources": ["x"], "weight": 1}})
