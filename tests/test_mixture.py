@@ -28,10 +28,10 @@ def write_docs(root: Path, words: list[str], n_docs: int = 60, seed: int = 0) ->
 
 @pytest.fixture(scope="module")
 def mixture(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Letters three times as likely as digits: a sequence's characters tell which dataset it came from."""
+    """Letters weighted 3, digits 1: a sequence's characters tell which dataset it came from."""
     root = tmp_path_factory.mktemp("mixture")
     letters = write_docs(root / "letters", ["cat", "dog", "tree", "house", "river"])
-    digits = write_docs(root / "digits", ["1234", "5678", "90", "13"], seed=1)
+    digits = write_docs(root / "digits", ["1234", "5678", "90", "13"], n_docs=12, seed=1)  # runs out first
     return {"letters": {"sources": [str(letters)], "weight": 3}, "digits": {"sources": [str(digits)], "weight": 1}}
 
 
@@ -53,33 +53,36 @@ def test_each_dataset_is_built_with_the_shared_tokenizer_and_the_manifest_says_h
     for split in ("train", "val"):
         assert manifest["splits"][split]["tokens"] == sum(m["splits"][split]["tokens"] for m in parts.values())
         assert manifest["mixture"]["letters"]["splits"][split] == parts["letters"]["splits"][split]
-    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 120
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 72
 
 
 def test_training_samples_follow_the_weights_and_the_seed(mixture: dict, built: Path) -> None:
-    def origins(seed: int) -> list[str]:
+    def stream(seed: int, workers: int = 0) -> list[list[int]]:
         data = PretrainData(mixture=mixture, data_dir=str(built), vocab_size=TINY_VOCAB, val_fraction=0.1,
-                            seq_len=16, batch_size=8, num_workers=0, seed=seed)  # fmt: skip
+                            seq_len=16, batch_size=8, num_workers=workers, seed=seed)  # fmt: skip
         data.setup("fit")
-        decode = Tokenizer.from_file(str(data.tokenizer_path)).decode
-        batches = [batch for _, batch in zip(range(30), data.train_dataloader(), strict=False)]
-        texts = [decode(sequence.tolist()) for batch in batches for sequence in batch]
-        return ["digits" if any(c.isdigit() for c in text) else "letters" for text in texts]
+        loader = data.train_dataloader()
+        sequences = [seq for _, batch in zip(range(60), loader, strict=False) for seq in batch.tolist()]
+        assert loader.state_dict()["digits"]["loader"]["current_epoch"] > 1  # ran out and restarted on its own
+        return sequences
 
-    first = origins(seed=7)
-    assert len(first) == 240
-    assert 0.68 < first.count("letters") / len(first) < 0.82  # weight 3 : 1
-    assert origins(seed=7) == first  # deterministic from the seed
-    assert origins(seed=8) != first
+    decode = Tokenizer.from_file(str(built / "tokenizer.json")).decode
+    first = stream(seed=7)
+    origins = ["digits" if any(c.isdigit() for c in decode(seq)) else "letters" for seq in first]
+    assert len(origins) == 480
+    for end in range(4, 481, 4):  # weights 3 : 1, in every stretch of samples
+        assert origins[:end].count("letters") == 3 * end // 4
+    assert stream(seed=7, workers=2) == first  # deterministic from the seed, whatever the workers
+    assert stream(seed=8) != first
 
 
 def test_a_mixture_run_resumes_exactly(mixture: dict, built: Path, tmp_path: Path) -> None:
-    """16 steps straight vs 8 + 8 with --ckpt_path last, two loader workers; the mixture's first epoch
-    ends in between (the letters run out after about 13 batches of 16)."""
+    """16 steps straight vs 8 + 8 with --ckpt_path last and two loader workers; the digits run out
+    (and restart) during the second half."""
     spec = json.dumps(mixture)
     extra = ("--data.sources", "null", "--data.mixture", spec, "--data.num_workers", "2", "--data.batch_size", "16",
              "--model.lr_scheduler.init_args.max_steps", "16", "--model.lr_scheduler.init_args.warmup_steps", "4",
-             "--checkpoint.every_n_train_steps", "8")  # fmt: skip
+             "--checkpoint.every_n_train_steps", "8", "--checkpoint.save_top_k", "-1")  # fmt: skip
     whole = run_main(*tiny_fit_args(Path("unused"), built, tmp_path / "whole", *extra, "--trainer.max_steps", "16"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     for max_steps, resume in (("8", ()), ("16", ("--ckpt_path", "last"))):
@@ -89,8 +92,13 @@ def test_a_mixture_run_resumes_exactly(mixture: dict, built: Path, tmp_path: Pat
     reference = scalars_by_step(tmp_path / "whole" / "quickstart" / "version_0", "train/loss")
     assert len(reference) == 16
     assert scalars_by_step(tmp_path / "halves" / "quickstart" / "version_0", "train/loss") == reference
-    last = torch.load(tmp_path / "whole" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert last["epoch"] >= 1  # the resumed half crossed an epoch boundary
+
+    def digits_epoch(step: int) -> int:
+        path = tmp_path / "whole" / "quickstart" / "version_0" / "checkpoints" / f"step={step:07d}.ckpt"
+        state = torch.load(path, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+        return state["digits"]["loader"]["current_epoch"]
+
+    assert digits_epoch(16) > digits_epoch(8)
 
 
 @pytest.mark.parametrize(

@@ -70,7 +70,9 @@ class PretrainData(L.LightningDataModule):
         # A given tokenizer fixes the vocabulary; the model reads it from here.
         self.vocab_size = load_tokenizer(tokenizer).get_vocab_size() if tokenizer else vocab_size
         self.tokenizer_path = Path(data_dir) / "tokenizer.json"  # written by prepare_data
-        self.train_set: StreamingDataset | CombinedStreamingDataset | None = None
+        self.train_set: StreamingDataset | None = None
+        self.train_sets: dict[str, StreamingDataset] = {}  # a mixture's, by name
+        self.shares: dict[str, float] = {}  # ... and the share of samples each gets
         self.val_set: StreamingDataset | CombinedStreamingDataset | None = None
 
     def prepare_data(self) -> None:
@@ -115,20 +117,14 @@ class PretrainData(L.LightningDataModule):
             self.train_set = self._dataset("train", shuffle=True)
             self.val_set = self._dataset("val", shuffle=False)
             return
-        shares = {name: spec["share"] for name, spec in check_mixture(self.mixture).items()}
-        names = list(shares)
-        for name in names:
+        self.shares = {name: spec["share"] for name, spec in check_mixture(self.mixture).items()}
+        for name in self.shares:
             for split in ("train", "val"):
                 verify_split(Path(self.data_dir) / name / split)
-        # Each training sample comes from one dataset drawn by weight; validation reads every dataset whole.
-        self.train_set = CombinedStreamingDataset(
-            [self._dataset(f"{name}/train", shuffle=True) for name in names],
-            seed=self.seed,
-            weights=[shares[name] for name in names],
-            iterate_over_all=False,
-        )
+        self.train_sets = {name: self._dataset(f"{name}/train", shuffle=True) for name in self.shares}
+        # Validation reads every dataset whole, one after the other.
         self.val_set = CombinedStreamingDataset(
-            [self._dataset(f"{name}/val", shuffle=False) for name in names], seed=self.seed, iterate_over_all=True
+            [self._dataset(f"{name}/val", shuffle=False) for name in self.shares], iterate_over_all=True
         )
 
     def state_dict(self) -> dict[str, str]:
@@ -145,18 +141,23 @@ class PretrainData(L.LightningDataModule):
         )
 
     def _loader(
-        self, dataset: StreamingDataset | CombinedStreamingDataset, loader: type = StreamingDataLoader
+        self, dataset: StreamingDataset | CombinedStreamingDataset, workers: int | None = None
     ) -> StreamingDataLoader:
-        return loader(
+        return StreamingDataLoader(
             dataset,
             batch_size=self.batch_size,
-            num_workers=self.num_workers,
+            num_workers=self.num_workers if workers is None else workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
         )
 
-    def train_dataloader(self) -> StreamingDataLoader:
-        return self._loader(self.train_set, MixtureLoader if self.mixture is not None else StreamingDataLoader)
+    def train_dataloader(self) -> StreamingDataLoader | MixtureLoader:
+        if self.mixture is None:
+            return self._loader(self.train_set)
+        # The workers are shared out among the datasets (at least one each, unless none at all).
+        workers = self.num_workers and max(1, self.num_workers // len(self.train_sets))
+        loaders = {name: self._loader(dataset, workers) for name, dataset in self.train_sets.items()}
+        return MixtureLoader(loaders, self.shares, self.batch_size)
 
     def val_dataloader(self) -> StreamingDataLoader:
         return self._loader(self.val_set)

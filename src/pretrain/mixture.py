@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from litdata import StreamingDataLoader
 
 from pretrain.errors import UserError
@@ -138,8 +139,9 @@ def _mixture_manifest(request: dict, components: dict, built: dict, seconds: flo
             }
             for name in components
         },
-        "sampling": "each training sequence comes from dataset i with probability share_i (seeded by data.seed); "
-        "an epoch ends when any dataset runs out, and every dataset reshuffles each epoch",
+        "sampling": "sample i of the training stream comes from the dataset furthest behind its share "
+        "(share * i - samples taken so far); each dataset reshuffles (data.seed) and restarts on its own "
+        "when it runs out",
         "splits": {
             split: {key: sum(m["splits"][split][key] for m in built.values()) for key in ("documents", "tokens")}
             for split in ("train", "val")
@@ -152,28 +154,78 @@ def _mixture_manifest(request: dict, components: dict, built: dict, seconds: flo
     }
 
 
-class MixtureLoader(StreamingDataLoader):
-    """A StreamingDataLoader over a weighted mixture whose checkpointed position is the last batch trained on.
+class MixtureLoader:
+    """Micro-batches drawn from several datasets in fixed proportions, resumable to the exact sample.
 
-    A weighted CombinedStreamingDataset has no length, so Lightning fetches one batch ahead to
-    detect the end of the epoch; litdata's own state then already counts that unseen batch, and a
-    resumed run would skip it. This loader records its state each time the next batch is asked
-    for, i.e. as it was after the batch the trainer holds, and checkpoints that.
+    Sample ``i`` comes from the dataset furthest behind its share (the largest ``share * i - taken``),
+    so every stretch of samples holds each dataset in proportion, off by at most one sample, with
+    no randomness to replay. Each dataset streams through its own loader and starts its next,
+    reshuffled epoch when it runs out, independently of the others: the mixture never ends, and
+    training length is ``trainer.max_steps``.
+
+    The checkpointed state is the one after the last batch handed out, not after the batch
+    Lightning fetches ahead: each dataset's loader position plus the samples fetched but not yet
+    used, so a resumed run continues with exactly the batches the uninterrupted one would see.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, loaders: dict[str, StreamingDataLoader], shares: dict[str, float], batch_size: int) -> None:
+        self.names = list(loaders)
+        self.loaders = [loaders[name] for name in self.names]
+        self.shares = [shares[name] for name in self.names]
+        self.batch_size = batch_size
+        self._taken = [0] * len(self.names)  # samples used from each dataset so far
+        self._buffers: list[list[torch.Tensor]] = [[] for _ in self.names]  # fetched, not used yet
+        self._iterators: list[Iterator | None] = [None] * len(self.names)
         self._state_before_prefetch: dict[str, Any] | None = None
 
-    def __iter__(self) -> Iterator[Any]:
-        self._state_before_prefetch = None
-        for batch in super().__iter__():
-            yield batch
-            self._state_before_prefetch = copy.deepcopy(super().state_dict())
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            self._state_before_prefetch = self._state()
+            samples = []
+            for _ in range(self.batch_size):
+                k = self._furthest_behind()
+                if not self._buffers[k]:
+                    self._buffers[k] = list(self._next_batch(k).unbind(0))
+                samples.append(self._buffers[k].pop(0))
+                self._taken[k] += 1
+            yield torch.stack(samples)
+
+    def _furthest_behind(self) -> int:
+        position = sum(self._taken) + 1
+        return max(range(len(self.names)), key=lambda k: self.shares[k] * position - self._taken[k])
+
+    def _next_batch(self, k: int) -> torch.Tensor:
+        if self._iterators[k] is None:
+            self._iterators[k] = iter(self.loaders[k])
+        try:
+            return next(self._iterators[k])
+        except StopIteration:  # this dataset's epoch is over: its next one, reshuffled
+            self._iterators[k] = iter(self.loaders[k])
+            return next(self._iterators[k])
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            name: {
+                "loader": copy.deepcopy(loader.state_dict()),
+                "taken": taken,
+                "buffer": torch.stack(buffer) if buffer else None,
+            }
+            for name, loader, taken, buffer in zip(self.names, self.loaders, self._taken, self._buffers, strict=True)
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return self._state_before_prefetch or super().state_dict()
+        return self._state_before_prefetch or self._state()
 
-    def load_state_dict(self, obj: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != set(self.names):
+            raise UserError(
+                f"The checkpoint was trained on the mixture {sorted(state)}, this run mixes {sorted(self.names)}; "
+                "resume with the same data.mixture names."
+            )
+        for k, name in enumerate(self.names):
+            self.loaders[k].load_state_dict(state[name]["loader"])
+            self._taken[k] = state[name]["taken"]
+            buffer = state[name]["buffer"]
+            self._buffers[k] = [] if buffer is None else list(buffer.unbind(0))
+            self._iterators[k] = None
         self._state_before_prefetch = None
-        super().load_state_dict(obj)
