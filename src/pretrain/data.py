@@ -13,6 +13,7 @@ from litdata.streaming.item_loader import TokensLoader
 from pretrain.errors import UserError
 from pretrain.mixture import MixtureLoader, check_mixture, prepare_mixture
 from pretrain.prepare import prepare, read_manifest
+from pretrain.remote import default_cache_dir, fetch_build_files, is_remote, join
 from pretrain.shards import verify_split
 from pretrain.tokenizer import load_tokenizer
 
@@ -24,7 +25,10 @@ class PretrainData(L.LightningDataModule):
         sources: Files, directories or globs (.txt, .md, .jsonl, .jsonl.gz, .parquet), or ``stdlib``.
         mixture: Instead of ``sources``, named datasets sampled by weight:
             ``{name: {sources: [...], weight: w}}``; each is prepared into ``data_dir/<name>``.
-        data_dir: Where tokenizer, shards and manifest are built and read.
+        data_dir: Where tokenizer, shards and manifest are built and read. A bucket URL (``s3://...``,
+            ``gs://``, ``azure://``, ``r2://``, ``hf://``) streams a build made elsewhere and uploaded.
+        cache_dir: Local folder for a remote ``data_dir``'s manifest, tokenizer and streamed chunks
+            (default ``data/remote-cache/<url>``).
         seq_len: Tokens the model sees per sequence.
         batch_size: Sequences per micro-batch on each device.
         num_workers: DataLoader processes per device (tokenizing uses every core).
@@ -50,6 +54,7 @@ class PretrainData(L.LightningDataModule):
         text_field: str = "text",
         seed: int = 42,
         overwrite: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if mixture is not None and sources is not None:
@@ -69,7 +74,11 @@ class PretrainData(L.LightningDataModule):
         self.overwrite = overwrite
         # A given tokenizer fixes the vocabulary; the model reads it from here.
         self.vocab_size = load_tokenizer(tokenizer).get_vocab_size() if tokenizer else vocab_size
-        self.tokenizer_path = Path(data_dir) / "tokenizer.json"  # written by prepare_data
+        self.remote = is_remote(data_dir)
+        self.cache_dir = Path(cache_dir or default_cache_dir(data_dir)) if self.remote else None
+        # Where this process reads the manifest and tokenizer: the build itself, or the local cache of a remote one.
+        self.build_dir = self.cache_dir if self.remote else Path(data_dir)
+        self.tokenizer_path = self.build_dir / "tokenizer.json"  # written by prepare_data
         self.train_set: StreamingDataset | None = None
         self.train_sets: dict[str, StreamingDataset] = {}  # a mixture's, by name
         self.shares: dict[str, float] = {}  # ... and the share of samples each gets
@@ -80,7 +89,13 @@ class PretrainData(L.LightningDataModule):
         self.build()
 
     def build(self, progress: bool = False) -> dict:
-        """Build tokenizer and shards unless an identical build exists; returns the manifest."""
+        """Build tokenizer and shards unless an identical build exists; returns the manifest.
+
+        A remote ``data_dir`` is never built, only read: its manifest and tokenizer are fetched.
+        """
+        if self.remote:
+            fetch_build_files(self.data_dir, self.cache_dir)
+            return read_manifest(self.cache_dir)
         if self.mixture is not None:
             return prepare_mixture(
                 self.mixture, self.data_dir, vocab_size=self.vocab_size, tokenizer=self.tokenizer,
@@ -100,7 +115,7 @@ class PretrainData(L.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         # Built here, after the process group exists, so each rank streams its own part of the data.
-        manifest = read_manifest(self.data_dir)
+        manifest = read_manifest(self.build_dir)
         if manifest is None:
             raise UserError(
                 f"{self.data_dir} holds no complete build (manifest.json is missing); "
@@ -113,14 +128,14 @@ class PretrainData(L.LightningDataModule):
             )
         if self.mixture is None:
             for split in ("train", "val"):
-                verify_split(Path(self.data_dir) / split)
+                self._verify(split)
             self.train_set = self._dataset("train", shuffle=True)
             self.val_set = self._dataset("val", shuffle=False)
             return
         self.shares = {name: spec["share"] for name, spec in check_mixture(self.mixture).items()}
         for name in self.shares:
             for split in ("train", "val"):
-                verify_split(Path(self.data_dir) / name / split)
+                self._verify(f"{name}/{split}")
         self.train_sets = {name: self._dataset(f"{name}/train", shuffle=True) for name in self.shares}
         # Validation reads every dataset whole, one after the other.
         self.val_set = CombinedStreamingDataset(
@@ -131,9 +146,15 @@ class PretrainData(L.LightningDataModule):
         """Saved in every checkpoint, so generation and export need nothing but the checkpoint."""
         return {"tokenizer_json": self.tokenizer_path.read_text()}
 
+    def _verify(self, split: str) -> None:
+        """Local shards are checked against their index now; litdata checks remote ones as it fetches them."""
+        if not self.remote:
+            verify_split(Path(self.data_dir) / split)
+
     def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
         return StreamingDataset(
-            str(Path(self.data_dir) / split),
+            join(self.data_dir, split),
+            cache_dir=str(self.cache_dir / split) if self.remote else None,
             item_loader=TokensLoader(block_size=self.seq_len + 1),
             shuffle=shuffle,
             drop_last=True,

@@ -1,0 +1,48 @@
+"""Shards in object storage (``s3://``, ``gs://``, ``azure://``, ``r2://``, ``hf://``): litdata streams the
+chunks into a local cache as training reads them; the two small files the project reads itself, the
+manifest and the tokenizer, are fetched into the same cache first. ``local:/path`` takes the same
+road from a local folder (litdata's own stand-in for a bucket)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from litdata.streaming.downloader import get_downloader
+
+from pretrain.errors import UserError
+
+REMOTE_PREFIXES = ("s3://", "gs://", "azure://", "r2://", "hf://", "local:")
+BUILD_FILES = ("tokenizer.json", "manifest.json")  # the manifest last: it certifies the rest
+
+
+def is_remote(data_dir: str) -> bool:
+    return data_dir.startswith(REMOTE_PREFIXES)
+
+
+def default_cache_dir(url: str) -> str:
+    """``data/remote-cache/<url with anything but letters, digits, '.', '-' turned into '_'>``."""
+    return str(Path("data") / "remote-cache" / re.sub(r"[^A-Za-z0-9.-]+", "_", url).strip("_"))
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *parts])
+
+
+def fetch_build_files(url: str, cache_dir: Path) -> None:
+    """Fresh copies of the build's manifest and tokenizer in ``cache_dir``."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    downloader = get_downloader(url, str(cache_dir), [])
+    for name in BUILD_FILES:
+        target = cache_dir / name
+        target.unlink(missing_ok=True)  # the downloader keeps whatever is there: never a stale copy
+        try:
+            downloader.download_file(join(url, name), str(target))
+        except Exception as error:  # each storage backend raises its own kinds; all mean the same here
+            raise UserError(
+                f"Could not read {join(url, name)}: {error}. A remote data_dir must hold a finished build: "
+                "make it with `python -m pretrain.prepare --data.data_dir data/<name>`, then upload the whole "
+                "folder (e.g. `aws s3 sync data/<name> s3://bucket/<name>`), and check the credentials."
+            ) from error
+        if not target.is_file():
+            raise UserError(f"{join(url, name)} could not be fetched into {cache_dir}.")

@@ -1,0 +1,50 @@
+"""A remote data_dir, offline: litdata's ``local:`` URLs take the same path as ``s3://`` (fetch the
+manifest and tokenizer into a cache, stream the chunks through it) without a network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.data import PretrainData
+from pretrain.errors import UserError
+from tests.conftest import TINY_VOCAB
+from tests.test_cli import run_main, scalars, tiny_fit_args
+
+
+def first_batches(data_dir: str, cache_dir: Path | None = None, n: int = 3) -> list[torch.Tensor]:
+    data = PretrainData(data_dir=data_dir, cache_dir=str(cache_dir) if cache_dir else None, vocab_size=TINY_VOCAB,
+                        val_fraction=0.1, seq_len=16, batch_size=4, num_workers=0)  # fmt: skip
+    if data.remote:
+        data.prepare_data()  # fetches; a local build is already there
+    data.setup("fit")
+    return [batch for _, batch in zip(range(n), data.train_dataloader(), strict=False)]
+
+
+def test_a_remote_build_streams_the_same_batches_through_the_cache(prepared: Path, tmp_path: Path) -> None:
+    before = sorted(p.relative_to(prepared) for p in prepared.rglob("*"))
+    cache = tmp_path / "cache"
+    remote = first_batches(f"local:{prepared}", cache)
+    local = first_batches(str(prepared))
+    assert all(torch.equal(a, b) for a, b in zip(remote, local, strict=True))
+    assert (cache / "manifest.json").read_bytes() == (prepared / "manifest.json").read_bytes()
+    assert (cache / "tokenizer.json").read_bytes() == (prepared / "tokenizer.json").read_bytes()
+    assert any((cache / "train").rglob("*.bin"))  # the chunks read were streamed into the cache
+    assert sorted(p.relative_to(prepared) for p in prepared.rglob("*")) == before  # the build is only read
+
+
+def test_a_remote_folder_without_a_finished_build_is_refused_with_the_fix(tmp_path: Path) -> None:
+    (tmp_path / "half-built" / "train").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"must hold a finished build.*python -m pretrain\.prepare"):
+        first_batches(f"local:{tmp_path / 'half-built'}", tmp_path / "cache")
+
+
+def test_fit_from_a_remote_data_dir(corpus, prepared: Path, tmp_path: Path) -> None:
+    remote = ("--data.data_dir", f"local:{prepared}", "--data.cache_dir", str(tmp_path / "cache"))
+    short = ("--trainer.max_steps", "6", "--model.lr_scheduler.init_args.warmup_steps", "2")
+    args = tiny_fit_args(corpus[0], prepared, tmp_path / "logs", *remote, *short)
+    result = run_main(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(scalars(tmp_path / "logs" / "quickstart" / "version_0", "train/loss")) == 6
