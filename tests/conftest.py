@@ -43,5 +43,5 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, st
 def prepared(corpus: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The corpus tokenized into shards with a tiny trained tokenizer (read-only for tests)."""
     data_dir = tmp_path_factory.mktemp("data")
-    prepare([str(corpus[0])], str(data_dir), vocab_size=TINY_VOCAB, val_fraction=0.1, num_workers=2)
+    prepare([str(corpus[0])], str(data_dir), vocab_size=TINY_VOCAB, val_fraction=0.1)
     return data_dir

@@ -55,30 +55,30 @@ def test_split_is_by_document_and_deterministic(corpus) -> None:
 
 def test_prepare_reuses_a_matching_build_and_refuses_another(corpus, tmp_path: Path) -> None:
     root, _ = corpus
-    prepare([str(root)], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1)
+    prepare([str(root)], str(tmp_path), vocab_size=TINY_VOCAB)
     chunk = next((tmp_path / "train").glob("*.bin"))
     built_at = chunk.stat().st_mtime_ns
-    prepare([str(root)], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1)
+    prepare([str(root)], str(tmp_path), vocab_size=TINY_VOCAB)
     assert chunk.stat().st_mtime_ns == built_at  # nothing rebuilt
     with pytest.raises(UserError, match=r"data\.overwrite: true"):
-        prepare([str(root / "notes")], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1)
+        prepare([str(root / "notes")], str(tmp_path), vocab_size=TINY_VOCAB)
     assert read_manifest(tmp_path)["request"]["sources"] == [str(root)]  # refused build lost nothing
-    manifest = prepare([str(root / "notes")], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1, overwrite=True)
+    manifest = prepare([str(root / "notes")], str(tmp_path), vocab_size=TINY_VOCAB, overwrite=True)
     assert manifest["request"]["sources"] == [str(root / "notes")]
 
 
 def test_half_built_data_dir_is_rebuilt(corpus, tmp_path: Path) -> None:
     root, docs = corpus
-    prepare([str(root)], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1)
+    prepare([str(root)], str(tmp_path), vocab_size=TINY_VOCAB)
     (tmp_path / "manifest.json").unlink()  # as if killed before the build finished
     (tmp_path / "val" / "index.json").unlink()
-    prepare([str(root)], str(tmp_path), vocab_size=TINY_VOCAB, num_workers=1)
+    prepare([str(root)], str(tmp_path), vocab_size=TINY_VOCAB)
     assert Counter(decoded_documents(tmp_path, "train") + decoded_documents(tmp_path, "val")) == Counter(docs.values())
 
 
 def test_given_tokenizer_is_used_as_is(prepared: Path, corpus, tmp_path: Path) -> None:
     tokenizer = str(prepared / "tokenizer.json")
-    manifest = prepare([str(corpus[0])], str(tmp_path), tokenizer=tokenizer, num_workers=1)
+    manifest = prepare([str(corpus[0])], str(tmp_path), tokenizer=tokenizer)
     assert manifest["tokenizer"]["sha256"] == read_manifest(prepared)["tokenizer"]["sha256"]
     assert PretrainData(tokenizer=tokenizer).vocab_size == Tokenizer.from_file(tokenizer).get_vocab_size()
 

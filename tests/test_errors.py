@@ -46,7 +46,7 @@ def test_sources_without_text_are_refused(tmp_path: Path) -> None:
 def test_binary_files_are_skipped_and_counted(tmp_path: Path) -> None:
     docs = make_corpus(tmp_path / "corpus", n_docs=6)
     (tmp_path / "corpus" / "notes" / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
-    manifest = prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, num_workers=1)
+    manifest = prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB)
     assert manifest["skipped_files"] == {"empty": 0, "binary": 1, "unsupported": 0}
     assert sum(manifest["splits"][s]["documents"] for s in ("train", "val")) == len(docs)
 
@@ -54,7 +54,7 @@ def test_binary_files_are_skipped_and_counted(tmp_path: Path) -> None:
 def test_invalid_utf8_is_replaced_and_counted(tmp_path: Path) -> None:
     make_corpus(tmp_path / "corpus", n_docs=4)
     (tmp_path / "corpus" / "latin1.txt").write_bytes("café crème brûlée\n".encode("latin-1"))
-    manifest = prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, num_workers=2)
+    manifest = prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB)
     assert manifest["invalid_utf8_documents"] == 1
     texts = decoded_documents(tmp_path / "data", "train") + decoded_documents(tmp_path / "data", "val")
     assert "caf\ufffd cr\ufffdme br\ufffdl\ufffde\n" in texts
@@ -94,7 +94,7 @@ def test_preparation_killed_halfway_is_redone(tmp_path: Path) -> None:
     assert read_manifest(data_dir) is None
     with pytest.raises(UserError, match=r"manifest\.json is missing"):
         PretrainData(data_dir=str(data_dir), vocab_size=TINY_VOCAB).setup("fit")
-    prepare([str(tmp_path / "corpus")], str(data_dir), vocab_size=TINY_VOCAB, num_workers=1)
+    prepare([str(tmp_path / "corpus")], str(data_dir), vocab_size=TINY_VOCAB)
     texts = decoded_documents(data_dir, "train") + decoded_documents(data_dir, "val")
     assert sorted(texts) == sorted(docs.values())
 

@@ -53,9 +53,7 @@ def write_mixed_corpus(root: Path, field: str = "text") -> list[str]:
 def test_mixed_formats_round_trip_exactly(tmp_path: Path) -> None:
     expected = write_mixed_corpus(tmp_path / "corpus")
     data_dir = tmp_path / "data"
-    manifest = prepare(
-        [str(tmp_path / "corpus")], str(data_dir), vocab_size=TINY_VOCAB, val_fraction=0.2, num_workers=2
-    )
+    manifest = prepare([str(tmp_path / "corpus")], str(data_dir), vocab_size=TINY_VOCAB, val_fraction=0.2)
     train, val = decoded_documents(data_dir, "train"), decoded_documents(data_dir, "val")
     assert Counter(train + val) == Counter(expected)  # every document once, byte for byte
     assert len(val) >= 5 and len(train) >= 50
@@ -66,9 +64,8 @@ def test_mixed_formats_round_trip_exactly(tmp_path: Path) -> None:
 
 def test_split_of_a_jsonl_document_does_not_depend_on_the_other_files(tmp_path: Path) -> None:
     write_mixed_corpus(tmp_path / "corpus")
-    prepare([str(tmp_path / "corpus")], str(tmp_path / "a"), vocab_size=TINY_VOCAB, val_fraction=0.2, num_workers=1)
-    prepare([str(tmp_path / "corpus" / "*.jsonl")], str(tmp_path / "b"), vocab_size=TINY_VOCAB, val_fraction=0.2,
-            num_workers=1)  # fmt: skip
+    prepare([str(tmp_path / "corpus")], str(tmp_path / "a"), vocab_size=TINY_VOCAB, val_fraction=0.2)
+    prepare([str(tmp_path / "corpus" / "*.jsonl")], str(tmp_path / "b"), vocab_size=TINY_VOCAB, val_fraction=0.2)
     jsonl_texts = {json.loads(line)["text"] for line in (tmp_path / "corpus" / "web.jsonl").read_text().splitlines()
                    if line.startswith('{"text')}  # fmt: skip
     val_a = set(decoded_documents(tmp_path / "a", "val")) & jsonl_texts
@@ -78,7 +75,7 @@ def test_split_of_a_jsonl_document_does_not_depend_on_the_other_files(tmp_path: 
 def test_text_field_is_configurable(tmp_path: Path) -> None:
     expected = write_mixed_corpus(tmp_path / "corpus", field="content")
     prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.2,
-            text_field="content", num_workers=1)  # fmt: skip
+            text_field="content")  # fmt: skip
     texts = decoded_documents(tmp_path / "data", "train") + decoded_documents(tmp_path / "data", "val")
     assert Counter(texts) == Counter(expected)
 

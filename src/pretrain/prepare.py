@@ -24,15 +24,15 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
-from litdata import optimize
 from litdata.streaming.item_loader import TokensLoader
+from litdata.streaming.writer import BinaryWriter
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from pretrain.errors import UserError
 from pretrain.readers import read_documents
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST_VERSION = 1
 SPLITS = ("train", "val")
+ENCODE_BATCH_CHARS = 4_000_000  # text per encode_batch call: enough to keep every core busy
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -91,43 +92,6 @@ def training_texts(files: list[SourceFile], split: DocumentSplit, text_field: st
         for document in read_documents(file.path, file.key, text_field):
             if document.text and split.of(document.key) == "train":
                 yield document.text
-
-
-_TOKENIZERS: dict[str, Tokenizer] = {}
-
-
-def tokenize_file(
-    file: tuple[str, str],
-    split_name: str,
-    split: DocumentSplit,
-    text_field: str,
-    tokenizer_path: str,
-    eos: int,
-    dtype: str,
-    report_dir: str,
-) -> Iterator[np.ndarray]:
-    """Each of the file's documents in ``split_name`` -> token ids + end-of-text (in litdata's workers).
-
-    Unusable records, empty documents and replaced invalid UTF-8 are noted in ``report_dir``.
-    """
-    if tokenizer_path not in _TOKENIZERS:  # loaded once per worker, not once per file
-        _TOKENIZERS[tokenizer_path] = Tokenizer.from_file(tokenizer_path)
-    tokenizer, events = _TOKENIZERS[tokenizer_path], []
-    for document in read_documents(*file, text_field):
-        if split.of(document.key) != split_name:
-            continue
-        if document.text is None:
-            events.append("malformed")
-            continue
-        if not document.text:
-            events.append("empty")
-            continue
-        if document.replaced_invalid_utf8:
-            events.append("invalid_utf8")
-        yield np.array([*tokenizer.encode(document.text, add_special_tokens=False).ids, eos], dtype=dtype)
-    if events:
-        with open(Path(report_dir) / f"{os.getpid()}.txt", "a") as report:
-            report.write("".join(event + "\n" for event in events))
 
 
 def file_sha256(path: str | Path) -> str:
@@ -185,25 +149,52 @@ def _shard_counts(split_dir: Path) -> dict[str, int]:
 
 
 def _write_shards(
-    files: list[SourceFile], split_name: str, output_dir: Path, work: dict, num_workers: int, progress: bool
-) -> Counter:
-    """Tokenize the split's documents into litdata chunks; returns the noted events by kind."""
-    report_dir = output_dir.with_name(f".{output_dir.name}-report")
-    shutil.rmtree(report_dir, ignore_errors=True)
-    report_dir.mkdir(parents=True)
-    optimize(
-        fn=partial(tokenize_file, split_name=split_name, report_dir=str(report_dir), **work),
-        inputs=[(f.path, f.key) for f in files],
-        output_dir=str(output_dir),
-        chunk_bytes="64MB",
-        item_loader=TokensLoader(),
-        num_workers=max(1, min(num_workers, len(files))),
-        reorder_files=False,
-        verbose=progress,
-    )
-    events = Counter(line for report in report_dir.iterdir() for line in report.read_text().splitlines())
-    shutil.rmtree(report_dir)
-    return events
+    files: list[SourceFile], split: DocumentSplit, text_field: str, tokenizer: Tokenizer, root: Path, progress: bool
+) -> tuple[dict[str, int], Counter]:
+    """Tokenize every document into the litdata chunks of its split, in one pass over the sources.
+
+    Documents are encoded in batches by the tokenizer's own ``encode_batch`` (every core, no worker
+    processes to start) and appended in order, each followed by the end-of-text token. Returns the
+    documents written per split and the noted events: malformed or empty records, invalid UTF-8.
+    """
+    eos, dtype = eos_id(tokenizer), token_dtype(tokenizer.get_vocab_size())
+    writers = {name: BinaryWriter(str(root / name), chunk_bytes="64MB", item_loader=TokensLoader()) for name in SPLITS}
+    written, events = dict.fromkeys(SPLITS, 0), Counter()
+    pending: list[tuple[str, str]] = []  # (split, text) waiting to be encoded
+
+    def flush() -> None:
+        encodings = tokenizer.encode_batch([text for _, text in pending], add_special_tokens=False)
+        for (name, _), encoding in zip(pending, encodings, strict=True):
+            ids = np.empty(len(encoding.ids) + 1, dtype=dtype)
+            ids[:-1], ids[-1] = encoding.ids, eos
+            writers[name].add_item(written[name], ids)
+            written[name] += 1
+        pending.clear()
+
+    total = sum(Path(f.path).stat().st_size for f in files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Tokenizing", disable=not progress) as bar:
+        pending_chars = 0
+        for file in files:
+            for document in read_documents(file.path, file.key, text_field):
+                if document.text is None:
+                    events["malformed"] += 1
+                elif not document.text:
+                    events["empty"] += 1
+                else:
+                    events["invalid_utf8"] += document.replaced_invalid_utf8
+                    pending.append((split.of(document.key), document.text))
+                    pending_chars += len(document.text)
+                    if pending_chars >= ENCODE_BATCH_CHARS:
+                        flush()
+                        pending_chars = 0
+            bar.update(Path(file.path).stat().st_size)
+        flush()
+    if written["val"] == 0:
+        raise UserError(f"No document fell into the validation split; raise data.val_fraction ({split.val_fraction}).")
+    for writer in writers.values():
+        writer.done()
+        writer.merge()  # index.json, the split's table of contents
+    return written, events
 
 
 def prepare(
@@ -213,7 +204,6 @@ def prepare(
     tokenizer: str | None = None,
     val_fraction: float = 0.02,
     text_field: str = "text",
-    num_workers: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
@@ -226,7 +216,6 @@ def prepare(
         tokenizer: Path of a ``tokenizer.json`` to use instead of training one.
         val_fraction: Share of documents held out for validation.
         text_field: The JSONL field / Parquet column that holds each document's text.
-        num_workers: Tokenizing processes (default: all cores).
         overwrite: Rebuild even if ``data_dir`` holds shards built from something else.
         progress: Show litdata's progress bars while tokenizing.
 
@@ -255,16 +244,9 @@ def prepare(
         log.info("Training a %d-token BPE tokenizer on the training split", vocab_size)
         tok = train_tokenizer(training_texts(split_files["train"], split, text_field), vocab_size)
         tok.save(str(tokenizer_path))
-    eos, dtype = eos_id(tok), token_dtype(tok.get_vocab_size())
-    work = {"split": split, "text_field": text_field, "tokenizer_path": str(tokenizer_path), "eos": eos, "dtype": dtype}
-
-    counts, events, workers = {}, Counter(), num_workers or os.cpu_count() or 1
-    for name in SPLITS:
-        log.info("Tokenizing the %s split (%d files) into %s", name, len(split_files[name]), root / name)
-        events += _write_shards(split_files[name], name, root / name, work, workers, progress)
-        counts[name] = _shard_counts(root / name)
-    if counts["val"]["documents"] == 0:
-        raise UserError(f"No document fell into the validation split; raise data.val_fraction ({val_fraction}).")
+    log.info("Tokenizing %d files into %s", len(corpus.files), root)
+    _, events = _write_shards(corpus.files, split, text_field, tok, root, progress)
+    counts = {name: _shard_counts(root / name) for name in SPLITS}
     manifest = {
         "version": MANIFEST_VERSION,
         "request": request,
@@ -272,8 +254,8 @@ def prepare(
             "path": "tokenizer.json",
             "sha256": file_sha256(tokenizer_path),
             "vocab_size": tok.get_vocab_size(),
-            "eos_id": eos,
-            "dtype": dtype,
+            "eos_id": eos_id(tok),
+            "dtype": token_dtype(tok.get_vocab_size()),
         },
         "splits": counts,
         "source_bytes": sum(Path(f.path).stat().st_size for f in corpus.files),
