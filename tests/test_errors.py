@@ -156,11 +156,14 @@ class NaNLossModule(PretrainModule):
         return loss * float("nan") if self.global_step in self.nan_steps else loss
 
 
-def train_with_nans(nan_steps: set[int], prepared: Path, tmp_path: Path, max_steps: int = 10):
+def train_with_nans(
+    nan_steps: set[int], prepared: Path, tmp_path: Path, max_steps: int = 10, fused: bool = False, log_every: int = 50
+):
     data = PretrainData(data_dir=str(prepared), seq_len=16, batch_size=2, num_workers=0, vocab_size=TINY_VOCAB)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    module = NaNLossModule(nan_steps, overrides=TINY, vocab_size=TINY_VOCAB, seq_len=16, max_nonfinite_steps=2)
+    module = NaNLossModule(nan_steps, overrides=TINY, vocab_size=TINY_VOCAB, seq_len=16, max_nonfinite_steps=2,
+                           optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3, fused=fused))  # fmt: skip
     snapshots = {}
 
     class Snapshot(L.Callback):
@@ -169,14 +172,16 @@ def train_with_nans(nan_steps: set[int], prepared: Path, tmp_path: Path, max_ste
 
     checkpoint = PretrainCheckpoint(dirpath=tmp_path, save_last="link", every_n_train_steps=0)
     trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[checkpoint, Snapshot()], gradient_clip_val=1.0, accelerator="cpu")  # fmt: skip
+                        callbacks=[checkpoint, Snapshot()], gradient_clip_val=1.0, accelerator="cpu",
+                        log_every_n_steps=log_every)  # fmt: skip
     with pytest.warns(UserWarning, match="Non-finite loss or gradients"):
         trainer.fit(module, DataLoader([batch] * max_steps, batch_size=None))
     return module, trainer, snapshots
 
 
-def test_nonfinite_steps_are_skipped_and_counted(prepared: Path, tmp_path: Path) -> None:
-    module, trainer, snapshots = train_with_nans({3, 4}, prepared, tmp_path)
+@pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-on-device"])
+def test_nonfinite_steps_are_skipped_and_counted(prepared: Path, tmp_path: Path, fused: bool) -> None:
+    module, trainer, snapshots = train_with_nans({3, 4}, prepared, tmp_path, fused=fused)
     assert module.skipped_steps == 2 and module.stop_reason is None
     assert trainer.global_step == 10  # training went on
     assert torch.equal(snapshots[3], snapshots[5])  # the two bad steps changed nothing
@@ -190,6 +195,17 @@ def test_persistent_nonfinite_loss_stops_with_the_last_good_state(prepared: Path
     assert trainer.global_step == 7  # steps 4, 5, 6 skipped, then stopped
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]["model.embed.weight"]
     assert torch.equal(saved, snapshots[4])  # the weights after the last good step
+
+
+def test_fused_optimizers_skip_on_the_device_and_stop_at_the_next_read(prepared: Path, tmp_path: Path) -> None:
+    """Steps 4.. are bad; the counts are read at steps 5 (2 in a row, allowed) and 10 (7 in a row: stop)."""
+    module, trainer, snapshots = train_with_nans(set(range(4, 100)), prepared, tmp_path, 20, fused=True, log_every=5)
+    assert module.stop_reason and "non-finite for 7 steps in a row" in module.stop_reason
+    assert trainer.global_step == 11
+    assert all(torch.equal(snapshots[step], snapshots[4]) for step in range(4, 12))  # no bad step changed weights
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert torch.equal(saved["state_dict"]["model.embed.weight"], snapshots[4])
+    assert saved["nonfinite_guard"] == {"skipped_steps": 7, "streak": 7}
 
 
 def test_diverging_run_exits_with_a_message(corpus, prepared: Path, tmp_path: Path) -> None:

@@ -65,8 +65,9 @@ class PretrainModule(L.LightningModule):
         self.model: GPT | None = None
         self.loss_fn = next_token_loss  # replaced by its compiled version in configure_model
         self.val_loss = MeanMetric()
-        self.skipped_steps = 0  # non-finite steps skipped so far
+        self.skipped_steps = 0  # non-finite steps skipped so far, as last read from the device
         self.nonfinite_streak = 0  # ... of which the most recent ones in a row
+        self._nonfinite: torch.Tensor | None = None  # the same two counts, on the device
         self.stop_reason: str | None = None
 
     def configure_model(self) -> None:
@@ -155,9 +156,11 @@ class PretrainModule(L.LightningModule):
     ) -> None:
         """Clip by global norm (also with fused optimizers), log the norm, and guard against NaN/inf.
 
-        Runs after backward, before the optimizer step, on every step. Reading the norm's finiteness is
-        the one host sync per step this adds; it is what lets a bad step be skipped before it
-        corrupts the weights.
+        Runs after backward, before the optimizer step, on every step. A step whose gradient norm is
+        not finite is skipped. Fused optimizers (``fused: true``) skip it on the device, through the
+        ``found_inf`` flag they share with gradient scaling, so nothing waits for the GPU; the
+        counts are then read back every ``log_every_n_steps``. Other optimizers need the verdict on
+        the host: one sync per step.
         """
         if gradient_clip_algorithm not in (None, "norm"):
             raise UserError("Only trainer.gradient_clip_algorithm: norm is supported.")
@@ -169,26 +172,53 @@ class PretrainModule(L.LightningModule):
             if isinstance(norm, DTensor):  # FSDP2: already reduced over the shards
                 norm = norm.full_tensor()
         self.log("train/grad_norm", norm)
-        if torch.isfinite(norm):
-            self.nonfinite_streak = 0
+        nonfinite = ~torch.isfinite(norm)
+        skipped, streak = self._nonfinite_counts(norm.device)
+        self._nonfinite = torch.stack([skipped + nonfinite, (streak + 1) * nonfinite])
+        if self._skips_on_device(optimizer):
+            optimizer.found_inf = nonfinite.float()  # the fused step leaves weights and moments alone
+            if self.global_step % self.trainer.log_every_n_steps:
+                return
+        elif nonfinite:
+            optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients
+        self._read_nonfinite_counts()
+        if self.skipped_steps:
+            self.log("train/skipped_steps", float(self.skipped_steps))
+
+    def _skips_on_device(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Fused optimizers honour ``found_inf``; with fp16 a GradScaler owns that flag."""
+        return bool(optimizer.defaults.get("fused")) and not str(self.trainer.precision).startswith("16")
+
+    def _nonfinite_counts(self, device: torch.device) -> torch.Tensor:
+        """(skipped in total, skipped in a row), kept on the device between reads."""
+        if self._nonfinite is None:
+            self._nonfinite = torch.tensor([self.skipped_steps, self.nonfinite_streak], device=device)
+        return self._nonfinite
+
+    def _read_nonfinite_counts(self) -> None:
+        """Bring the counts to the host: warn about new skips, stop after too many in a row."""
+        if self._nonfinite is None:
             return
-        optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients
-        self.skipped_steps += 1
-        self.nonfinite_streak += 1
-        self.log("train/skipped_steps", float(self.skipped_steps))
-        rank_zero_warn(
-            f"Non-finite loss or gradients at step {self.global_step}: step skipped "
-            f"({self.nonfinite_streak} in a row, {self.skipped_steps} in total)."
-        )
-        if self.nonfinite_streak > self.hparams.max_nonfinite_steps:
+        skipped, streak = self._nonfinite.tolist()
+        if skipped > self.skipped_steps:
+            rank_zero_warn(
+                f"Non-finite loss or gradients: {skipped - self.skipped_steps} step(s) skipped by step "
+                f"{self.global_step} ({streak} in a row, {skipped} in total)."
+            )
+        self.skipped_steps, self.nonfinite_streak = skipped, streak
+        if streak > self.hparams.max_nonfinite_steps and self.stop_reason is None:
             self.stop_reason = (
-                f"The loss or gradients were non-finite for {self.nonfinite_streak} steps in a row "
+                f"The loss or gradients were non-finite for {streak} steps in a row "
                 f"(step {self.global_step}); the last good state is saved in the run's checkpoints. "
                 "Lower the learning rate or raise warmup, then continue with --ckpt_path last."
             )
             self.trainer.should_stop = True
 
+    def on_train_end(self) -> None:
+        self._read_nonfinite_counts()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._read_nonfinite_counts()
         checkpoint["nonfinite_guard"] = {"skipped_steps": self.skipped_steps, "streak": self.nonfinite_streak}
         # Anything random added to training later (dropout, sampling) continues as if never stopped.
         checkpoint["rng_states"] = {
@@ -204,6 +234,7 @@ class PretrainModule(L.LightningModule):
             raise_on_mismatch(self.state_dict(), checkpoint["state_dict"], "The checkpoint")
         guard = checkpoint.get("nonfinite_guard", {})
         self.skipped_steps, self.nonfinite_streak = guard.get("skipped_steps", 0), guard.get("streak", 0)
+        self._nonfinite = None
         if rng := checkpoint.get("rng_states"):
             torch.set_rng_state(rng["torch"])
             if rng["cuda"] and torch.cuda.device_count() == len(rng["cuda"]):
