@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from pretrain.data import PretrainData
 from pretrain.errors import UserError
 from pretrain.mixture import check_mixture
+from pretrain.prepare import data_module_from_args
 from tests.conftest import TINY_VOCAB
 from tests.test_cli import run_main, scalars_by_step, tiny_fit_args
 
@@ -119,3 +120,12 @@ def test_bad_mixtures_are_refused_with_the_fix(mixture: dict, message: str) -> N
 def test_sources_and_mixture_together_are_refused() -> None:
     with pytest.raises(UserError, match=re.escape("either data.sources or data.mixture")):
         PretrainData(sources=["stdlib"], mixture={"a": {"sources": ["x"], "weight": 1}})
+
+
+def test_prepare_alone_reads_the_mixture_laid_over_a_config() -> None:
+    configs = Path(__file__).parents[1] / "configs"
+    data = data_module_from_args(
+        ["--config", str(configs / "quickstart.yaml"), "--config", str(configs / "mixture.yaml")], "prepare"
+    )
+    assert data.sources is None and set(data.mixture) == {"code", "prose"}
+    assert data.data_dir == "data/mixture" and data.vocab_size == 4096  # the rest from the first config

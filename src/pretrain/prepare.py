@@ -294,14 +294,15 @@ def data_module_from_args(argv: list[str] | None, prog: str) -> PretrainData:
     from pretrain.data import PretrainData
 
     parser = ArgumentParser(prog=prog)
-    parser.add_argument("--config", help="a training config; its data section is used, the rest ignored")
+    parser.add_argument("--config", action="append", help="a training config (repeatable, later ones win); "
+                        "its data section is used, the rest ignored")  # fmt: skip
     parser.add_class_arguments(PretrainData, "data")
     peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--config")
-    config_path = peek.parse_known_args(argv)[0].config
-    if config_path:
-        data_section = yaml.safe_load(Path(config_path).read_text()).get("data", {})
-        parser.set_defaults({f"data.{key}": value for key, value in data_section.items()})
+    peek.add_argument("--config", action="append", default=[])
+    data_section = {}
+    for config_path in peek.parse_known_args(argv)[0].config:  # as `main.py fit --config A --config B` merges them
+        data_section.update(yaml.safe_load(Path(config_path).read_text()).get("data") or {})
+    parser.set_defaults({f"data.{key}": value for key, value in data_section.items()})
     return parser.instantiate(parser.parse_args(argv)).data
 
 
