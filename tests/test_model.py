@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.model import GPT, PRESETS, Attention, GPTConfig, apply_rope, rope_cache
+from pretrain.model import GPT, PRESETS, Attention, GPTConfig, apply_rope, next_token_loss, rope_cache
 
 SMALL = GPTConfig(vocab_size=100, seq_len=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=64)
 
@@ -151,3 +151,26 @@ def test_meta_device_build_then_init_equals_plain_init(tied: bool) -> None:
         assert torch.equal(tensor, expected), name
     torch.testing.assert_close(model.rope, plain.rope)
     assert (model.lm_head.weight is model.embed.weight) == tied  # one tensor, trained as one
+
+
+def test_activation_checkpointing_keeps_less_and_gives_the_same_loss_and_gradients() -> None:
+    idx = torch.randint(0, SMALL.vocab_size, (2, 17))
+    results, kept = [], []
+    for recompute in (False, True):
+        model = make_model(seed=5)
+        model.activation_checkpointing = recompute
+        saved: list[int] = []
+
+        def pack(tensor: torch.Tensor, saved: list[int] = saved) -> torch.Tensor:
+            saved.append(tensor.numel())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = next_token_loss(model, idx)
+        kept.append(sum(saved))
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    assert kept[1] < kept[0] / 2  # the blocks' activations are not kept for backward
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for plain, recomputed in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(plain, recomputed)

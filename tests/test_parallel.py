@@ -21,7 +21,8 @@ from tests.test_cli import ROOT, scalars_by_step, tiny_fit_args
 CONFIG = GPTConfig(
     vocab_size=300, seq_len=32, d_model=48, n_layer=3, n_head=4, n_kv_head=2, ffn_dim=96, tie_embeddings=True
 )
-FSDP2 = ("--trainer.strategy", '{"class_path": "pretrain.parallel.FSDP2Strategy"}', "--trainer.devices", "2")
+FSDP2 = ("--trainer.strategy", '{"class_path": "pretrain.parallel.FSDP2Strategy"}', "--trainer.devices", "2",
+         "--model.activation_checkpointing", "true")  # fmt: skip
 
 
 def _build_on_rank(rank: int, rendezvous: str, out: str) -> None:
