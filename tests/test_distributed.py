@@ -6,10 +6,17 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from pretrain.prepare import prepare
+from pretrain.shards import verify_split
+from tests.conftest import TINY_VOCAB
 from tests.test_cli import ROOT, scalars, tiny_fit_args
 
 
@@ -30,3 +37,28 @@ def test_ddp_on_two_processes_trains_and_each_rank_reads_its_own_data(corpus, pr
     run_dir = tmp_path / "quickstart" / "version_0"
     assert len(scalars(run_dir, "train/loss")) == 20 and scalars(run_dir, "val/loss")
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
+
+
+def _prepare_on_rank_zero(rank: int, rendezvous: str, corpus_root: str, data_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        if rank == 0:  # as Lightning's prepare_data: one process per node builds, the others wait
+            prepare([corpus_root], data_dir, vocab_size=TINY_VOCAB, val_fraction=0.1)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_first_build_inside_a_process_group_does_not_wait_for_the_other_ranks(corpus, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    context = mp.spawn(_prepare_on_rank_zero, args=(str(tmp_path / "rendezvous"), str(corpus[0]), str(data_dir)),
+                       nprocs=2, join=False)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("Preparing on one rank waited for shards from ranks that write none.")
+    for split in ("train", "val"):
+        verify_split(data_dir / split)
+    assert json.loads((data_dir / "manifest.json").read_text())["splits"]["val"]["documents"] > 0

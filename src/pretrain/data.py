@@ -126,6 +126,13 @@ class PretrainData(L.LightningDataModule):
                 f"{self.data_dir} was tokenized with {manifest['tokenizer']['vocab_size']} tokens, "
                 f"more than the model's vocab_size {self.vocab_size}; set data.vocab_size to match."
             )
+        built_mixture = sorted(manifest.get("mixture", {}))
+        if built_mixture != sorted(self.mixture or {}):
+            raise UserError(
+                f"{self.data_dir} holds {f'the mixture {built_mixture}' if built_mixture else 'a single corpus'}, "
+                f"but data.mixture is {sorted(self.mixture) if self.mixture else 'not set'}; "
+                "make the config match the build, or point data.data_dir at another one."
+            )
         if self.mixture is None:
             for split in ("train", "val"):
                 self._verify(split)

@@ -36,7 +36,7 @@ from pretrain.sources import resolve_sources
 from pretrain.tokenizer import load_tokenizer, train_tokenizer
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def check_mixture(mixture: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -46,7 +46,7 @@ def check_mixture(mixture: dict[str, Any]) -> dict[str, dict[str, Any]]:
     checked = {}
     for name, spec in mixture.items():
         if not _NAME.fullmatch(str(name)) or name in ("train", "val"):
-            raise UserError(f"Mixture name {name!r} becomes a folder: use letters, digits, '_', '-', '.'.")
+            raise UserError(f"Mixture name {name!r} becomes a folder: use letters, digits, '_', '-' (not train, val).")
         if not isinstance(spec, dict) or set(spec) != {"sources", "weight"}:
             raise UserError(f"data.mixture.{name} must be {{sources: [...], weight: w}}, got {spec!r}.")
         sources, weight = spec["sources"], spec["weight"]
@@ -79,14 +79,14 @@ def prepare_mixture(
     """
     components = check_mixture(mixture)
     root = Path(data_dir)
-    request = {
-        "mixture": {name: {"sources": c["sources"], "weight": c["weight"]} for name, c in components.items()},
+    request = {  # what the shards depend on; the weights only act while training
+        "mixture": {name: {"sources": c["sources"]} for name, c in components.items()},
         "tokenizer": {"sha256": file_sha256(tokenizer)} if tokenizer else {"train_vocab_size": vocab_size},
         "val_fraction": val_fraction,
         "text_field": text_field,
     }
     if manifest := existing_build(root, request, overwrite):
-        return manifest
+        return _record_weights(root, manifest, components)
     started = time.perf_counter()
     (root / "manifest.json").unlink(missing_ok=True)  # never served while half-built
     root.mkdir(parents=True, exist_ok=True)
@@ -107,6 +107,16 @@ def prepare_mixture(
     manifest = _mixture_manifest(request, components, built, time.perf_counter() - started)
     write_json_atomic(root / "manifest.json", manifest)
     log.info("Prepared mixture %s: %s", root, json.dumps(manifest["splits"]))
+    return manifest
+
+
+def _record_weights(root: Path, manifest: dict[str, Any], components: dict) -> dict[str, Any]:
+    """New weights over an existing build: nothing to rebuild, but the manifest says how it is mixed now."""
+    weights = {name: (c["weight"], round(c["share"], 6)) for name, c in components.items()}
+    if weights != {name: (m["weight"], m["share"]) for name, m in manifest["mixture"].items()}:
+        for name, (weight, share) in weights.items():
+            manifest["mixture"][name].update(weight=weight, share=share)
+        write_json_atomic(root / "manifest.json", manifest)
     return manifest
 
 
@@ -176,6 +186,9 @@ class MixtureLoader:
         self._taken = [0] * len(self.names)  # samples used from each dataset so far
         self._buffers: list[list[torch.Tensor]] = [[] for _ in self.names]  # fetched, not used yet
         self._iterators: list[Iterator | None] = [None] * len(self.names)
+        # A loader's state as loaded from a checkpoint, until it is iterated again: asking litdata for
+        # the state of a restored loader before that overwrites the restored epoch.
+        self._restored: list[dict[str, Any] | None] = [None] * len(self.names)
         self._state_before_prefetch: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
@@ -196,21 +209,27 @@ class MixtureLoader:
 
     def _next_batch(self, k: int) -> torch.Tensor:
         if self._iterators[k] is None:
-            self._iterators[k] = iter(self.loaders[k])
+            self._iterators[k], self._restored[k] = iter(self.loaders[k]), None
         try:
             return next(self._iterators[k])
         except StopIteration:  # this dataset's epoch is over: its next one, reshuffled
             self._iterators[k] = iter(self.loaders[k])
-            return next(self._iterators[k])
+            try:
+                return next(self._iterators[k])
+            except StopIteration:
+                raise UserError(
+                    f"Mixture dataset {self.names[k]!r} holds fewer samples than one batch of {self.batch_size} "
+                    "per loader worker; lower data.batch_size or data.num_workers, or give it more text."
+                ) from None
 
     def _state(self) -> dict[str, Any]:
         return {
             name: {
-                "loader": copy.deepcopy(loader.state_dict()),
-                "taken": taken,
-                "buffer": torch.stack(buffer) if buffer else None,
+                "loader": copy.deepcopy(self._restored[k] or self.loaders[k].state_dict()),
+                "taken": self._taken[k],
+                "buffer": torch.stack(self._buffers[k]) if self._buffers[k] else None,
             }
-            for name, loader, taken, buffer in zip(self.names, self.loaders, self._taken, self._buffers, strict=True)
+            for k, name in enumerate(self.names)
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -223,7 +242,8 @@ class MixtureLoader:
                 "resume with the same data.mixture names."
             )
         for k, name in enumerate(self.names):
-            self.loaders[k].load_state_dict(state[name]["loader"])
+            self._restored[k] = copy.deepcopy(state[name]["loader"])
+            self.loaders[k].load_state_dict(copy.deepcopy(state[name]["loader"]))  # litdata edits what it is given
             self._taken[k] = state[name]["taken"]
             buffer = state[name]["buffer"]
             self._buffers[k] = [] if buffer is None else list(buffer.unbind(0))

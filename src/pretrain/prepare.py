@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 from litdata.streaming.item_loader import TokensLoader
 from litdata.streaming.writer import BinaryWriter
+from litdata.utilities.env import _DistributedEnv
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
@@ -159,6 +160,8 @@ def _write_shards(
     """
     eos, dtype = eos_id(tokenizer), token_dtype(tokenizer.get_vocab_size())
     writers = {name: BinaryWriter(str(root / name), chunk_bytes="64MB", item_loader=TokensLoader()) for name in SPLITS}
+    for writer in writers.values():  # one process writes everything: its merge must not wait for other ranks' parts
+        writer._distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
     written, events = dict.fromkeys(SPLITS, 0), Counter()
     pending: list[tuple[str, str]] = []  # (split, text) waiting to be encoded
 
