@@ -67,6 +67,18 @@ def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture) -> Non
     assert "model:" in capsys.readouterr().out
 
 
+def test_the_learning_rate_is_logged_on_the_steps_the_trainer_writes(corpus, prepared: Path, tmp_path: Path) -> None:
+    """Logged as a Python number it costs a host-to-GPU copy that waits for the GPU: only where written."""
+    short = ("--trainer.max_steps", "12", "--trainer.log_every_n_steps", "4", "--trainer.val_check_interval", "12",
+             "--model.lr_scheduler.init_args.warmup_steps", "2")  # fmt: skip
+    result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, *short))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "quickstart" / "version_0"
+    written = sorted(scalars_by_step(run_dir, "train/loss"))
+    assert written == [3, 7, 11]
+    assert sorted(scalars_by_step(run_dir, "train/lr")) == written
+
+
 def test_fit_through_the_cli_learns_and_writes_logs_and_checkpoints(corpus, prepared: Path, tmp_path: Path) -> None:
     result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -121,12 +121,13 @@ class PretrainModule(L.LightningModule):
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
-        # Logger metrics stay on the device until the trainer writes them (every
-        # log_every_n_steps), so these calls do not synchronise with the GPU each step.
+        # Logged tensors stay on the device until the trainer writes them (every
+        # log_every_n_steps), so this call does not synchronise with the GPU each step.
         self.log("train/loss", loss)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        if self.global_step % self.trainer.log_every_n_steps == 0:
-            # Progress-bar values are read back every step they are logged: only at intervals.
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # the steps the trainer writes out
+            # A Python number is copied to the GPU when logged, and that copy waits for the GPU:
+            # only where it is written. Progress-bar values are read back each step they are logged.
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"])
             self.log("loss", loss, prog_bar=True, logger=False)
         return loss
 
