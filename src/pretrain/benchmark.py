@@ -125,9 +125,10 @@ def train(config: str, warmup: int = 5, steps: int = 30, args: list[str] | None 
     project_peak = _peak_memory_gib(device)
     tokens = timer.tokens_per_step * steps
     project = tokens / timer.seconds
+    bare_speed = None
     if bare:
         batch = next(iter(cli.datamodule.train_dataloader()))
-        bare = tokens / bare_loop(cli, batch, warmup, steps)
+        bare_speed = tokens / bare_loop(cli, batch, warmup, steps)
     peak = peak_flops(device)
     per_token = flops_per_token(cli.model.model, cli.model.config)
     result = {
@@ -136,10 +137,10 @@ def train(config: str, warmup: int = 5, steps: int = 30, args: list[str] | None 
         "torch": torch.__version__,
         "overrides": " ".join(args or []),
         "project_tokens_per_sec": round(project),
-        "bare_tokens_per_sec": round(bare) if bare else None,
-        "ratio": round(project / bare, 4) if bare else None,
+        "bare_tokens_per_sec": round(bare_speed) if bare_speed else None,
+        "ratio": round(project / bare_speed, 4) if bare_speed else None,
         "mfu": round(project * per_token / peak, 4) if peak else None,
-        "bare_mfu": round(bare * per_token / peak, 4) if peak and bare else None,
+        "bare_mfu": round(bare_speed * per_token / peak, 4) if peak and bare_speed else None,
         "peak_mem_gib": round(project_peak, 2),
     }
     _print_table(result)

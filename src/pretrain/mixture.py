@@ -26,9 +26,9 @@ from litdata import StreamingDataLoader
 from pretrain.errors import UserError
 from pretrain.prepare import (
     existing_build,
-    file_sha256,
     plan_split,
     prepare,
+    tokenizer_request,
     training_texts,
     write_json_atomic,
 )
@@ -81,7 +81,7 @@ def prepare_mixture(
     root = Path(data_dir)
     request = {  # what the shards depend on; the weights only act while training
         "mixture": {name: {"sources": c["sources"]} for name, c in components.items()},
-        "tokenizer": {"sha256": file_sha256(tokenizer)} if tokenizer else {"train_vocab_size": vocab_size},
+        "tokenizer": tokenizer_request(tokenizer, vocab_size),
         "val_fraction": val_fraction,
         "text_field": text_field,
     }

@@ -100,18 +100,17 @@ class PretrainModule(L.LightningModule):
                 compile=self.hparams.compile,
                 weights=weights,
             )
-            self.model.activation_checkpointing = self.hparams.activation_checkpointing
-            return
-        with torch.device("meta"):  # no throw-away default initialisation
-            self.model = GPT(self.config)
-        device = torch.get_default_device()  # the strategy's device where it sets one
-        self.model.to_empty(device="cpu" if device.type == "meta" else device)
-        self.model.init_weights(seed)
-        if weights is not None:
-            self.model.load_state_dict(weights)
+        else:
+            with torch.device("meta"):  # no throw-away default initialisation
+                self.model = GPT(self.config)
+            device = torch.get_default_device()  # the strategy's device where it sets one
+            self.model.to_empty(device="cpu" if device.type == "meta" else device)
+            self.model.init_weights(seed)
+            if weights is not None:
+                self.model.load_state_dict(weights)
+            if self.hparams.compile:  # the whole model and its loss as one graph
+                self.loss_fn = torch.compile(next_token_loss)
         self.model.activation_checkpointing = self.hparams.activation_checkpointing
-        if self.hparams.compile:  # the whole model and its loss as one graph
-            self.loss_fn = torch.compile(next_token_loss)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

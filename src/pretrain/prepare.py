@@ -99,13 +99,18 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def tokenizer_request(tokenizer: str | None, vocab_size: int) -> dict:
+    """The tokenizer part of a build request: a given file by its hash, a trained one by its size."""
+    return {"sha256": file_sha256(tokenizer)} if tokenizer else {"train_vocab_size": vocab_size}
+
+
 def build_request(
     sources: list[str], vocab_size: int, tokenizer: str | None, val_fraction: float, text_field: str
 ) -> dict:
     """What defines the shards: a data_dir built for a different request must not be reused."""
     return {
         "sources": list(sources),
-        "tokenizer": {"sha256": file_sha256(tokenizer)} if tokenizer else {"train_vocab_size": vocab_size},
+        "tokenizer": tokenizer_request(tokenizer, vocab_size),
         "val_fraction": val_fraction,
         "text_field": text_field,
     }
@@ -151,12 +156,12 @@ def _shard_counts(split_dir: Path) -> dict[str, int]:
 
 def _write_shards(
     files: list[SourceFile], split: DocumentSplit, text_field: str, tokenizer: Tokenizer, root: Path, progress: bool
-) -> tuple[dict[str, int], Counter]:
+) -> Counter:
     """Tokenize every document into the litdata chunks of its split, in one pass over the sources.
 
     Documents are encoded in batches by the tokenizer's own ``encode_batch`` (every core, no worker
     processes to start) and appended in order, each followed by the end-of-text token. Returns the
-    documents written per split and the noted events: malformed or empty records, invalid UTF-8.
+    noted events: malformed or empty records, invalid UTF-8.
     """
     eos, dtype = eos_id(tokenizer), token_dtype(tokenizer.get_vocab_size())
     writers = {name: BinaryWriter(str(root / name), chunk_bytes="64MB", item_loader=TokensLoader()) for name in SPLITS}
@@ -197,7 +202,7 @@ def _write_shards(
     for writer in writers.values():
         writer.done()
         writer.merge()  # index.json, the split's table of contents
-    return written, events
+    return events
 
 
 def prepare(
@@ -220,7 +225,7 @@ def prepare(
         val_fraction: Share of documents held out for validation.
         text_field: The JSONL field / Parquet column that holds each document's text.
         overwrite: Rebuild even if ``data_dir`` holds shards built from something else.
-        progress: Show litdata's progress bars while tokenizing.
+        progress: Show a progress bar while tokenizing.
 
     Returns:
         The manifest.
@@ -248,7 +253,7 @@ def prepare(
         tok = train_tokenizer(training_texts(split_files["train"], split, text_field), vocab_size)
         tok.save(str(tokenizer_path))
     log.info("Tokenizing %d files into %s", len(corpus.files), root)
-    _, events = _write_shards(corpus.files, split, text_field, tok, root, progress)
+    events = _write_shards(corpus.files, split, text_field, tok, root, progress)
     counts = {name: _shard_counts(root / name) for name in SPLITS}
     manifest = {
         "version": MANIFEST_VERSION,
