@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger, Logger
 from torch.utils.data import DataLoader
 
 from pretrain.checkpointing import AtomicCheckpointIO, PretrainCheckpoint
@@ -157,7 +158,13 @@ class NaNLossModule(PretrainModule):
 
 
 def train_with_nans(
-    nan_steps: set[int], prepared: Path, tmp_path: Path, max_steps: int = 10, fused: bool = False, log_every: int = 50
+    nan_steps: set[int],
+    prepared: Path,
+    tmp_path: Path,
+    max_steps: int = 10,
+    fused: bool = False,
+    log_every: int = 50,
+    logger: bool | Logger = False,
 ):
     data = PretrainData(data_dir=str(prepared), seq_len=16, batch_size=2, num_workers=0, vocab_size=TINY_VOCAB)
     data.setup("fit")
@@ -171,7 +178,7 @@ def train_with_nans(
             snapshots[trainer.global_step] = pl_module.model.embed.weight.detach().clone()
 
     checkpoint = PretrainCheckpoint(dirpath=tmp_path, save_last="link", every_n_train_steps=0)
-    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = L.Trainer(max_steps=max_steps, logger=logger, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[checkpoint, Snapshot()], gradient_clip_val=1.0, accelerator="cpu",
                         log_every_n_steps=log_every)  # fmt: skip
     with pytest.warns(UserWarning, match="Non-finite loss or gradients"):
@@ -198,14 +205,16 @@ def test_persistent_nonfinite_loss_stops_with_the_last_good_state(prepared: Path
 
 
 def test_fused_optimizers_skip_on_the_device_and_stop_at_the_next_read(prepared: Path, tmp_path: Path) -> None:
-    """Steps 4.. are bad; the counts are read at steps 5 (2 in a row, allowed) and 10 (7 in a row: stop)."""
-    module, trainer, snapshots = train_with_nans(set(range(4, 100)), prepared, tmp_path, 20, fused=True, log_every=5)
-    assert module.stop_reason and "non-finite for 7 steps in a row" in module.stop_reason
-    assert trainer.global_step == 11
-    assert all(torch.equal(snapshots[step], snapshots[4]) for step in range(4, 12))  # no bad step changed weights
+    """Steps 4.. are bad; the counts are read on the logging steps, 4 (1 in a row) and 9 (6 in a row: stop)."""
+    logger = CSVLogger(tmp_path / "logs")
+    module, trainer, snapshots = train_with_nans(set(range(4, 100)), prepared, tmp_path, 20, True, 5, logger)
+    assert module.stop_reason and "non-finite for 6 steps in a row" in module.stop_reason
+    assert trainer.global_step == 10
+    assert all(torch.equal(snapshots[step], snapshots[4]) for step in range(4, 11))  # no bad step changed weights
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert torch.equal(saved["state_dict"]["model.embed.weight"], snapshots[4])
-    assert saved["nonfinite_guard"] == {"skipped_steps": 7, "streak": 7}
+    assert saved["nonfinite_guard"] == {"skipped_steps": 6, "streak": 6}
+    assert trainer.logged_metrics["train/skipped_steps"] == 6  # read where the logs are written, so it reaches them
 
 
 def test_diverging_run_exits_with_a_message(corpus, prepared: Path, tmp_path: Path) -> None:

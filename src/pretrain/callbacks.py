@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from tokenizers import Tokenizer
 
@@ -42,3 +45,28 @@ class TextSamples(L.Callback):
                         f"    {p}{s}".replace("\n", "\n    ") for p, s in zip(self.prompts, samples, strict=True)
                     )
                     logger.experiment.add_text("samples", text, trainer.global_step)
+
+
+class LossProgressBar(TQDMProgressBar):
+    """A progress bar that shows the training loss without waiting for the GPU at every step.
+
+    A value logged with ``prog_bar=True`` is read back from the GPU at every later step: a full
+    synchronisation each step. This bar instead reads the loss only at the steps the trainer
+    writes its logs (every ``log_every_n_steps``), where it waits for the GPU anyway.
+    """
+
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self.loss: float | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        every = trainer.log_every_n_steps
+        if every and trainer.global_step % every == 0 and isinstance(outputs, dict) and "loss" in outputs:
+            self.loss = float(outputs["loss"])
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        if self.loss is not None:
+            metrics["loss"] = f"{self.loss:.3f}"
+        return metrics

@@ -9,8 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from pretrain.callbacks import LossProgressBar
 from pretrain.checkpointing import PretrainCheckpoint, find_last_checkpoint
 from pretrain.data import PretrainData
 from pretrain.errors import UserError
@@ -34,6 +37,19 @@ class PretrainCLI(LightningCLI):
         # The model's vocabulary and context come from the data: nobody types them twice.
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.seq_len", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, with a progress bar that does not wait for the GPU each step.
+
+        Added unless the config turns the bar off or configures its own.
+        """
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer_config.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        has_bar = any(isinstance(callback, ProgressBar) for callback in callbacks)
+        if trainer_config.get("enable_progress_bar") is not False and not has_bar:
+            kwargs["callbacks"] = [*callbacks, LossProgressBar()]
+        return super().instantiate_trainer(**kwargs)
 
     def fit(self, model: PretrainModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
         """``trainer.fit``, with the checkpoint named in plain words when it cannot be used."""

@@ -123,12 +123,19 @@ class PretrainModule(L.LightningModule):
         # Logged tensors stay on the device until the trainer writes them (every
         # log_every_n_steps), so this call does not synchronise with the GPU each step.
         self.log("train/loss", loss)
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:  # the steps the trainer writes out
+        if self._writes_logs():
             # A Python number is copied to the GPU when logged, and that copy waits for the GPU:
-            # only where it is written. Progress-bar values are read back each step they are logged.
+            # only where it is written. (Nothing goes to the progress bar with prog_bar=True: it
+            # would be read back at every later step; pretrain.callbacks.LossProgressBar shows it.)
             self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-            self.log("loss", loss, prog_bar=True, logger=False)
         return loss
+
+    def _writes_logs(self) -> bool:
+        """Whether the trainer writes this step's logged values out (and so reads them back).
+
+        Also paces the fused optimizers' NaN-guard reads: every 50 steps where logging is off.
+        """
+        return (self.global_step + 1) % (self.trainer.log_every_n_steps or 50) == 0
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         self.val_loss.update(self._loss(batch), weight=batch.size(0))
@@ -182,7 +189,7 @@ class PretrainModule(L.LightningModule):
         self._nonfinite = torch.stack([skipped + nonfinite, (streak + 1) * nonfinite])
         if self._skips_on_device(optimizer):
             optimizer.found_inf = nonfinite.float()  # the fused step leaves weights and moments alone
-            if self.global_step % self.trainer.log_every_n_steps:
+            if not self._writes_logs():
                 return
         elif nonfinite:
             optimizer.zero_grad(set_to_none=True)  # optimizers skip parameters without gradients
