@@ -25,13 +25,18 @@ run() {  # name, time cap in seconds, then benchmark arguments
   timeout --kill-after 10 "$cap" python -m pretrain.benchmark train "$@" > "$out/$name.log" 2>&1
   echo "   exit $?; $(tail -n 1 "$out/$name.log" | cut -c1-300)"
 }
-run gpt2-124m 200 --config configs/gpt2-124m.yaml --warmup 10 --steps 40
+# Most telling first: the GPU configs as they are, then one lever each. Timed windows hold the
+# logging steps (every 50) in their real proportion.
+CUDNN=(--model.attention_kernel cudnn)
+run gpt2-124m 200 --config configs/gpt2-124m.yaml --warmup 10 --steps 100
+run gpt2-124m-cudnn 170 --config configs/gpt2-124m.yaml "${CUDNN[@]}" --warmup 10 --steps 100
+run llama-1b-fsdp1 240 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --warmup 8 --steps 50
+run llama-1b-cudnn 150 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 "${CUDNN[@]}" --warmup 8 --steps 50 --no-bare
+run gpt2-124m-mb64 100 --config configs/gpt2-124m.yaml --data.batch_size 64 --warmup 10 --steps 50 --no-bare
 run llama-1b-fsdp2 240 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --trainer.strategy "$FSDP2" \
-  --warmup 8 --steps 20
+  --warmup 8 --steps 50
 run llama-1b-1gpu 150 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --trainer.strategy auto \
-  --warmup 8 --steps 20 --no-bare
-run llama-1b-fsdp1 150 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --warmup 8 --steps 20 --no-bare
-run gpt2-124m-mb64 100 --config configs/gpt2-124m.yaml --data.batch_size 64 --warmup 10 --steps 30 --no-bare
+  --warmup 8 --steps 50 --no-bare
 
 python - "$out" <<'PY'
 import json, pathlib, sys

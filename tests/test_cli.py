@@ -105,6 +105,14 @@ def test_user_mistake_exits_with_one_clear_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_model_mistake_exits_with_one_clear_line(tmp_path: Path) -> None:
+    result = run_main("fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+                      "--model.overrides", "{ffn_hidden: 256}", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    assert "error: model: Unknown model field(s) ['ffn_hidden']" in result.stderr and "ffn_dim" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_model_overfits_one_batch(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # the initial weights, whatever seed earlier tests left behind
     data = PretrainData(data_dir=str(prepared), seq_len=32, batch_size=4, num_workers=0, vocab_size=TINY_VOCAB)

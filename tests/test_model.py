@@ -1,9 +1,12 @@
 import math
+from contextlib import nullcontext
 from dataclasses import replace
+from unittest.mock import patch
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from pretrain.model import GPT, PRESETS, Attention, GPTConfig, apply_rope, next_token_loss, rope_cache
 
@@ -174,3 +177,46 @@ def test_activation_checkpointing_keeps_less_and_gives_the_same_loss_and_gradien
     torch.testing.assert_close(results[0][0], results[1][0])
     for plain, recomputed in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(plain, recomputed)
+
+
+def loss_and_kernel_orders(kernel: str | None, recompute: bool = False, compiled: bool = False):
+    """The loss, and the kernel first in line (PyTorch's priority order) at each attention call."""
+    model = make_model(seed=3)
+    model.use_attention_kernel(kernel)
+    model.activation_checkpointing = recompute
+    loss_fn = torch.compile(next_token_loss, backend="aot_eager") if compiled else next_token_loss
+    idx = torch.randint(0, SMALL.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    firsts: list[SDPBackend] = []
+    attention = F.scaled_dot_product_attention
+
+    def recording_attention(*args, **kwargs) -> torch.Tensor:
+        firsts.append(SDPBackend(torch._C._get_sdp_priority_order()[0]))
+        return attention(*args, **kwargs)
+
+    recorded = nullcontext() if compiled else patch.object(F, "scaled_dot_product_attention", recording_attention)
+    with recorded:
+        loss = loss_fn(model, idx)
+        loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    return loss.detach(), firsts
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "checkpointed"])
+def test_the_chosen_attention_kernel_comes_first_in_every_attention_call(recompute: bool) -> None:
+    default_loss, default_firsts = loss_and_kernel_orders(None, recompute)
+    assert default_firsts == [SDPBackend.FLASH_ATTENTION] * len(default_firsts)  # PyTorch's own order
+    loss, firsts = loss_and_kernel_orders("cudnn", recompute)
+    assert len(firsts) == SMALL.n_layer * (2 if recompute else 1)  # a recomputed block chooses again
+    assert firsts == [SDPBackend.CUDNN_ATTENTION] * len(firsts)
+    torch.testing.assert_close(loss, default_loss)  # on a CPU cuDNN cannot run: the next kernel does
+
+
+def test_a_compiled_model_takes_the_attention_kernel_choice() -> None:
+    default_loss, _ = loss_and_kernel_orders(None)
+    loss, _ = loss_and_kernel_orders("cudnn", compiled=True)
+    torch.testing.assert_close(loss, default_loss)
+
+
+def test_unknown_attention_kernel_is_refused() -> None:
+    with pytest.raises(ValueError, match="choose one of"):
+        make_model().use_attention_kernel("fast")

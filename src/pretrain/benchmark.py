@@ -89,6 +89,8 @@ def bare_loop(cli: PretrainCLI, batch: torch.Tensor, warmup: int, steps: int) ->
         model = GPT(module.config)
     model.to_empty(device=device)
     model.init_weights(0)
+    model.activation_checkpointing = module.hparams.activation_checkpointing
+    model.use_attention_kernel(module.hparams.attention_kernel)
     loss_fn = torch.compile(next_token_loss) if module.hparams.compile else next_token_loss
     optimizer = module.optimizer_factory(param_groups(model))
     bf16 = str(trainer.precision).startswith("bf16")
@@ -110,7 +112,7 @@ def bare_loop(cli: PretrainCLI, batch: torch.Tensor, warmup: int, steps: int) ->
     return time.perf_counter() - start
 
 
-def train(config: str, warmup: int = 5, steps: int = 30, args: list[str] | None = None, bare: bool = True) -> dict:
+def train(config: str, warmup: int = 5, steps: int = 100, args: list[str] | None = None, bare: bool = True) -> dict:
     """Benchmark the training step of ``config`` against a bare loop.
 
     Args:
@@ -162,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
     train_parser = commands.add_parser("train", help="the training step against a bare loop")
     train_parser.add_argument("--config", required=True, help="a training config, e.g. configs/quickstart.yaml")
     train_parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
-    train_parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    train_parser.add_argument("--steps", type=int, default=100,
+                              help="timed steps; 100 hold two logging steps of the GPU configs")  # fmt: skip
     train_parser.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True,
                               help="also time a bare PyTorch loop on the same model and batch")  # fmt: skip
     data_parser = commands.add_parser("data", help="preparation vs the tokenizer alone, and the loader")

@@ -8,13 +8,23 @@ FSDP or the data pipeline, so the model can be tested, exported and reused on it
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+# Kernels behind F.scaled_dot_product_attention, by the names configs use, in PyTorch's own order.
+ATTENTION_KERNELS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,7 @@ class Attention(nn.Module):
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_dim, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.kernel_order: list[SDPBackend] | None = None  # None: PyTorch picks; see GPT.use_attention_kernel
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -151,9 +162,11 @@ class Attention(nn.Module):
             k, v = cache.append(k, v)  # (B, KV, past + T, D)
         # New tokens see every cached token and, among themselves, only earlier ones.
         mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=past == 0, enable_gqa=self.n_kv_head != self.n_head
-        )  # (B, H, T, D)
+        # Chosen here, inside the block, so a checkpointed block recomputes with the same kernel.
+        with sdpa_kernel(self.kernel_order, set_priority=True) if self.kernel_order else nullcontext():
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=past == 0, enable_gqa=self.n_kv_head != self.n_head
+            )  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -213,6 +226,23 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, None if cache is None else cache[i])
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def use_attention_kernel(self, name: str | None) -> None:
+        """Try this attention kernel first (a key of ``ATTENTION_KERNELS``), the others in PyTorch's
+        order where it cannot run (e.g. ``cudnn`` on a CPU); None leaves the choice to PyTorch.
+
+        A speed choice, not architecture: the kernels compute the same attention, so it is not
+        in the config and not saved with the weights.
+        """
+        if name is not None and name not in ATTENTION_KERNELS:
+            raise ValueError(f"Unknown attention kernel {name!r}; choose one of {sorted(ATTENTION_KERNELS)}.")
+        order = (
+            None
+            if name is None
+            else [ATTENTION_KERNELS[name]] + [kernel for other, kernel in ATTENTION_KERNELS.items() if other != name]
+        )
+        for block in self.blocks:
+            block.attn.kernel_order = order
 
     def new_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in self.blocks]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -40,6 +40,9 @@ class PretrainModule(L.LightningModule):
         compile: ``torch.compile`` the model when it is built.
         activation_checkpointing: Recompute each block's activations during backward instead of
             storing them (about a third more compute, much less memory), with any strategy.
+        attention_kernel: The ``F.scaled_dot_product_attention`` kernel tried first, the others
+            following where it cannot run; None lets PyTorch pick. The kernels compute the same
+            attention at different speeds: measure (``scripts/gpu_benchmarks.sh``) before choosing.
         init_from: Start from these weights instead of random ones (continued pretraining): a
             checkpoint of this project or a folder it exported. Only the weights are read.
         max_nonfinite_steps: Consecutive steps with a non-finite loss or gradient norm that are
@@ -57,12 +60,16 @@ class PretrainModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        attention_kernel: Literal["flash", "cudnn", "efficient", "math"] | None = None,
         init_from: str | None = None,
         max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.config = GPTConfig.from_preset(preset, vocab_size=vocab_size, seq_len=seq_len, **(overrides or {}))
+        try:
+            self.config = GPTConfig.from_preset(preset, vocab_size=vocab_size, seq_len=seq_len, **(overrides or {}))
+        except ValueError as error:
+            raise UserError(f"model: {error}. Fix model.preset or model.overrides.") from None
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.model: GPT | None = None
@@ -111,6 +118,7 @@ class PretrainModule(L.LightningModule):
             if self.hparams.compile:  # the whole model and its loss as one graph
                 self.loss_fn = torch.compile(next_token_loss)
         self.model.activation_checkpointing = self.hparams.activation_checkpointing
+        self.model.use_attention_kernel(self.hparams.attention_kernel)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
