@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
-from pretrain.model import GPT, PRESETS, Attention, GPTConfig, apply_rope, next_token_loss, rope_cache
+from pretrain.model import (
+    GPT,
+    PRESETS,
+    Attention,
+    GPTConfig,
+    apply_rope,
+    logits_cross_entropy,
+    next_token_loss,
+    rope_cache,
+)
 
 SMALL = GPTConfig(vocab_size=100, seq_len=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=64)
 
@@ -220,3 +229,18 @@ def test_a_compiled_model_takes_the_attention_kernel_choice() -> None:
 def test_unknown_attention_kernel_is_refused() -> None:
     with pytest.raises(ValueError, match="choose one of"):
         make_model().use_attention_kernel("fast")
+
+
+def test_the_loss_compiled_apart_from_the_model_gives_the_same_loss_and_gradients() -> None:
+    """FSDP2 compiles the blocks one by one and the loss on its own."""
+    idx = torch.randint(0, SMALL.vocab_size, (2, 17))
+    compiled = torch.compile(logits_cross_entropy, backend="aot_eager")
+    results = []
+    for loss_of_logits in (None, compiled):
+        model = make_model(seed=2)
+        loss = next_token_loss(model, idx, loss_of_logits)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for eager, apart in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(eager, apart)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -69,6 +70,13 @@ def test_fsdp2_trains_resumes_exactly_and_its_sharded_checkpoint_reads_back(corp
     reference = scalars_by_step(tmp_path / "whole" / "quickstart" / "version_0", "train/loss")
     assert len(reference) == 16
     assert scalars_by_step(halves / "quickstart" / "version_0", "train/loss") == reference
+
+    # Compiled (each block, and the loss apart): the same training, up to the order of float operations.
+    compiled = run_fsdp2(*tiny_fit_args(corpus[0], prepared, tmp_path / "compiled", *FSDP2, *steps,
+                                        "--trainer.max_steps", "6", "--model.compile", "true"))  # fmt: skip
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    compiled_losses = scalars_by_step(tmp_path / "compiled" / "quickstart" / "version_0", "train/loss")
+    assert compiled_losses == pytest.approx({step: reference[step] for step in range(6)}, rel=1e-4)
 
     checkpoint = halves / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     assert (checkpoint.resolve() / ".metadata").is_file()  # a folder of shards, one file per rank

@@ -8,6 +8,7 @@ FSDP or the data pipeline, so the model can be tested, exported and reused on it
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 
@@ -278,12 +279,21 @@ class GPT(nn.Module):
         )
 
 
-def next_token_loss(model: GPT, batch: torch.Tensor) -> torch.Tensor:
+def next_token_loss(
+    model: GPT, batch: torch.Tensor, loss_of_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+) -> torch.Tensor:
     """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``.
 
-    A function of its own so that ``torch.compile`` can take the model and the loss as one graph:
-    the fp32 upcast of the logits then fuses into the softmax instead of filling memory.
+    A function of its own so that ``torch.compile`` can take the model and the loss as one graph.
+    Where the model is compiled in pieces (FSDP2), pass ``loss_of_logits``: a compiled
+    ``logits_cross_entropy``.
     """
     batch = batch.long()  # shards store the smallest dtype that holds the vocabulary
     logits = model(batch[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+    return (loss_of_logits or logits_cross_entropy)(logits, batch[:, 1:])
+
+
+def logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy computed in fp32. Compiled, the upcast fuses into the softmax instead of
+    filling memory with an fp32 copy of the logits, in the forward and the backward pass."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from torchmetrics import MeanMetric
 from pretrain.errors import UserError
 from pretrain.export import load_exported_weights
 from pretrain.loading import load_checkpoint, model_state_dict
-from pretrain.model import GPT, GPTConfig, next_token_loss
+from pretrain.model import GPT, GPTConfig, logits_cross_entropy, next_token_loss
 from pretrain.optim import param_groups
 from pretrain.parallel import build_sharded_model
 
@@ -107,6 +108,8 @@ class PretrainModule(L.LightningModule):
                 compile=self.hparams.compile,
                 weights=weights,
             )
+            if self.hparams.compile:  # the blocks are compiled one by one, the loss on its own
+                self.loss_fn = partial(next_token_loss, loss_of_logits=torch.compile(logits_cross_entropy))
         else:
             with torch.device("meta"):  # no throw-away default initialisation
                 self.model = GPT(self.config)
