@@ -25,13 +25,40 @@ run() {  # name, time cap in seconds, then benchmark arguments
   timeout --kill-after 10 "$cap" python -m pretrain.benchmark train "$@" > "$out/$name.log" 2>&1
   echo "   exit $?; $(tail -n 1 "$out/$name.log" | cut -c1-300)"
 }
+# The attention kernel PyTorch picks by default for each model's training shapes (bf16, causal).
+declare -A DEFAULT_KERNEL
+while read -r model kernel; do DEFAULT_KERNEL[$model]=$kernel; done < <(python - <<'PY' | tee -a "$out/gpu.txt"
+import torch
+from torch.nn.attention import SDPBackend
+from pretrain.model import PRESETS
+names = {SDPBackend.CUDNN_ATTENTION: "cudnn", SDPBackend.FLASH_ATTENTION: "flash",
+         SDPBackend.EFFICIENT_ATTENTION: "efficient", SDPBackend.MATH: "math"}
+for model in ("gpt2-124m", "llama-1b"):
+    c = PRESETS[model]
+    q = torch.randn(1, c.n_head, c.seq_len, c.head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kv = torch.randn(1, c.n_kv_head, c.seq_len, c.head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    choice = torch._fused_sdp_choice(q, kv, kv, is_causal=True, enable_gqa=c.n_kv_head != c.n_head)
+    print(model, names.get(SDPBackend(choice), SDPBackend(choice).name))
+PY
+)
+kernel() {  # model, kernel, time cap, then benchmark arguments: one attention kernel, unless it is the default
+  local model=$1 kernel=$2 cap=$3; shift 3
+  if [[ "${DEFAULT_KERNEL[$model]:-}" == "$kernel" ]]; then
+    [[ "$selected" == "  " || "$selected" == *" $model-$kernel "* ]] &&
+      echo "skipped: $kernel is the default kernel, measured in $model" | tee "$out/$model-$kernel.log"
+    return 0
+  fi
+  run "$model-$kernel" "$cap" "$@" --model.attention_kernel "$kernel" --no-bare
+}
+
 # Most telling first: the GPU configs as they are, then one lever each. Timed windows hold the
 # logging steps (every 50) in their real proportion.
-CUDNN=(--model.attention_kernel cudnn)
 run gpt2-124m 200 --config configs/gpt2-124m.yaml --warmup 10 --steps 100
-run gpt2-124m-cudnn 170 --config configs/gpt2-124m.yaml "${CUDNN[@]}" --warmup 10 --steps 100
 run llama-1b-fsdp1 240 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --warmup 8 --steps 50
-run llama-1b-cudnn 150 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 "${CUDNN[@]}" --warmup 8 --steps 50 --no-bare
+kernel gpt2-124m cudnn 120 --config configs/gpt2-124m.yaml --warmup 10 --steps 100
+kernel gpt2-124m flash 120 --config configs/gpt2-124m.yaml --warmup 10 --steps 100
+kernel llama-1b cudnn 150 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --warmup 8 --steps 50
+kernel llama-1b flash 150 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --warmup 8 --steps 50
 run gpt2-124m-mb64 100 --config configs/gpt2-124m.yaml --data.batch_size 64 --warmup 10 --steps 50 --no-bare
 run llama-1b-fsdp2 240 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --trainer.strategy "$FSDP2" \
   --warmup 8 --steps 50
@@ -47,5 +74,6 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.log"), key=lambda p: p.stat
         print(f"{path.stem:<16} {r['project_tokens_per_sec']:>14} {r['bare_tokens_per_sec']!s:>12} {r['ratio']!s:>7} "
               f"{r['mfu']!s:>7} {r['bare_mfu']!s:>9} {r['peak_mem_gib']:>9}")
     except (json.JSONDecodeError, KeyError, IndexError):
-        print(f"{path.stem:<16} failed: see {path.name}")
+        lines = path.read_text().splitlines()
+        print(f"{path.stem:<16} {lines[-1][:100] if lines and lines[-1].startswith('skipped') else 'failed: see ' + path.name}")
 PY

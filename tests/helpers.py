@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import traceback
 from pathlib import Path
 
 import lightning as L
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class RecordBatches(L.Callback):
@@ -21,3 +24,76 @@ class RecordBatches(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(os.environ["RECORD_BATCHES_DIR"]) / f"rank{trainer.global_rank}.json"
         path.write_text(json.dumps(self.batches))
+
+
+HOST_OPS = ("aten._local_scalar_dense", "aten.lift_fresh")  # .item()/float()/bool(); numbers into tensors
+HOST_METHODS = ("tolist", "cpu", "numpy")  # reads that bypass the operators above
+
+
+class HostReads(TorchDispatchMode):
+    """Records, per training step, where the host reads a tensor or makes one from a number. On a GPU
+    each waits for every queued kernel. Data loading is left out: batches are made on the host by
+    design and reach the GPU asynchronously from pinned memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step: int | None = None
+        self.by_step: dict[int, list[str]] = {}
+        self._originals = {name: getattr(torch.Tensor, name) for name in HOST_METHODS}
+
+    def record(self, what: str) -> None:
+        if self.step is None:
+            return
+        frames = traceback.extract_stack()[:-2]
+        if any("torch/utils/data/" in frame.filename for frame in frames):
+            return
+        ours = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames if "/torch/" not in f.filename]
+        self.by_step.setdefault(self.step, []).append(f"{what} from {' < '.join(reversed(ours[-3:]))}")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(HOST_OPS):
+            self.record(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self) -> HostReads:
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, self._recording(name, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, original)
+
+    def _recording(self, name: str, original):
+        def method(tensor: torch.Tensor, *args, **kwargs):
+            self.record(f"Tensor.{name}")
+            return original(tensor, *args, **kwargs)
+
+        return method
+
+
+class RecordHostReads(L.Callback):
+    """Writes ``$RECORD_HOST_READS_DIR/rank<N>.json``: the host reads of each training step, and the
+    steps after which validation ran (left unrecorded: validation reads its results)."""
+
+    def __init__(self) -> None:
+        self.reads = HostReads()
+        self.validated_after: list[int] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.reads.__enter__()
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        self.reads.step = trainer.global_step
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.reads.step is not None:
+            self.validated_after.append(self.reads.step)
+        self.reads.step = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.reads.step = None
+        self.reads.__exit__(None, None, None)
+        path = Path(os.environ["RECORD_HOST_READS_DIR"]) / f"rank{trainer.global_rank}.json"
+        path.write_text(json.dumps({"by_step": self.reads.by_step, "validated_after": self.validated_after}))

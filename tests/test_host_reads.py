@@ -1,87 +1,87 @@
 """Between logging steps, the training loop never waits for the GPU.
 
-On a GPU, reading a tensor's value on the host (``.item()``, ``float()``, a progress bar) or turning a
-Python number into a GPU tensor waits for every kernel queued so far: the GPU then idles while the
-host prepares the next step. A CPU run cannot time that, but it sees every such operation: reads go
-through ``aten._local_scalar_dense``, numbers becoming tensors through ``aten.lift_fresh``.
+On a GPU, reading a tensor's value on the host (``.item()``, ``float()``, ``.tolist()``, a progress
+bar) or turning a Python number into a GPU tensor waits for every kernel queued so far: the GPU then
+idles while the host prepares the next step. A CPU run cannot time that, but it sees every such
+operation (``tests.helpers.HostReads``), in one process and in two.
 """
 
 from __future__ import annotations
 
-import traceback
-from collections import defaultdict
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
 import pytest
-from torch.utils._python_dispatch import TorchDispatchMode
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
 
 from pretrain.callbacks import LossProgressBar
-from pretrain.cli import PretrainCLI
 from pretrain.data import PretrainData
 from pretrain.module import PretrainModule
 from tests.conftest import TINY_VOCAB
+from tests.helpers import HostReads
 from tests.test_cli import ROOT, TINY_MODEL
 
-HOST_OPS = ("aten._local_scalar_dense", "aten.lift_fresh")
+LOGGING_STEPS = {3, 7, 11}  # global_step + 1 a multiple of log_every_n_steps (4)
 
 
-class HostOps(TorchDispatchMode):
-    """Records, per training step, where host reads and host-made tensors happen (data loading aside:
-    batches are made on the host by design and copied to the GPU asynchronously from pinned memory)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.step: int | None = None
-        self.by_step: dict[int, list[str]] = defaultdict(list)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.step is not None and str(func).startswith(HOST_OPS):
-            frames = traceback.extract_stack()
-            if not any("torch/utils/data/" in frame.filename for frame in frames):
-                ours = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames if "/torch/" not in f.filename]
-                self.by_step[self.step].append(f"{func} from {' < '.join(reversed(ours[-3:]))}")
-        return func(*args, **(kwargs or {}))
-
-
-class TrackSteps(L.Callback):
-    """Tells the recorder which training step runs; validation is left out (it reads its results)."""
-
-    def __init__(self, recorder: HostOps) -> None:
-        self.recorder = recorder
-        self.validated_after: set[int] = set()
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
-        self.recorder.step = trainer.global_step
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.recorder.step is not None:
-            self.validated_after.add(self.recorder.step)
-        self.recorder.step = None
-
-
-def test_the_gpu_config_reads_nothing_back_between_logging_steps(corpus, prepared: Path, tmp_path: Path) -> None:
-    """configs/gpt2-124m.yaml (fused AdamW, clipping, NaN guard, progress bar, throughput) on a tiny model."""
-    args = ["--config", str(ROOT / "configs" / "gpt2-124m.yaml"),
+def gpu_config_on_cpu(corpus_root: Path, data_dir: Path, logs: Path, *extra: str) -> list[str]:
+    """configs/gpt2-124m.yaml (fused AdamW, clipping, NaN guard, progress bar, throughput), tiny, on CPU."""
+    return ["fit", "--config", str(ROOT / "configs" / "gpt2-124m.yaml"),
             "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--model.compile", "false",
             "--model.preset", "tiny", "--model.overrides", TINY_MODEL,
-            "--data.sources", f"[{corpus[0]}]", "--data.data_dir", str(prepared), "--data.val_fraction", "0.1",
+            "--data.sources", f"[{corpus_root}]", "--data.data_dir", str(data_dir), "--data.val_fraction", "0.1",
             "--data.vocab_size", str(TINY_VOCAB), "--data.seq_len", "16", "--data.batch_size", "2",
             "--data.num_workers", "0", "--trainer.max_steps", "12", "--trainer.log_every_n_steps", "4",
             "--trainer.val_check_interval", "5", "--trainer.limit_val_batches", "2",
-            "--model.lr_scheduler.init_args.warmup_steps", "2",
-            "--trainer.logger.init_args.save_dir", str(tmp_path)]  # fmt: skip
-    cli = PretrainCLI(PretrainModule, PretrainData, args=args, run=False, auto_configure_optimizers=False)
-    recorder = HostOps()
-    steps = TrackSteps(recorder)
-    cli.trainer.callbacks.insert(0, steps)
-    with recorder:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            "--model.lr_scheduler.init_args.warmup_steps", "2", "--trainer.logger.init_args.save_dir", str(logs),
+            "--trainer.callbacks+", "tests.helpers.RecordHostReads", *extra]  # fmt: skip
 
-    logging_steps = {3, 7, 11}  # global_step + 1 a multiple of log_every_n_steps
-    assert all(recorder.by_step[step] for step in logging_steps)  # the recorder sees the reads that do happen
-    quiet = set(range(1, 12)) - logging_steps - steps.validated_after  # step 0 sets things up once
-    assert steps.validated_after == {4, 9} and len(quiet) == 6
-    assert {step: recorder.by_step[step] for step in quiet if recorder.by_step[step]} == {}
-    bar = cli.trainer.progress_bar_callback  # the CLI's default: shows the loss of the last logging step
-    assert isinstance(bar, LossProgressBar) and bar.loss == pytest.approx(cli.trainer.logged_metrics["train/loss"])
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_gpu_config_reads_nothing_back_between_logging_steps(corpus, prepared: Path, tmp_path: Path,
+                                                                  processes: int) -> None:  # fmt: skip
+    # Two processes agree on stopping (preemption) every signal_check_interval steps: here on logging steps.
+    two = ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--checkpoint.signal_check_interval", "4")
+    args = gpu_config_on_cpu(corpus[0], prepared, tmp_path, *(two if processes == 2 else ()))
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "RECORD_HOST_READS_DIR": str(tmp_path)}, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(processes):
+        recorded = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        reads = {int(step): where for step, where in recorded["by_step"].items()}
+        assert set(reads) >= LOGGING_STEPS  # the recorder sees the reads that do happen
+        assert recorded["validated_after"] == [4, 9]
+        quiet = set(range(1, 12)) - LOGGING_STEPS - {4, 9}  # step 0 sets things up once
+        assert {step: reads[step] for step in quiet if step in reads} == {}
+    if processes == 1:  # the command line's progress bar shows the loss of the last logging step
+        assert "loss=" in result.stdout
+
+
+class StepLabels(L.Callback):
+    def __init__(self, reads: HostReads) -> None:
+        self.reads = reads
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        self.reads.step = trainer.global_step
+
+
+def test_the_progress_bar_reads_the_loss_once_per_logging_step_with_accumulation(prepared: Path) -> None:
+    data = PretrainData(data_dir=str(prepared), seq_len=16, batch_size=2, num_workers=0, vocab_size=TINY_VOCAB)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2, "ffn_dim": 64},
+                            vocab_size=TINY_VOCAB, seq_len=16)  # fmt: skip
+    bar, reads = LossProgressBar(), HostReads()
+    trainer = L.Trainer(max_steps=4, accumulate_grad_batches=2, log_every_n_steps=2, callbacks=[bar, StepLabels(reads)],
+                        logger=CSVLogger(prepared.parent / "bar-logs"), enable_checkpointing=False,
+                        enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    with reads:
+        trainer.fit(module, DataLoader([batch] * 8, batch_size=None))
+    bar_reads = {step: [w for w in where if "callbacks.py" in w] for step, where in reads.by_step.items()}
+    assert {step: len(where) for step, where in bar_reads.items() if where} == {1: 1, 3: 1}  # steps 2 and 4 end
+    assert bar.loss == pytest.approx(float(trainer.logged_metrics["train/loss"]))  # the loss, not loss / 2

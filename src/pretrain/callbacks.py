@@ -51,18 +51,22 @@ class LossProgressBar(TQDMProgressBar):
     """A progress bar that shows the training loss without waiting for the GPU at every step.
 
     A value logged with ``prog_bar=True`` is read back from the GPU at every later step: a full
-    synchronisation each step. This bar instead reads the loss only at the steps the trainer
-    writes its logs (every ``log_every_n_steps``), where it waits for the GPU anyway.
+    synchronisation each step. This bar instead reads ``train/loss`` once per logging step (every
+    ``log_every_n_steps`` optimizer steps), where the trainer waits for the GPU anyway.
     """
 
     def __init__(self, refresh_rate: int = 1) -> None:
         super().__init__(refresh_rate=refresh_rate)
         self.loss: float | None = None
+        self._read_at_step = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        every = trainer.log_every_n_steps
-        if every and trainer.global_step % every == 0 and isinstance(outputs, dict) and "loss" in outputs:
-            self.loss = float(outputs["loss"])
+        step, every = trainer.global_step, trainer.log_every_n_steps
+        # Once per optimizer step: with gradient accumulation, several batches end on the same step.
+        if every and step % every == 0 and step != self._read_at_step:
+            loss = trainer.callback_metrics.get("train/loss")
+            if loss is not None:
+                self.loss, self._read_at_step = float(loss), step
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:

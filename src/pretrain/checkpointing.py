@@ -51,7 +51,8 @@ class PretrainCheckpoint(ModelCheckpoint):
     On SIGTERM or SIGUSR1 (clusters send these before preempting or requeueing a job) the run
     finishes the current step, saves a checkpoint, points ``last`` at it and exits normally;
     ``--ckpt_path last`` then continues exactly where it stopped. In multi-process runs the
-    ranks agree on stopping every ``signal_check_interval`` steps, so a signal costs no sync per step.
+    ranks agree on stopping every ``signal_check_interval`` steps (a small all-reduce that waits for
+    the GPU), not at every step.
     """
 
     def __init__(self, *args, signal_check_interval: int = 10, **kwargs) -> None:
@@ -109,6 +110,12 @@ class PretrainCheckpoint(ModelCheckpoint):
         self._received = None
         for signum in PREEMPTION_SIGNALS:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        # Lightning (2.6) also broadcasts its own SIGTERM flag at every step of a multi-process run
+        # and reads it on the host: a wait for the GPU each step. Its handler is replaced just above,
+        # so that flag never changes; the ranks agree on stopping in _stop_requested instead.
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
+            epoch_loop._broadcast_sigterm_tensor = _never_stopped_by_lightning
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._received = signum
@@ -157,6 +164,10 @@ class PretrainCheckpoint(ModelCheckpoint):
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()
+
+
+def _never_stopped_by_lightning() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast; see ``PretrainCheckpoint.on_train_start``."""
 
 
 def find_last_checkpoint(save_dir: str | Path, name: str) -> tuple[int, Path] | None:

@@ -19,12 +19,14 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-# Kernels behind F.scaled_dot_product_attention, by the names configs use, in PyTorch's own order.
+# Kernels behind F.scaled_dot_product_attention, by the names configs use. After the chosen one, the
+# others are tried in this order (PyTorch's own on H100/H200 with a recent cuDNN): math, the slow
+# one that always runs, comes last.
 ATTENTION_KERNELS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
-    "cudnn": SDPBackend.CUDNN_ATTENTION,
 }
 
 
@@ -229,8 +231,8 @@ class GPT(nn.Module):
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     def use_attention_kernel(self, name: str | None) -> None:
-        """Try this attention kernel first (a key of ``ATTENTION_KERNELS``), the others in PyTorch's
-        order where it cannot run (e.g. ``cudnn`` on a CPU); None leaves the choice to PyTorch.
+        """Try this attention kernel first (a key of ``ATTENTION_KERNELS``), the others in that
+        dict's order where it cannot run (e.g. ``cudnn`` on a CPU); None leaves the choice to PyTorch.
 
         A speed choice, not architecture: the kernels compute the same attention, so it is not
         in the config and not saved with the weights.

@@ -61,7 +61,7 @@ class PretrainModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
         activation_checkpointing: bool = False,
-        attention_kernel: Literal["flash", "cudnn", "efficient", "math"] | None = None,
+        attention_kernel: Literal["cudnn", "flash", "efficient", "math"] | None = None,
         init_from: str | None = None,
         max_nonfinite_steps: int = 5,
     ) -> None:
