@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pretrain.prepare import prepare
 from pretrain.shards import verify_split
 from tests.conftest import TINY_VOCAB
 from tests.test_cli import ROOT, scalars, tiny_fit_args
+from tests.test_resume import wait_for_checkpoint
 
 
 def test_ddp_on_two_processes_trains_and_each_rank_reads_its_own_data(corpus, prepared: Path, tmp_path: Path) -> None:
@@ -62,3 +64,21 @@ def test_a_first_build_inside_a_process_group_does_not_wait_for_the_other_ranks(
     for split in ("train", "val"):
         verify_split(data_dir / split)
     assert json.loads((data_dir / "manifest.json").read_text())["splits"]["val"]["documents"] > 0
+
+
+def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(corpus, prepared: Path, tmp_path: Path):
+    """Only rank 0 (the launching process) is told to stop; the ranks agree at the next signal check."""
+    args = tiny_fit_args(corpus[0], prepared, tmp_path, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                         "--trainer.max_steps", "2000")  # fmt: skip
+    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    checkpoints = tmp_path / "quickstart" / "version_0" / "checkpoints"
+    wait_for_checkpoint(process, checkpoints, "step=0000020.ckpt")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "Received SIGTERM: saved step" in stderr
+    stopped_at = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
+    assert 20 < stopped_at < 2000 and stopped_at % 10 == 0  # checkpoint.signal_check_interval
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True).returncode == 1  # rank 1 is gone too
