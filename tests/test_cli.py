@@ -9,10 +9,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from pretrain.cli import main
+from pretrain.callbacks import LossProgressBar
+from pretrain.cli import PretrainCLI, main
 from pretrain.data import PretrainData
 from pretrain.module import PretrainModule
 from tests.conftest import TINY_VOCAB
@@ -103,6 +105,19 @@ def test_user_mistake_exits_with_one_clear_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "error: Source 'no/such/corpus' does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "bar"),
+    [((), LossProgressBar), (("--trainer.enable_progress_bar", "false"), type(None)),
+     (("--trainer.callbacks+", "lightning.pytorch.callbacks.TQDMProgressBar"), TQDMProgressBar)],
+    ids=["default", "off", "own bar"],
+)  # fmt: skip
+def test_the_command_line_adds_its_progress_bar_unless_told_otherwise(tmp_path: Path, extra, bar) -> None:
+    args = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.logger.init_args.save_dir", str(tmp_path),
+            *extra]  # fmt: skip
+    cli = PretrainCLI(PretrainModule, PretrainData, args=args, run=False, auto_configure_optimizers=False)
+    assert type(cli.trainer.progress_bar_callback) is bar
 
 
 def test_model_mistake_exits_with_one_clear_line(tmp_path: Path) -> None:
