@@ -239,11 +239,9 @@ class GPT(nn.Module):
         """
         if name is not None and name not in ATTENTION_KERNELS:
             raise ValueError(f"Unknown attention kernel {name!r}; choose one of {sorted(ATTENTION_KERNELS)}.")
-        order = (
-            None
-            if name is None
-            else [ATTENTION_KERNELS[name]] + [kernel for other, kernel in ATTENTION_KERNELS.items() if other != name]
-        )
+        order = None
+        if name is not None:
+            order = [ATTENTION_KERNELS[name]] + [kernel for other, kernel in ATTENTION_KERNELS.items() if other != name]
         for block in self.blocks:
             block.attn.kernel_order = order
 
