@@ -8,7 +8,7 @@ from pretrain.model import GPT, PRESETS
 from pretrain.prepare import read_manifest
 from pretrain.throughput import flops_per_token
 from tests.conftest import TINY_VOCAB
-from tests.test_cli import ROOT, run_main, scalars_by_step, tiny_fit_args
+from tests.test_cli import ROOT, run_main, scalars, scalars_by_step, tiny_fit_args
 
 
 def test_flops_per_token_follows_the_palm_formula() -> None:
@@ -24,6 +24,14 @@ def test_throughput_is_logged_during_training(corpus, prepared, tmp_path) -> Non
     assert result.returncode == 0, result.stderr[-3000:]
     speeds = scalars_by_step(tmp_path / "quickstart" / "version_0", "perf/tokens_per_sec")
     assert list(speeds) == [25] and speeds[25] > 0  # no perf/mfu: a CPU has no known peak
+
+
+def test_throughput_is_logged_once_per_interval_with_gradient_accumulation(corpus, prepared, tmp_path) -> None:
+    result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, "--trainer.accumulate_grad_batches", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "quickstart" / "version_0"
+    assert len(scalars(run_dir, "perf/tokens_per_sec")) == 1  # step 25, once, though two batches end on it
+    assert len(scalars(run_dir, "train/loss")) == 40  # one per optimizer step
 
 
 def test_benchmark_prints_a_table_then_json(corpus, prepared, capsys: pytest.CaptureFixture) -> None:

@@ -42,6 +42,7 @@ class Throughput(L.Callback):
         self._tokens = 0
         self._started: float | None = None
         self._flops_per_token = 0.0
+        self._logged_at_step = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._flops_per_token = flops_per_token(pl_module.model, pl_module.config)
@@ -53,8 +54,10 @@ class Throughput(L.Callback):
             self._started = time.perf_counter()
             return
         self._tokens += batch.size(0) * (batch.size(1) - 1) * trainer.world_size
-        if trainer.global_step % self.interval:
+        # Once per optimizer step: with gradient accumulation, several batches end on the same step.
+        if trainer.global_step % self.interval or trainer.global_step == self._logged_at_step:
             return
+        self._logged_at_step = trainer.global_step
         now = time.perf_counter()
         tokens_per_sec = self._tokens / (now - self._started)
         metrics = {"perf/tokens_per_sec": tokens_per_sec}
