@@ -1,8 +1,11 @@
 import json
+import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from pretrain import benchmark
 from pretrain.benchmark import main as benchmark_main
 from pretrain.model import GPT, PRESETS
 from pretrain.prepare import read_manifest
@@ -57,3 +60,17 @@ def test_data_benchmark_reports_preparation_against_the_tokenizer(corpus, tmp_pa
         result["prepare_tokens_per_sec"] / result["tokenizer_tokens_per_sec"], abs=1e-3
     )  # the ratio is rounded to 3 decimals
     assert result["loader_tokens_per_sec"] > 0
+
+
+def test_the_benchmark_names_the_steps_that_waited_for_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's sync debug mode warns at each wait; here the warnings are raised by hand (no GPU)."""
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: None)
+    monkeypatch.setattr(benchmark, "_synchronize", lambda device: None)
+    timer = benchmark.StepTimer(warmup=2, steps=6)
+    module, batch = SimpleNamespace(device=torch.device("cuda")), torch.zeros(2, 9)
+    for step in range(1, 9):
+        if step in (1, 4, 7, 8):
+            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        timer.on_train_batch_end(SimpleNamespace(global_step=step), module, None, batch, step - 1)
+    assert timer.sync_steps == [4, 7, 8]  # step 1 is before the timed window
+    assert timer._warnings is None  # warnings are reported as usual again

@@ -14,6 +14,7 @@ import resource
 import sys
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -31,21 +32,48 @@ from pretrain.throughput import flops_per_token, peak_flops
 
 
 class StepTimer(L.Callback):
-    """Wall time of optimizer steps ``warmup`` .. ``warmup + steps``, synchronised at both ends."""
+    """Wall time of optimizer steps ``warmup`` .. ``warmup + steps``, synchronised at both ends.
+
+    On a GPU it also records the steps in which the host waited for the GPU (CUDA's sync debug
+    mode warns at each such wait): only the logging steps should.
+    """
 
     def __init__(self, warmup: int, steps: int) -> None:
         self.warmup, self.steps = warmup, steps
         self.seconds = 0.0
         self.tokens_per_step = 0
+        self.sync_steps: list[int] | None = None  # None where not recorded (CPU)
+        self._warnings: warnings.catch_warnings | None = None
+        self._caught: list[warnings.WarningMessage] = []
+        self._seen = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.warmup:
+        step = trainer.global_step
+        if self._warnings is not None and len(self._caught) > self._seen:
+            if any("synchroniz" in str(w.message) for w in self._caught[self._seen :]):
+                self.sync_steps.append(step)  # a wait since the previous step ended
+            self._seen = len(self._caught)
+        if step == self.warmup:
             _synchronize(pl_module.device)
             self._start = time.perf_counter()
             self.tokens_per_step = batch.size(0) * (batch.size(1) - 1)
-        elif trainer.global_step == self.warmup + self.steps:
+            if pl_module.device.type == "cuda":
+                self._record_syncs(True)
+        elif step == self.warmup + self.steps:
+            self._record_syncs(False)
             _synchronize(pl_module.device)
             self.seconds = time.perf_counter() - self._start
+
+    def _record_syncs(self, on: bool) -> None:
+        if on:
+            self._warnings, self.sync_steps = warnings.catch_warnings(record=True), []
+            self._caught = self._warnings.__enter__()
+            warnings.simplefilter("always")  # every wait, not the first per place
+            torch.cuda.set_sync_debug_mode("warn")
+        elif self._warnings is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._warnings.__exit__(None, None, None)
+            self._warnings = None
 
 
 def _synchronize(device: torch.device) -> None:
@@ -144,6 +172,7 @@ def train(config: str, warmup: int = 5, steps: int = 100, args: list[str] | None
         "mfu": round(project * per_token / peak, 4) if peak else None,
         "bare_mfu": round(bare_speed * per_token / peak, 4) if peak and bare_speed else None,
         "peak_mem_gib": round(project_peak, 2),
+        "gpu_sync_steps": timer.sync_steps,
     }
     _print_table(result)
     return result
@@ -156,6 +185,8 @@ def _print_table(result: dict) -> None:
     for name, speed, mfu in rows:
         print(f"  {name:<10} {speed!s:>12} {'-' if mfu is None else mfu!s:>8}")
     print(f"  ratio {result['ratio']}, peak memory {result['peak_mem_gib']} GiB  {result['overrides']}")
+    if result["gpu_sync_steps"] is not None:
+        print(f"  steps that waited for the GPU: {result['gpu_sync_steps']}")
 
 
 def main(argv: list[str] | None = None) -> None:
