@@ -3,7 +3,7 @@
 On a GPU, reading a tensor's value on the host (``.item()``, ``float()``, ``.tolist()``, a progress
 bar) or turning a Python number into a GPU tensor waits for every kernel queued so far: the GPU then
 idles while the host prepares the next step. A CPU run cannot time that, but it sees every such
-operation (``tests.helpers.HostReads``), in one process and in two.
+operation (``tests.helpers.HostReads``), in one process and in two (DDP, FSDP2).
 """
 
 from __future__ import annotations
@@ -42,12 +42,20 @@ def gpu_config_on_cpu(corpus_root: Path, data_dir: Path, logs: Path, *extra: str
             "--trainer.callbacks+", "tests.helpers.RecordHostReads", *extra]  # fmt: skip
 
 
-@pytest.mark.parametrize("processes", [1, 2])
+# Two processes agree on stopping (preemption) every signal_check_interval steps: here on logging steps.
+TWO_PROCESSES = ("--trainer.devices", "2", "--checkpoint.signal_check_interval", "4")
+STRATEGIES = {
+    "one process": (),
+    "DDP": ("--trainer.strategy", "ddp", *TWO_PROCESSES),
+    "FSDP2": ("--trainer.strategy", '{"class_path": "pretrain.parallel.FSDP2Strategy"}', *TWO_PROCESSES),
+}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_the_gpu_config_reads_nothing_back_between_logging_steps(corpus, prepared: Path, tmp_path: Path,
-                                                                  processes: int) -> None:  # fmt: skip
-    # Two processes agree on stopping (preemption) every signal_check_interval steps: here on logging steps.
-    two = ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--checkpoint.signal_check_interval", "4")
-    args = gpu_config_on_cpu(corpus[0], prepared, tmp_path, *(two if processes == 2 else ()))
+                                                                  strategy: str) -> None:  # fmt: skip
+    processes = 1 if strategy == "one process" else 2
+    args = gpu_config_on_cpu(corpus[0], prepared, tmp_path, *STRATEGIES[strategy])
     result = subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, capture_output=True, text=True,
                             env={**os.environ, "RECORD_HOST_READS_DIR": str(tmp_path)}, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
