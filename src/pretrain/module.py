@@ -182,8 +182,8 @@ class PretrainModule(L.LightningModule):
         Runs after backward, before the optimizer step, on every step. A step whose gradient norm is
         not finite is skipped. Fused optimizers (``fused: true``) skip it on the device, through the
         ``found_inf`` flag they share with gradient scaling, so nothing waits for the GPU; the
-        counts are then read back every ``log_every_n_steps``. Other optimizers need the verdict on
-        the host: one sync per step.
+        counts are then read back on the logging steps. Other optimizers need the verdict on the
+        host: one sync per step.
         """
         if gradient_clip_algorithm not in (None, "norm"):
             raise UserError("Only trainer.gradient_clip_algorithm: norm is supported.")
