@@ -37,8 +37,8 @@ class HostReads(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.step: int | None = None
-        self.by_step: dict[int, list[str]] = {}
+        self.step: int | str | None = None  # a training step, or a label such as "val0"
+        self.by_step: dict[int | str, list[str]] = {}
         self._originals = {name: getattr(torch.Tensor, name) for name in HOST_METHODS}
 
     def record(self, what: str) -> None:
@@ -74,8 +74,9 @@ class HostReads(TorchDispatchMode):
 
 
 class RecordHostReads(L.Callback):
-    """Writes ``$RECORD_HOST_READS_DIR/rank<N>.json``: the host reads of each training step, and the
-    steps after which validation ran (left unrecorded: validation reads its results)."""
+    """Writes ``$RECORD_HOST_READS_DIR/rank<N>.json``: the host reads of each training step, those of
+    each validation batch (keyed ``val<batch_idx>``, all validations together) and the steps after
+    which validation ran. The end of a validation, which reads its result, is left unrecorded."""
 
     def __init__(self) -> None:
         self.reads = HostReads()
@@ -90,6 +91,12 @@ class RecordHostReads(L.Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.reads.step is not None:
             self.validated_after.append(self.reads.step)
+        self.reads.step = None
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int, *args) -> None:
+        self.reads.step = f"val{batch_idx}"
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args) -> None:
         self.reads.step = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

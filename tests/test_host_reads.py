@@ -61,11 +61,13 @@ def test_the_gpu_config_reads_nothing_back_between_logging_steps(corpus, prepare
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in range(processes):
         recorded = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        reads = {int(step): where for step, where in recorded["by_step"].items()}
+        reads = {int(step): where for step, where in recorded["by_step"].items() if step.isdigit()}
         assert set(reads) >= LOGGING_STEPS  # the recorder sees the reads that do happen
         assert recorded["validated_after"] == [4, 9]
         quiet = set(range(1, 12)) - LOGGING_STEPS - {4, 9}  # step 0 sets things up once
         assert {step: reads[step] for step in quiet if step in reads} == {}
+        validation_reads = {key: where for key, where in recorded["by_step"].items() if key.startswith("val")}
+        assert validation_reads == {}  # validation batches do not wait either: only its end reads the loss
     if processes == 1:  # the command line's progress bar shows the loss of the last logging step
         assert "loss=" in result.stdout
 
@@ -78,7 +80,9 @@ class StepLabels(L.Callback):
         self.reads.step = trainer.global_step
 
 
-def test_the_progress_bar_reads_the_loss_once_per_logging_step_with_accumulation(prepared: Path) -> None:
+def test_the_progress_bar_and_the_learning_rate_cost_one_wait_per_logging_step_with_accumulation(
+    prepared: Path,
+) -> None:
     data = PretrainData(data_dir=str(prepared), seq_len=16, batch_size=2, num_workers=0, vocab_size=TINY_VOCAB)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -92,4 +96,6 @@ def test_the_progress_bar_reads_the_loss_once_per_logging_step_with_accumulation
         trainer.fit(module, DataLoader([batch] * 8, batch_size=None))
     bar_reads = {step: [w for w in where if "callbacks.py" in w] for step, where in reads.by_step.items()}
     assert {step: len(where) for step, where in bar_reads.items() if where} == {1: 1, 3: 1}  # steps 2 and 4 end
+    number_logs = {step: [w for w in where if "__to_tensor" in w] for step, where in reads.by_step.items()}
+    assert {step: len(where) for step, where in number_logs.items() if where} == {1: 1, 3: 1}  # train/lr
     assert bar.loss == pytest.approx(float(trainer.logged_metrics["train/loss"]))  # the loss, not loss / 2

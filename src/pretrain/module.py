@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 
 from pretrain.errors import UserError
 from pretrain.export import load_exported_weights
@@ -22,6 +22,27 @@ from pretrain.loading import load_checkpoint, model_state_dict
 from pretrain.model import GPT, GPTConfig, logits_cross_entropy, next_token_loss
 from pretrain.optim import param_groups
 from pretrain.parallel import build_sharded_model
+
+
+class HeldOutLoss(Metric):
+    """Mean loss over held-out batches, weighted by their sizes, summed across ranks.
+
+    Not torchmetrics' MeanMetric: it checks every update for NaN on the host, a wait for the GPU
+    per batch (and its opt-out drops the weights). Here values stay on the device until
+    ``compute``; a NaN loss comes out as a NaN mean.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, loss: torch.Tensor, weight: int) -> None:
+        self.total += loss.detach() * weight
+        self.weight += weight  # a Python number added in place: no copy to the device
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.weight
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -75,7 +96,7 @@ class PretrainModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.model: GPT | None = None
         self.loss_fn = next_token_loss  # replaced by its compiled version in configure_model
-        self.val_loss = MeanMetric()
+        self.val_loss = HeldOutLoss()
         self.skipped_steps = 0  # non-finite steps skipped so far, as last read from the device
         self.nonfinite_streak = 0  # ... of which the most recent ones in a row
         self._nonfinite: torch.Tensor | None = None  # the same two counts, on the device
@@ -133,13 +154,16 @@ class PretrainModule(L.LightningModule):
         loss = self._loss(batch)
         # Logged tensors stay on the device until the trainer writes them (every
         # log_every_n_steps), so this call does not synchronise with the GPU each step.
+        # (Nothing goes to the progress bar with prog_bar=True: it would be read back at every
+        # later step; pretrain.callbacks.LossProgressBar shows the loss.)
         self.log("train/loss", loss)
-        if self._writes_logs():
-            # A Python number is copied to the GPU when logged, and that copy waits for the GPU:
-            # only where it is written. (Nothing goes to the progress bar with prog_bar=True: it
-            # would be read back at every later step; pretrain.callbacks.LossProgressBar shows it.)
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the learning rate once per optimizer step (not per micro-batch), where it is written:
+        a logged Python number is copied to the GPU, and that copy waits for the GPU."""
+        if self._writes_logs():
+            self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     def _writes_logs(self) -> bool:
         """Whether the trainer writes this step's logged values out (and so reads them back).
@@ -149,7 +173,7 @@ class PretrainModule(L.LightningModule):
         return (self.global_step + 1) % (self.trainer.log_every_n_steps or 50) == 0
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self.val_loss.update(self._loss(batch), weight=batch.size(0))
+        self.val_loss.update(self._loss(batch), batch.size(0))
 
     def on_validation_epoch_end(self) -> None:
         self._log_held_out("val")

@@ -1,0 +1,44 @@
+"""The validation loss: the size-weighted mean of the batches' losses, kept on the device."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pretrain.module import HeldOutLoss, PretrainModule
+from tests.conftest import TINY_VOCAB
+
+
+def test_the_mean_weighs_each_batch_by_its_size() -> None:
+    metric = HeldOutLoss()
+    metric.update(torch.tensor(2.0), 3)
+    metric.update(torch.tensor(4.0), 1)
+    assert metric.compute().item() == pytest.approx((2.0 * 3 + 4.0 * 1) / 4)
+    metric.reset()
+    metric.update(torch.tensor(5.0), 2)
+    assert metric.compute().item() == pytest.approx(5.0)  # reset forgets the earlier batches
+
+
+def test_a_nan_loss_gives_a_nan_mean_instead_of_an_error() -> None:
+    metric = HeldOutLoss()
+    metric.update(torch.tensor(1.0), 2)
+    metric.update(torch.tensor(float("nan")), 2)
+    assert math.isnan(metric.compute().item())
+
+
+def test_validation_logs_the_mean_loss_over_batches_of_different_sizes() -> None:
+    torch.manual_seed(0)
+    batches = [torch.randint(0, TINY_VOCAB, (size, 17)) for size in (3, 1, 2)]
+    module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2, "ffn_dim": 64},
+                            vocab_size=TINY_VOCAB, seq_len=16)  # fmt: skip
+    module.configure_model()
+    module.eval()
+    with torch.no_grad():
+        per_sequence = [module._loss(batch[i : i + 1]) for batch in batches for i in range(batch.size(0))]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (logged,) = trainer.validate(module, DataLoader(batches, batch_size=None))
+    assert logged["val/loss"] == pytest.approx(torch.stack(per_sequence).mean().item(), rel=1e-5)
