@@ -41,6 +41,26 @@ for model in ("gpt2-124m", "llama-1b"):
     print(model, names.get(SDPBackend(choice), SDPBackend(choice).name))
 PY
 )
+# The kernels that actually run for each model.attention_kernel setting, from the profiler (a
+# one-block llama-1b, forward and backward; flash first in a fresh process, so that a choice
+# overridden by PyTorch's lazy set-up of its own priorities on the first call would show).
+python - <<'PY' 2>&1 | tee -a "$out/gpu.txt"
+import torch
+from torch.profiler import ProfilerActivity, profile
+from pretrain.model import GPT, PRESETS, next_token_loss
+from dataclasses import replace
+model = GPT(replace(PRESETS["llama-1b"], n_layer=1, vocab_size=512)).to("cuda")
+model.init_weights(0)
+batch = torch.randint(0, 512, (2, model.config.seq_len + 1), device="cuda")
+words = ("flash", "fmha", "sdpa", "cudnn", "attention")
+for name in ("flash", "cudnn", "efficient", None):
+    model.use_attention_kernel(name)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.autocast("cuda", torch.bfloat16):
+        next_token_loss(model, batch).backward()
+        torch.cuda.synchronize()
+    ran = sorted({e.key[:70] for e in prof.key_averages() if any(w in e.key.lower() for w in words)})
+    print(f"attention_kernel {name}: {ran}")
+PY
 kernel() {  # model, kernel, time cap, then benchmark arguments: one attention kernel, unless it is the default
   local model=$1 kernel=$2 cap=$3; shift 3
   if [[ "${DEFAULT_KERNEL[$model]:-}" == "$kernel" ]]; then
