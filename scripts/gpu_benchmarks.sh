@@ -84,17 +84,19 @@ run llama-1b-fsdp2 240 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 -
   --warmup 8 --steps 50
 run llama-1b-1gpu 150 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --trainer.strategy auto \
   --warmup 8 --steps 50 --no-bare
+run gpt2-124m-autotune 300 --config configs/gpt2-124m.yaml --model.compile_mode max-autotune-no-cudagraphs \
+  --warmup 10 --steps 100 --no-bare
 
 python - "$out" <<'PY'
 import json, pathlib, sys
-print(f"\n{'variant':<16} {'project tok/s':>14} {'bare tok/s':>12} {'ratio':>7} {'MFU':>7} {'bare MFU':>9} {'peak GiB':>9}"
+print(f"\n{'variant':<20} {'project tok/s':>14} {'bare tok/s':>12} {'ratio':>7} {'MFU':>7} {'bare MFU':>9} {'peak GiB':>9}"
       "  steps that waited for the GPU")
 for path in sorted(pathlib.Path(sys.argv[1]).glob("*.log"), key=lambda p: p.stat().st_mtime):
     try:
         r = json.loads(path.read_text().splitlines()[-1])
-        print(f"{path.stem:<16} {r['project_tokens_per_sec']:>14} {r['bare_tokens_per_sec']!s:>12} {r['ratio']!s:>7} "
+        print(f"{path.stem:<20} {r['project_tokens_per_sec']:>14} {r['bare_tokens_per_sec']!s:>12} {r['ratio']!s:>7} "
               f"{r['mfu']!s:>7} {r['bare_mfu']!s:>9} {r['peak_mem_gib']:>9}  {r.get('gpu_sync_steps')}")
     except (json.JSONDecodeError, KeyError, IndexError):
         lines = path.read_text().splitlines()
-        print(f"{path.stem:<16} {lines[-1][:100] if lines and lines[-1].startswith('skipped') else 'failed: see ' + path.name}")
+        print(f"{path.stem:<20} {lines[-1][:100] if lines and lines[-1].startswith('skipped') else 'failed: see ' + path.name}")
 PY

@@ -119,7 +119,9 @@ def bare_loop(cli: PretrainCLI, batch: torch.Tensor, warmup: int, steps: int) ->
     model.init_weights(0)
     model.activation_checkpointing = module.hparams.activation_checkpointing
     model.use_attention_kernel(module.hparams.attention_kernel)
-    loss_fn = torch.compile(next_token_loss) if module.hparams.compile else next_token_loss
+    loss_fn = next_token_loss
+    if module.hparams.compile:
+        loss_fn = torch.compile(next_token_loss, mode=module.hparams.compile_mode)
     optimizer = module.optimizer_factory(param_groups(model))
     bf16 = str(trainer.precision).startswith("bf16")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()

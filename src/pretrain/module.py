@@ -60,6 +60,10 @@ class PretrainModule(L.LightningModule):
         optimizer: Built over the model's parameter groups (weight decay on matrices only).
         lr_scheduler: Built over the optimizer and stepped once per optimizer step.
         compile: ``torch.compile`` the model when it is built.
+        compile_mode: ``torch.compile``'s mode. ``max-autotune-no-cudagraphs`` benchmarks Triton
+            matmul kernels (with fused epilogues) against cuBLAS for every shape: minutes more
+            compilation, sometimes faster steps; measure. Modes with CUDA graphs are left out: the
+            graphs reuse their output memory across steps, which logging and FSDP do not expect.
         activation_checkpointing: Recompute each block's activations during backward instead of
             storing them (about a third more compute, much less memory), with any strategy.
         attention_kernel: The ``F.scaled_dot_product_attention`` kernel tried first, the others
@@ -81,6 +85,7 @@ class PretrainModule(L.LightningModule):
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
         compile: bool = False,
+        compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default",
         activation_checkpointing: bool = False,
         attention_kernel: Literal["cudnn", "flash", "efficient", "math"] | None = None,
         init_from: str | None = None,
@@ -88,6 +93,8 @@ class PretrainModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if compile_mode != "default" and not compile:
+            raise UserError(f"model.compile_mode: {compile_mode} has no effect without model.compile: true; set both.")
         try:
             self.config = GPTConfig.from_preset(preset, vocab_size=vocab_size, seq_len=seq_len, **(overrides or {}))
         except ValueError as error:
@@ -126,11 +133,12 @@ class PretrainModule(L.LightningModule):
                 self.trainer.strategy.root_device,
                 seed,
                 param_dtype=torch.bfloat16 if precision.startswith("bf16") else None,
-                compile=self.hparams.compile,
+                compile_mode=self.hparams.compile_mode if self.hparams.compile else None,
                 weights=weights,
             )
             if self.hparams.compile:  # the blocks are compiled one by one, the loss on its own
-                self.loss_fn = partial(next_token_loss, loss_of_logits=torch.compile(logits_cross_entropy))
+                compiled_loss = torch.compile(logits_cross_entropy, mode=self.hparams.compile_mode)
+                self.loss_fn = partial(next_token_loss, loss_of_logits=compiled_loss)
         else:
             with torch.device("meta"):  # no throw-away default initialisation
                 self.model = GPT(self.config)
@@ -140,7 +148,7 @@ class PretrainModule(L.LightningModule):
             if weights is not None:
                 self.model.load_state_dict(weights)
             if self.hparams.compile:  # the whole model and its loss as one graph
-                self.loss_fn = torch.compile(next_token_loss)
+                self.loss_fn = torch.compile(next_token_loss, mode=self.hparams.compile_mode)
         self.model.activation_checkpointing = self.hparams.activation_checkpointing
         self.model.use_attention_kernel(self.hparams.attention_kernel)
 

@@ -42,23 +42,24 @@ def build_sharded_model(
     device: torch.device,
     seed: int,
     param_dtype: torch.dtype | None = None,
-    compile: bool = False,
+    compile_mode: str | None = None,
     weights: dict[str, torch.Tensor] | None = None,
 ) -> GPT:
     """A GPT whose parameters are sharded over ``mesh``, with the same values a single device gets.
 
     Each block is its own FSDP unit (gathered just before it runs, freed after); the embedding,
     final norm and LM head form the root unit. With ``param_dtype`` the gathered weights are cast
-    once per step (bf16 halves the all-gather), while gradients are reduced in fp32. ``compile``
-    compiles each block: FSDP's communication stays outside the compiled graphs.
+    once per step (bf16 halves the all-gather), while gradients are reduced in fp32. With a
+    ``compile_mode`` (``torch.compile``'s) each block is compiled: FSDP's communication stays
+    outside the compiled graphs.
     """
     with torch.device("meta"):
         model = GPT(config)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-        if compile:
-            block.compile()
+        if compile_mode is not None:
+            block.compile(mode=compile_mode)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     model.to_empty(device=device)
     model.init_weights(seed)

@@ -1,4 +1,4 @@
-"""The validation loss: the size-weighted mean of the batches' losses, kept on the device."""
+"""The LightningModule's own behaviour: its validation loss and how it compiles the model."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from pretrain.errors import UserError
 from pretrain.module import HeldOutLoss, PretrainModule
 from tests.conftest import TINY_VOCAB
+
+TINY = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2, "ffn_dim": 64}
 
 
 def test_the_mean_weighs_each_batch_by_its_size() -> None:
@@ -33,8 +36,7 @@ def test_a_nan_loss_gives_a_nan_mean_instead_of_an_error() -> None:
 def test_validation_logs_the_mean_loss_over_batches_of_different_sizes() -> None:
     torch.manual_seed(0)
     batches = [torch.randint(0, TINY_VOCAB, (size, 17)) for size in (3, 1, 2)]
-    module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2, "ffn_dim": 64},
-                            vocab_size=TINY_VOCAB, seq_len=16)  # fmt: skip
+    module = PretrainModule(overrides=TINY, vocab_size=TINY_VOCAB, seq_len=16)
     module.configure_model()
     module.eval()
     with torch.no_grad():
@@ -42,3 +44,22 @@ def test_validation_logs_the_mean_loss_over_batches_of_different_sizes() -> None
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     (logged,) = trainer.validate(module, DataLoader(batches, batch_size=None))
     assert logged["val/loss"] == pytest.approx(torch.stack(per_sequence).mean().item(), rel=1e-5)
+
+
+def test_the_compile_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch) -> None:
+    modes = []
+
+    def recording_compile(fn, mode=None, **kwargs):
+        modes.append(mode)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    module = PretrainModule(overrides=TINY, vocab_size=TINY_VOCAB, seq_len=16, compile=True,
+                            compile_mode="max-autotune-no-cudagraphs")  # fmt: skip
+    module.configure_model()
+    assert modes == ["max-autotune-no-cudagraphs"]
+
+
+def test_a_compile_mode_without_compile_is_refused() -> None:
+    with pytest.raises(UserError, match=r"max-autotune-no-cudagraphs has no effect without model\.compile: true"):
+        PretrainModule(overrides=TINY, vocab_size=TINY_VOCAB, compile_mode="max-autotune-no-cudagraphs")
