@@ -62,8 +62,8 @@ class PretrainModule(L.LightningModule):
         compile: ``torch.compile`` the model when it is built.
         compile_mode: ``torch.compile``'s mode. ``max-autotune-no-cudagraphs`` benchmarks Triton
             matmul kernels (with fused epilogues) against cuBLAS for every shape: minutes more
-            compilation, sometimes faster steps; measure. Modes with CUDA graphs are left out: the
-            graphs reuse their output memory across steps, which logging and FSDP do not expect.
+            compilation, sometimes faster steps; measure. Modes with CUDA graphs are left out: a
+            graph's outputs are overwritten by its next replay, a hazard for what the loop keeps.
         activation_checkpointing: Recompute each block's activations during backward instead of
             storing them (about a third more compute, much less memory), with any strategy.
         attention_kernel: The ``F.scaled_dot_product_attention`` kernel tried first, the others
