@@ -1,4 +1,5 @@
-"""FSDP2 (pretrain.parallel) on two CPU processes: sharded creation, training, exact resume, reading back."""
+"""FSDP on two CPU processes. FSDP2 (pretrain.parallel): sharded creation, training, exact resume, reading
+back. FSDP1 (Lightning's FSDPStrategy): the optimizer's groups."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from pretrain.loading import load_checkpoint, load_model
-from pretrain.model import GPT, GPTConfig
+from pretrain.model import GPT, Block, GPTConfig
+from pretrain.optim import param_groups
 from pretrain.parallel import build_sharded_model
 from tests.test_cli import ROOT, scalars_by_step, tiny_fit_args
 
@@ -83,3 +87,28 @@ def test_fsdp2_trains_resumes_exactly_and_its_sharded_checkpoint_reads_back(corp
     consolidated = load_checkpoint(checkpoint)
     assert consolidated["global_step"] == 16
     assert load_model(consolidated)(torch.zeros(1, 4, dtype=torch.long)).isfinite().all()
+
+
+def _fsdp1_groups_on_rank(rank: int, rendezvous: str, out: str) -> None:
+    """Wrapped as Lightning's FSDPStrategy does (one unit per block, use_orig_params), then grouped."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        model = GPT(CONFIG)
+        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True,
+                                           device_id=torch.device("cpu"))  # fmt: skip
+        names = {id(p): n.replace("_fsdp_wrapped_module.", "") for n, p in wrapped.named_parameters()}
+        assert all(p.dim() == 1 for p in wrapped.parameters())  # what the optimizer is built over
+        if rank == 0:
+            torch.save([sorted(names[id(p)] for p in group["params"]) for group in param_groups(model)], out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_weight_decay_groups_are_the_same_when_fsdp1_has_flattened_the_parameters(tmp_path: Path) -> None:
+    out = tmp_path / "groups.pt"
+    mp.spawn(_fsdp1_groups_on_rank, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
+    plain = GPT(CONFIG)
+    names = {id(p): n for n, p in plain.named_parameters()}
+    expected = [sorted(names[id(p)] for p in group["params"]) for group in param_groups(plain)]
+    assert torch.load(out) == expected
+    assert all("norm" in name for name in expected[1]) and expected[1]  # only the gains are exempt

@@ -162,7 +162,7 @@ def train(config: str, warmup: int = 5, steps: int = 100, args: list[str] | None
         batch = next(iter(cli.datamodule.train_dataloader()))
         bare_speed = tokens / bare_loop(cli, batch, warmup, steps)
     peak = peak_flops(device)
-    per_token = flops_per_token(cli.model.model, cli.model.config)
+    per_token = flops_per_token(cli.model.config)
     result = {
         "config": config,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -12,14 +12,20 @@ from pretrain.errors import UserError
 
 
 def param_groups(model: nn.Module) -> list[dict]:
-    """Matrices (linear and embedding weights) get the optimizer's weight decay; gains don't.
+    """Linear and embedding weights get the optimizer's weight decay; norm gains (and biases) don't.
 
     Decaying RMSNorm gains pulls them toward zero for no benefit, which is why every modern
-    LM recipe exempts them.
+    LM recipe exempts them. Chosen by the layer a parameter belongs to, not by its shape: under
+    FSDP1 every parameter is a flat 1-D shard by the time the optimizer is built.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    matrices = [p for p in params if p.dim() >= 2]
-    vectors = [p for p in params if p.dim() < 2]
+    matrices, vectors, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:  # a tied weight is listed once
+                continue
+            seen.add(id(param))
+            is_matrix = isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight"
+            (matrices if is_matrix else vectors).append(param)
     return [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}]
 
 

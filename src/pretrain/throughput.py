@@ -8,15 +8,19 @@ import lightning as L
 import torch
 from torch import nn
 
-from pretrain.model import GPTConfig
+from pretrain.model import GPT, GPTConfig
 
 # Dense bf16 peak of one chip, FLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
 
 
-def flops_per_token(model: nn.Module, config: GPTConfig) -> float:
+def flops_per_token(config: GPTConfig) -> float:
     """PaLM's count for a training step: 6 x (weights of all Linear layers, LM head included)
-    for the matmuls forward and backward, plus 12 x layers x width x context for attention."""
+    for the matmuls forward and backward, plus 12 x layers x width x context for attention.
+
+    Counted on a shape-only copy of the model: a sharded one (FSDP) holds only its shard."""
+    with torch.device("meta"):
+        model = GPT(config)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     return 6 * linear + 12 * config.n_layer * config.d_model * config.seq_len
 
@@ -45,7 +49,7 @@ class Throughput(L.Callback):
         self._logged_at_step = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._flops_per_token = flops_per_token(pl_module.model, pl_module.config)
+        self._flops_per_token = flops_per_token(pl_module.config)
         self.peak = self.peak or peak_flops(pl_module.device)
         self._tokens, self._started = 0, None
 
