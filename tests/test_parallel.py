@@ -1,5 +1,5 @@
 """FSDP on two CPU processes. FSDP2 (pretrain.parallel): sharded creation, training, exact resume, reading
-back. FSDP1 (Lightning's FSDPStrategy): the optimizer's groups."""
+back. FSDP1 (Lightning's FSDPStrategy): the optimizer's groups, text samples."""
 
 from __future__ import annotations
 
@@ -7,20 +7,25 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tokenizers import Tokenizer
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from pretrain.callbacks import TextSamples
 from pretrain.loading import load_checkpoint, load_model
 from pretrain.model import GPT, Block, GPTConfig
+from pretrain.module import PretrainModule
 from pretrain.optim import param_groups
 from pretrain.parallel import build_sharded_model
+from tests.conftest import TINY_VOCAB
 from tests.test_cli import ROOT, scalars_by_step, tiny_fit_args
 
 CONFIG = GPTConfig(
@@ -112,3 +117,38 @@ def test_weight_decay_groups_are_the_same_when_fsdp1_has_flattened_the_parameter
     expected = [sorted(names[id(p)] for p in group["params"]) for group in param_groups(plain)]
     assert torch.load(out) == expected
     assert all("norm" in name for name in expected[1]) and expected[1]  # only the gains are exempt
+
+
+def _fsdp1_samples_on_rank(rank: int, rendezvous: str, tokenizer: str, out: str) -> None:
+    """The text-samples callback on a LightningModule wrapped as Lightning's FSDPStrategy wraps it."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        module = fsdp1_test_module()
+        wrapped = FullyShardedDataParallel(module, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True,
+                                           device_id=torch.device("cpu"))  # fmt: skip
+        wrapped(torch.randint(0, TINY_VOCAB, (2, 16))).sum().backward()  # a training step's forward and backward
+        callback = TextSamples(prompts=["def ", "import "], max_new_tokens=6)
+        callback.tokenizer = Tokenizer.from_file(tokenizer)
+        samples = callback.samples(SimpleNamespace(strategy=SimpleNamespace(model=wrapped)), module)
+        torch.save(samples, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp1_test_module() -> PretrainModule:
+    module = PretrainModule(overrides={"d_model": 32, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "ffn_dim": 64},
+                            vocab_size=TINY_VOCAB, seq_len=16)  # fmt: skip
+    module.configure_model()
+    return module
+
+
+def test_text_samples_gather_the_weights_fsdp1_shards(prepared: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")  # the same weights in every process
+    tokenizer = str(prepared / "tokenizer.json")
+    out = str(tmp_path / "samples")
+    mp.spawn(_fsdp1_samples_on_rank, args=(str(tmp_path / "rendezvous"), tokenizer, out), nprocs=2)
+    callback = TextSamples(prompts=["def ", "import "], max_new_tokens=6)
+    callback.tokenizer = Tokenizer.from_file(tokenizer)
+    module = fsdp1_test_module()
+    expected = callback.samples(SimpleNamespace(strategy=SimpleNamespace(model=module)), module)
+    assert torch.load(f"{out}.0") == torch.load(f"{out}.1") == expected

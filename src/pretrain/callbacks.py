@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import lightning as L
@@ -9,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from tokenizers import Tokenizer
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from pretrain.generate import continue_text
 
@@ -33,11 +35,16 @@ class TextSamples(L.Callback):
         # After prepare_data, so the tokenizer file exists; read once, not at every validation.
         self.tokenizer = Tokenizer.from_file(str(trainer.datamodule.tokenizer_path))
 
+    def samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[str]:
+        """The continuation of each prompt, on every rank."""
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"), gathered_weights(trainer.strategy.model):
+            # New shapes at each token: run eagerly rather than recompile.
+            return [continue_text(pl_module.model, self.tokenizer, p, self.max_new_tokens) for p in self.prompts]
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # new shapes each token: don't recompile
-            samples = [continue_text(pl_module.model, self.tokenizer, p, self.max_new_tokens) for p in self.prompts]
+        samples = self.samples(trainer, pl_module)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
@@ -45,6 +52,15 @@ class TextSamples(L.Callback):
                         f"    {p}{s}".replace("\n", "\n    ") for p, s in zip(self.prompts, samples, strict=True)
                     )
                     logger.experiment.add_text("samples", text, trainer.global_step)
+
+
+def gathered_weights(wrapped: torch.nn.Module) -> AbstractContextManager:
+    """FSDP1 gathers a unit's weights only inside that unit's own forward, and the root unit (embedding,
+    final norm, LM head) wraps the whole LightningModule: sampling, which calls the inner model token
+    by token, gathers every weight for its duration instead (read-only). FSDP2 gathers per call."""
+    if isinstance(wrapped, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(wrapped, writeback=False)
+    return nullcontext()
 
 
 class LossProgressBar(TQDMProgressBar):
