@@ -7,6 +7,7 @@ import torch
 
 from pretrain import benchmark
 from pretrain.benchmark import main as benchmark_main
+from pretrain.errors import UserError
 from pretrain.model import PRESETS
 from pretrain.prepare import read_manifest
 from pretrain.throughput import flops_per_token
@@ -50,6 +51,13 @@ def test_benchmark_prints_a_table_then_json(corpus, prepared, capsys: pytest.Cap
     assert result["mfu"] is None and result["peak_mem_gib"] > 0
 
 
+@pytest.mark.parametrize("option", [("--trainer.accumulate_grad_batches", "2"), ("--trainer.devices", "2")])
+def test_the_benchmark_refuses_what_its_bare_loop_cannot_mirror(corpus, prepared, option) -> None:
+    overrides = tiny_fit_args(corpus[0], prepared, prepared.parent / "bench-logs")[3:]
+    with pytest.raises(UserError, match="one micro-batch per step on one device"):
+        benchmark.train(str(ROOT / "configs" / "quickstart.yaml"), 1, 1, [*overrides, *option])
+
+
 def test_data_benchmark_reports_preparation_against_the_tokenizer(corpus, tmp_path, capsys) -> None:
     overrides = ["--data.sources", f"[{corpus[0]}]", "--data.data_dir", str(tmp_path), "--data.vocab_size", "320"]
     config = str(ROOT / "configs" / "quickstart.yaml")
@@ -69,9 +77,17 @@ def test_the_benchmark_names_the_steps_that_waited_for_the_gpu(monkeypatch: pyte
     monkeypatch.setattr(benchmark, "_synchronize", lambda device: None)
     timer = benchmark.StepTimer(warmup=2, steps=6)
     module, batch = SimpleNamespace(device=torch.device("cuda")), torch.zeros(2, 9)
+
+    def wait() -> None:
+        warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+
     for step in range(1, 9):
-        if step in (1, 4, 7, 8):
-            warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+        timer.on_train_batch_start(SimpleNamespace(global_step=step - 1), batch, step - 1)
+        if step in (1, 4, 7):
+            wait()  # during the step
         timer.on_train_batch_end(SimpleNamespace(global_step=step), module, None, batch, step - 1)
-    assert timer.sync_steps == [4, 7, 8]  # step 1 is before the timed window
+        if step in (5, 7):
+            wait()  # after the batch: the trainer writing this step's logs
+    timer.on_train_batch_start(SimpleNamespace(global_step=8), batch, 8)
+    assert timer.sync_steps == [4, 5, 7]  # step 1 is before the timed window; the wait of step 5 is not step 6's
     assert timer._warnings is None  # warnings are reported as usual again

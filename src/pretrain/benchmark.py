@@ -25,6 +25,7 @@ import yaml
 from pretrain import benchmark_data
 from pretrain.cli import PretrainCLI
 from pretrain.data import PretrainData
+from pretrain.errors import UserError
 from pretrain.model import GPT, next_token_loss
 from pretrain.module import PretrainModule
 from pretrain.optim import param_groups
@@ -35,7 +36,9 @@ class StepTimer(L.Callback):
     """Wall time of optimizer steps ``warmup`` .. ``warmup + steps``, synchronised at both ends.
 
     On a GPU it also records the steps in which the host waited for the GPU (CUDA's sync debug
-    mode warns at each such wait): only the logging steps should.
+    mode warns at each such wait): only the logging steps should. A step is labelled as
+    ``trainer.global_step`` after its optimizer step, and owns what the trainer does after its
+    batch (writing logs, saving checkpoints), up to the next batch.
     """
 
     def __init__(self, warmup: int, steps: int) -> None:
@@ -47,12 +50,12 @@ class StepTimer(L.Callback):
         self._caught: list[warnings.WarningMessage] = []
         self._seen = 0
 
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        self._note_waits(trainer.global_step)  # since the previous batch ended: still the previous step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if self._warnings is not None and len(self._caught) > self._seen:
-            if any("synchroniz" in str(w.message) for w in self._caught[self._seen :]):
-                self.sync_steps.append(step)  # a wait since the previous step ended
-            self._seen = len(self._caught)
+        self._note_waits(step)
         if step == self.warmup:
             _synchronize(pl_module.device)
             self._start = time.perf_counter()
@@ -63,6 +66,14 @@ class StepTimer(L.Callback):
             self._record_syncs(False)
             _synchronize(pl_module.device)
             self.seconds = time.perf_counter() - self._start
+
+    def _note_waits(self, step: int) -> None:
+        if self._warnings is None or len(self._caught) == self._seen:
+            return
+        waited = any("synchroniz" in str(w.message) for w in self._caught[self._seen :])
+        if waited and (not self.sync_steps or self.sync_steps[-1] != step):
+            self.sync_steps.append(step)
+        self._seen = len(self._caught)
 
     def _record_syncs(self, on: bool) -> None:
         if on:
@@ -93,7 +104,13 @@ def project_run(config: str, warmup: int, steps: int, extra: list[str]) -> tuple
     args = ["--config", config, "--trainer.max_steps", str(warmup + steps + 1), "--trainer.limit_val_batches", "0",
             "--trainer.logger.init_args.save_dir", logs, *_schedule_length(config), *extra]  # fmt: skip
     cli = PretrainCLI(PretrainModule, PretrainData, args=args, run=False, auto_configure_optimizers=False)
-    cli.trainer.callbacks.append(timer)
+    trainer = cli.trainer
+    if trainer.accumulate_grad_batches != 1 or trainer.num_devices * trainer.num_nodes != 1:
+        raise UserError(
+            "The benchmark times one micro-batch per step on one device, as its bare loop does: "
+            "add --trainer.accumulate_grad_batches 1 --trainer.devices 1 --trainer.num_nodes 1."
+        )
+    trainer.callbacks.append(timer)
     if cli.trainer.strategy.root_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -217,4 +234,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
