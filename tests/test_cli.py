@@ -9,7 +9,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
+from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.strategies import FSDPStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
@@ -67,6 +70,16 @@ def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture) -> Non
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (None, 0)
     assert "model:" in capsys.readouterr().out
+
+
+def test_the_fsdp_config_sums_gradients_and_keeps_buffers_in_fp32() -> None:
+    """Lightning's bf16-mixed alone would make FSDP1 reduce gradients and hold the rotary table in bf16."""
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=FSDPStrategy)
+    raw = yaml.safe_load((ROOT / "configs" / "llama-1b-fsdp.yaml").read_text())["trainer"]["strategy"]
+    policy = parser.instantiate(parser.parse_object({"strategy": raw})).strategy.mixed_precision
+    assert (policy.param_dtype, policy.reduce_dtype, policy.buffer_dtype) == (torch.bfloat16, torch.float32,
+                                                                              torch.float32)  # fmt: skip
 
 
 def test_the_learning_rate_is_logged_on_the_steps_the_trainer_writes(corpus, prepared: Path, tmp_path: Path) -> None:

@@ -60,6 +60,27 @@ def test_sharded_creation_gives_the_single_device_weights(tmp_path: Path) -> Non
     torch.testing.assert_close(sharded["rope"], plain.rope)
 
 
+def _rope_dtypes_on_rank(rank: int, rendezvous: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        model = build_sharded_model(CONFIG, init_device_mesh("cpu", (2,)), torch.device("cpu"), seed=3,
+                                    param_dtype=torch.bfloat16)  # fmt: skip
+        seen = []
+        for block in model.blocks:
+            block.attn.register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, args[1].dtype)))
+        model(torch.randint(0, CONFIG.vocab_size, (2, 16))).float().sum().backward()
+        if rank == 0:
+            torch.save(seen, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bf16_weights_leave_the_rotary_table_in_fp32(tmp_path: Path) -> None:
+    out = tmp_path / "dtypes.pt"
+    mp.spawn(_rope_dtypes_on_rank, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
+    assert torch.load(out) == [(torch.bfloat16, torch.float32)] * CONFIG.n_layer  # activations bf16, table fp32
+
+
 def run_fsdp2(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
