@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pretrain import benchmark
+from pretrain import benchmark, throughput
 from pretrain.benchmark import main as benchmark_main
 from pretrain.errors import UserError
 from pretrain.model import PRESETS
@@ -37,6 +37,30 @@ def test_throughput_is_logged_once_per_interval_with_gradient_accumulation(corpu
     run_dir = tmp_path / "quickstart" / "version_0"
     assert len(scalars(run_dir, "perf/tokens_per_sec")) == 1  # step 25, once, though two batches end on it
     assert len(scalars(run_dir, "train/loss")) == 40  # one per optimizer step
+
+
+def test_validation_and_checkpoint_saves_are_left_out_of_the_throughput(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock.now)
+    logged = {}
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.update({step: metrics["perf/tokens_per_sec"]}))
+    callback = throughput.Throughput(interval=4, peak_flops=1.0)
+    trainer = SimpleNamespace(global_step=0, world_size=1, loggers=[logger])
+    module = SimpleNamespace(config=PRESETS["tiny"], device=torch.device("cpu"))
+    callback.on_train_start(trainer, module)
+    batch = torch.zeros(2, 11)  # 20 tokens per step
+    for step in range(12):
+        callback.on_train_batch_start(trainer, module, batch, step)
+        clock.now += 1.0  # a training step
+        trainer.global_step = step + 1
+        callback.on_train_batch_end(trainer, module, None, batch, step)
+        if trainer.global_step == 5:
+            callback.on_validation_start(trainer, module)
+            clock.now += 100.0
+        if trainer.global_step == 9:
+            callback.on_save_checkpoint(trainer, module, {})
+            clock.now += 50.0
+    assert logged == {4: 20.0, 8: 20.0, 12: 20.0}  # 20 tokens a second throughout
 
 
 def test_benchmark_prints_a_table_then_json(corpus, prepared, capsys: pytest.CaptureFixture) -> None:

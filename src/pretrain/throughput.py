@@ -36,8 +36,11 @@ class Throughput(L.Callback):
     """Logs ``perf/tokens_per_sec`` (all devices together) and ``perf/mfu`` every ``interval`` steps.
 
     Wall-clock time between two logging steps, with no ``cuda.synchronize``: the GPU queue is bounded,
-    so over ``interval`` steps the host's clock measures the device's pace. MFU is logged where the
-    chip's peak is known (see ``PEAK_BF16_FLOPS``; pass ``peak_flops`` for others).
+    so over ``interval`` steps the host's clock measures the device's pace. Validation (text samples
+    included) and checkpoint saves are left out: after either, the interval's count starts again
+    at the next batch (both end by waiting for the GPU, so the clock restarts on an idle device).
+    MFU is logged where the chip's peak is known (see ``PEAK_BF16_FLOPS``; pass ``peak_flops`` for
+    others).
     """
 
     def __init__(self, interval: int = 50, peak_flops: float | None = None) -> None:
@@ -47,11 +50,23 @@ class Throughput(L.Callback):
         self._started: float | None = None
         self._flops_per_token = 0.0
         self._logged_at_step = 0
+        self._paused = False  # validation or a checkpoint save since the last batch
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._flops_per_token = flops_per_token(pl_module.config)
         self.peak = self.peak or peak_flops(pl_module.device)
         self._tokens, self._started = 0, None
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._paused = True
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._paused = True
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx) -> None:
+        if self._paused and self._started is not None:
+            self._tokens, self._started = 0, time.perf_counter()
+        self._paused = False
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         if self._started is None:  # the first step includes warm-up (compilation, allocator): not counted
