@@ -24,6 +24,13 @@ def test_flops_per_token_follows_the_palm_formula() -> None:
     assert flops_per_token(config) == 6 * linear + 12 * 22 * 2048 * 2048
 
 
+@pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                           ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)])  # fmt: skip
+def test_the_peak_follows_the_card(monkeypatch: pytest.MonkeyPatch, name: str, peak: float) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    assert throughput.peak_flops(torch.device("cuda", 0)) == peak
+
+
 def test_throughput_is_logged_during_training(corpus, prepared, tmp_path) -> None:
     result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path))  # the quickstart logs it every 25 steps
     assert result.returncode == 0, result.stderr[-3000:]

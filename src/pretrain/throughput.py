@@ -10,8 +10,19 @@ from torch import nn
 
 from pretrain.model import GPT, GPTConfig
 
-# Dense bf16 peak of one chip, FLOP/s, by a substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+# Dense bf16 peak of one chip, FLOP/s, by a substring of torch.cuda.get_device_name(), the first that
+# matches: the PCIe and NVL cards run at lower clocks than the SXM ones ("NVIDIA H100 80GB HBM3").
+PEAK_BF16_FLOPS = {
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "4090": 165e12,
+}
 
 
 def flops_per_token(config: GPTConfig) -> float:
