@@ -10,9 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
+from pretrain.checkpointing import PretrainCheckpoint
 from pretrain.module import PretrainModule
 from tests.test_cli import ROOT, run_main, scalars_by_step, tiny_fit_args
 
@@ -109,3 +112,26 @@ def test_random_number_streams_continue_after_restore() -> None:
     random.seed(123)
     module.on_load_checkpoint(checkpoint)
     assert torch.equal(torch.rand(4), expected[0]) and random.random() == expected[1]
+
+
+class SignalAtBatch(L.Callback):
+    def __init__(self, batch_idx: int) -> None:
+        self.batch_idx = batch_idx
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx == self.batch_idx:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_during_gradient_accumulation_saves_at_the_end_of_the_step(tmp_path: Path) -> None:
+    module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2}, vocab_size=64,
+                            seq_len=8)  # fmt: skip
+    checkpoint = PretrainCheckpoint(dirpath=tmp_path, every_n_train_steps=100, save_last="link")
+    trainer = L.Trainer(max_steps=50, accumulate_grad_batches=4, callbacks=[checkpoint, SignalAtBatch(13)],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, DataLoader(torch.randint(0, 64, (400, 9)), batch_size=2))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    completed = saved["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["completed"]
+    # Batch 13 is the 2nd of step 4's 4 micro-batches. Saved after the step's last one (batch 15), which
+    # counts as completed only once the hook returns, as in periodic saves: resuming starts step 5.
+    assert (saved["global_step"], completed) == (4, 15)

@@ -122,6 +122,8 @@ class PretrainCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if trainer.fit_loop._should_accumulate():  # mid-step: a save would lose the gradients gathered so far
+            return
         # The final step, or one after which something asked training to stop, is saved here like
         # periodic steps, so resuming from it behaves the same.
         if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:
