@@ -176,6 +176,7 @@ class MixtureLoader:
     The checkpointed state is the one after the last batch handed out, not after the batch
     Lightning fetches ahead: each dataset's loader position plus the samples fetched but not yet
     used, so a resumed run continues with exactly the batches the uninterrupted one would see.
+    Positions are the same on every rank, the unused samples are not: those are kept per rank.
     """
 
     def __init__(self, loaders: dict[str, StreamingDataLoader], shares: dict[str, float], batch_size: int) -> None:
@@ -233,7 +234,16 @@ class MixtureLoader:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return self._state_before_prefetch or self._state()
+        """Called on every rank at once, as Lightning builds a checkpoint on every rank (and writes
+        rank 0's): the samples each rank fetched but has not used are gathered from all of them."""
+        state = self._state_before_prefetch or self._state()
+        # As numpy arrays: gathering objects that hold tensors fails (torch 2.14, gloo).
+        ours = {name: None if part["buffer"] is None else part["buffer"].numpy() for name, part in state.items()}
+        by_rank = [
+            {name: None if array is None else torch.from_numpy(array) for name, array in buffers.items()}
+            for buffers in _gather_from_ranks(ours)
+        ]
+        return {name: {**part, "buffer": [buffers[name] for buffers in by_rank]} for name, part in state.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state) != set(self.names):
@@ -241,11 +251,36 @@ class MixtureLoader:
                 f"The checkpoint was trained on the mixture {sorted(state)}, this run mixes {sorted(self.names)}; "
                 "resume with the same data.mixture names."
             )
+        rank, world_size = _rank_and_world_size()
+        saved_by = len(next(iter(state.values()))["buffer"])
+        if saved_by != world_size:
+            log.warning(
+                "This mixture run was saved by %d process(es) and resumes on %d: the samples each had fetched "
+                "but not yet used are skipped, and the data order differs from an uninterrupted run.",
+                saved_by,
+                world_size,
+            )
         for k, name in enumerate(self.names):
             self._restored[k] = copy.deepcopy(state[name]["loader"])
             self.loaders[k].load_state_dict(copy.deepcopy(state[name]["loader"]))  # litdata edits what it is given
             self._taken[k] = state[name]["taken"]
-            buffer = state[name]["buffer"]
+            buffer = state[name]["buffer"][rank] if saved_by == world_size else None
             self._buffers[k] = [] if buffer is None else list(buffer.unbind(0))
             self._iterators[k] = None
         self._state_before_prefetch = None
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather_from_ranks(value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order (a collective: every rank must call it)."""
+    world_size = _rank_and_world_size()[1]
+    if world_size == 1:
+        return [value]
+    gathered: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
