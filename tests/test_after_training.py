@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -124,12 +125,20 @@ def test_init_from_loads_weights_only(trained: Path, tmp_path: Path, source: str
 
 
 def test_continued_pretraining_through_the_cli(corpus, prepared: Path, trained: Path, tmp_path: Path) -> None:
-    ckpt = str(trained / "checkpoints" / "last.ckpt")
-    short = ("--trainer.max_steps", "2", "--model.lr_scheduler.init_args.warmup_steps", "1")
-    result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, "--model.init_from", ckpt, *short))
+    ckpt = tmp_path / "source.ckpt"
+    shutil.copy(trained / "checkpoints" / "last.ckpt", ckpt)
+    short = ("--model.init_from", str(ckpt), "--model.lr_scheduler.init_args.max_steps", "3",
+             "--model.lr_scheduler.init_args.warmup_steps", "1")  # fmt: skip
+    result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, *short, "--trainer.max_steps", "2"))
     assert result.returncode == 0, result.stderr[-3000:]
     state = torch.load(tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 2  # a new run (fresh optimizer and schedule), from trained weights
+    ckpt.unlink()  # resuming reads the run's own checkpoint, not the init_from weights it replaces
+    result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, *short, "--trainer.max_steps", "3",
+                                     "--ckpt_path", "last"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 3
 
 
 @pytest.mark.parametrize("stage", ["validate", "test"])

@@ -11,12 +11,14 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch.utils.data import DataLoader
 
 from pretrain.checkpointing import AtomicCheckpointIO, PretrainCheckpoint
 from pretrain.data import PretrainData
 from pretrain.errors import UserError
+from pretrain.loading import load_checkpoint
 from pretrain.module import PretrainModule
 from pretrain.prepare import prepare, read_manifest
 from pretrain.sources import resolve_sources
@@ -124,6 +126,31 @@ def test_checkpoint_that_would_run_code_is_refused(corpus, prepared: Path, tmp_p
     torch.save({"state_dict": {}, "payload": pickle.loads(pickle.dumps(Path("x")))}, evil)
     result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, "--ckpt_path", str(evil)))
     assert_clean_failure(result, f"{evil} holds objects other than tensors")
+
+
+class WritesAFile:
+    """Unpickling this writes a file: it stands for any code a pickled index could run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return Path.write_text, (self.path, "ran")
+
+
+def test_sharded_checkpoint_whose_index_would_run_code_is_refused(corpus, prepared: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "step=0000010.ckpt"
+    dcp.save({"model": {"w": torch.ones(2)}, "optimizer_0": {"m": torch.ones(2)}}, checkpoint_id=folder, no_dist=True)
+    loaded = load_checkpoint(folder)
+    assert list(loaded) == ["state_dict"] and torch.equal(loaded["state_dict"]["w"], torch.ones(2))  # weights only
+    marker = tmp_path / "ran"
+    (folder / ".metadata").write_bytes(pickle.dumps(WritesAFile(marker)))
+    with pytest.raises(UserError, match=r"names pathlib.Path.write_text in its index \(.metadata\)"):
+        load_checkpoint(folder)  # as generate, export and init_from read a folder
+    assert not marker.exists()
+    result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, "--ckpt_path", str(folder)))  # resuming
+    assert_clean_failure(result, "which is not part of a checkpoint index")
+    assert not marker.exists()
 
 
 def test_crash_mid_save_leaves_the_previous_checkpoint_intact(tmp_path: Path, monkeypatch) -> None:

@@ -17,6 +17,7 @@ from pretrain.callbacks import LossProgressBar
 from pretrain.checkpointing import PretrainCheckpoint, find_last_checkpoint
 from pretrain.data import PretrainData
 from pretrain.errors import UserError
+from pretrain.loading import check_sharded_index
 from pretrain.module import PretrainModule
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class PretrainCLI(LightningCLI):
             raise UserError(
                 f"Checkpoint {ckpt_path} does not exist; give a .ckpt file, or 'last' to continue the newest run."
             )
+        model.resuming = bool(ckpt_path)
+        if ckpt_path and kwargs.get("weights_only") is not False and Path(ckpt_path).is_dir():
+            check_sharded_index(Path(ckpt_path))  # Lightning's sharded loading unpickles it unchecked
         try:
             self.trainer.fit(model, ckpt_path=ckpt_path, **kwargs)
         except pickle.UnpicklingError:
