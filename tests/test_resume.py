@@ -114,6 +114,22 @@ def test_random_number_streams_continue_after_restore() -> None:
     assert torch.equal(torch.rand(4), expected[0]) and random.random() == expected[1]
 
 
+class SignalAfterSanityCheck(L.Callback):
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's own handler is in place here
+
+
+def test_a_signal_before_training_starts_is_handled_with_a_checkpoint(tmp_path: Path) -> None:
+    module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2}, vocab_size=64,
+                            seq_len=8)  # fmt: skip
+    checkpoint = PretrainCheckpoint(dirpath=tmp_path, every_n_train_steps=100, save_last="link")
+    data = DataLoader(torch.randint(0, 64, (40, 9)), batch_size=2)
+    trainer = L.Trainer(max_steps=50, callbacks=[checkpoint, SignalAfterSanityCheck()], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, data, data)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 1  # saved after one step
+
+
 class SignalAtBatch(L.Callback):
     def __init__(self, batch_idx: int) -> None:
         self.batch_idx = batch_idx

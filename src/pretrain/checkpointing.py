@@ -107,7 +107,10 @@ class PretrainCheckpoint(ModelCheckpoint):
             step, metrics = self._step_metrics
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
-        self._received = None
+        # A SIGTERM since Lightning put its own handler in (during the sanity check) would make it end
+        # the run after the next batch without a checkpoint: it is taken over and handled here instead.
+        self._received = signal.SIGTERM if trainer.received_sigterm else None
+        trainer._signal_connector.received_sigterm = False
         for signum in PREEMPTION_SIGNALS:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
         # Lightning (2.6) also broadcasts its own SIGTERM flag at every step of a multi-process run
