@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -128,6 +129,29 @@ def test_a_signal_before_training_starts_is_handled_with_a_checkpoint(tmp_path: 
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, data, data)
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 1  # saved after one step
+
+
+def test_resuming_with_a_different_batch_per_step_warns_with_the_fix(tmp_path: Path) -> None:
+    data = DataLoader(torch.randint(0, 64, (40, 9)), batch_size=2)
+
+    def fit(accumulate: int, max_steps: int, ckpt_path: Path | None = None) -> None:
+        module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2}, vocab_size=64,
+                                seq_len=8)  # fmt: skip
+        checkpoint = PretrainCheckpoint(dirpath=tmp_path, every_n_train_steps=100, save_last="link")
+        trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=accumulate, callbacks=[checkpoint],
+                            logger=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+
+    fit(accumulate=2, max_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(accumulate=2, max_steps=3, ckpt_path=tmp_path / "last.ckpt")  # the same batch: no warning
+    assert not [w for w in caught if "resumes with" in str(w.message)]
+    with pytest.warns(UserWarning, match="resumes with") as caught:
+        fit(accumulate=4, max_steps=4, ckpt_path=tmp_path / "last.ckpt")
+    (message,) = [str(w.message) for w in caught if "resumes with" in str(w.message)]
+    assert "saved with 1 process(es) x 2 micro-batch(es)" in message and "resumes with 1 process(es) x 4" in message
+    assert message.endswith("To keep the batch, set --trainer.accumulate_grad_batches 2.")
 
 
 class SignalAtBatch(L.Callback):

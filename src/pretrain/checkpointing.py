@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class PretrainCheckpoint(ModelCheckpoint):
         self._received: int | None = None
         self._previous_handlers: dict[int, object] = {}
         self._step_metrics: tuple[int, dict[str, float]] | None = None  # see _save_checkpoint
+        self._batch_layout: dict[str, int | None] | None = None  # this run's; saved for a resumed run to compare
+        self._saved_batch_layout: dict[str, int | None] | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -85,11 +88,12 @@ class PretrainCheckpoint(ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "step_metrics": self._step_metrics}
+        return {**super().state_dict(), "step_metrics": self._step_metrics, "batch_layout": self._batch_layout}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._step_metrics = state_dict.get("step_metrics")
+        self._saved_batch_layout = state_dict.get("batch_layout")
 
     def save_now(self, trainer: L.Trainer) -> None:
         """Save the current step (unless already saved) and point ``last`` at it."""
@@ -109,6 +113,9 @@ class PretrainCheckpoint(ModelCheckpoint):
                 logger.log_metrics(metrics, step=step)
         # A SIGTERM since Lightning put its own handler in (during the sanity check) would make it end
         # the run after the next batch without a checkpoint: it is taken over and handled here instead.
+        self._batch_layout = batch_layout(trainer)
+        if trainer.ckpt_path and self._saved_batch_layout not in (None, self._batch_layout):
+            rank_zero_warn(batch_change_message(self._saved_batch_layout, self._batch_layout))
         self._received = signal.SIGTERM if trainer.received_sigterm else None
         trainer._signal_connector.received_sigterm = False
         for signum in PREEMPTION_SIGNALS:
@@ -169,6 +176,33 @@ class PretrainCheckpoint(ModelCheckpoint):
         for signum, handler in self._previous_handlers.items():
             signal.signal(signum, handler)
         self._previous_handlers.clear()
+
+
+def batch_layout(trainer: L.Trainer) -> dict[str, int | None]:
+    """What makes up one optimizer step's batch: processes x accumulated micro-batches x sequences."""
+    return {
+        "processes": trainer.world_size,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "micro_batch": getattr(trainer.datamodule, "batch_size", None),
+    }
+
+
+def batch_change_message(saved: dict[str, int | None], now: dict[str, int | None]) -> str:
+    def describe(layout: dict[str, int | None]) -> str:
+        return (
+            f"{layout['processes']} process(es) x {layout['accumulate_grad_batches']} micro-batch(es) "
+            f"of {layout['micro_batch'] or '?'} sequences"
+        )
+
+    message = (
+        f"This run was saved with {describe(saved)} per optimizer step and resumes with {describe(now)}: each "
+        "step now sees a different batch, while the learning-rate schedule and max_steps stay as they were."
+    )
+    if saved["micro_batch"] == now["micro_batch"]:
+        sequences = saved["processes"] * saved["accumulate_grad_batches"]
+        if sequences % now["processes"] == 0:
+            message += f" To keep the batch, set --trainer.accumulate_grad_batches {sequences // now['processes']}."
+    return message
 
 
 def _never_stopped_by_lightning() -> None:
