@@ -23,7 +23,9 @@ run() {  # name, time cap in seconds, then benchmark arguments
   ((cap > left)) && cap=$left
   echo "== $name (at most $cap s)"
   timeout --kill-after 10 "$cap" python -m pretrain.benchmark train "$@" > "$out/$name.log" 2>&1
-  echo "   exit $?; $(tail -n 1 "$out/$name.log" | cut -c1-300)"
+  local status=$?
+  ((status == 124 || status == 137)) && echo "timed out after $cap s" >> "$out/$name.log"
+  echo "   exit $status; $(tail -n 1 "$out/$name.log" | cut -c1-300)"
 }
 # The attention kernel PyTorch picks by default for each model's training shapes (bf16, causal).
 declare -A DEFAULT_KERNEL
@@ -44,7 +46,7 @@ PY
 # The kernels that actually run for each model.attention_kernel setting, from the profiler (a
 # one-block llama-1b, forward and backward; flash first in a fresh process, so that a choice
 # overridden by PyTorch's lazy set-up of its own priorities on the first call would show).
-python - <<'PY' 2>&1 | tee -a "$out/gpu.txt"
+timeout 120 python - <<'PY' 2>&1 | tee -a "$out/gpu.txt"
 import torch
 from torch.profiler import ProfilerActivity, profile
 from pretrain.model import GPT, PRESETS, next_token_loss
@@ -98,5 +100,6 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.log"), key=lambda p: p.stat
               f"{r['mfu']!s:>7} {r['bare_mfu']!s:>9} {r['peak_mem_gib']:>9}  {r.get('gpu_sync_steps')}")
     except (json.JSONDecodeError, KeyError, IndexError):
         lines = path.read_text().splitlines()
-        print(f"{path.stem:<20} {lines[-1][:100] if lines and lines[-1].startswith('skipped') else 'failed: see ' + path.name}")
+        reported = lines and lines[-1].startswith(("skipped", "timed out"))
+        print(f"{path.stem:<20} {lines[-1][:100] if reported else 'failed: see ' + path.name}")
 PY

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -138,17 +139,52 @@ class WritesAFile:
         return Path.write_text, (self.path, "ran")
 
 
-def test_sharded_checkpoint_whose_index_would_run_code_is_refused(corpus, prepared: Path, tmp_path: Path) -> None:
+def call_through_a_dotted_name(module: str, name: str, args: tuple) -> bytes:
+    """A pickle that calls what ``name`` reaches from ``module`` attribute by attribute (protocol 4 allows
+    dots), e.g. a function of a module that ``module`` imported."""
+
+    def text(value: str) -> bytes:
+        return b"\x8c" + bytes([len(value)]) + value.encode()  # SHORT_BINUNICODE
+
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + pickle.dumps(args, protocol=2)[2:-1] + b"R."
+
+
+def evil_indexes(marker: Path) -> dict[str, bytes]:
+    import torch.utils.collect_env  # noqa: F401  (makes the dotted path below reach subprocess.run)
+
+    return {
+        "pathlib.Path.write_text": pickle.dumps(WritesAFile(marker)),
+        "torch.distributed.checkpoint.metadata.torch.utils.collect_env.subprocess.run": call_through_a_dotted_name(
+            "torch.distributed.checkpoint.metadata", "torch.utils.collect_env.subprocess.run", (["touch", marker],)
+        ),
+    }
+
+
+def test_sharded_checkpoint_whose_index_would_run_code_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "step=0000010.ckpt"
     dcp.save({"model": {"w": torch.ones(2)}, "optimizer_0": {"m": torch.ones(2)}}, checkpoint_id=folder, no_dist=True)
     loaded = load_checkpoint(folder)
     assert list(loaded) == ["state_dict"] and torch.equal(loaded["state_dict"]["w"], torch.ones(2))  # weights only
     marker = tmp_path / "ran"
+    for name, index in evil_indexes(marker).items():
+        pickle.loads(index)  # plain unpickling runs it ...
+        assert marker.exists(), name
+        marker.unlink()
+        (folder / ".metadata").write_bytes(index)
+        with pytest.raises(UserError, match=f"names {re.escape(name)} in its index"):
+            load_checkpoint(folder)  # ... the check refuses it, as generate, export and init_from read a folder
+        assert not marker.exists(), name
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_commands_refuse_a_sharded_checkpoint_whose_index_would_run_code(corpus, prepared: Path, tmp_path: Path,
+                                                                         command: str) -> None:  # fmt: skip
+    folder = tmp_path / "step=0000010.ckpt"
+    dcp.save({"model": {"w": torch.ones(2)}}, checkpoint_id=folder, no_dist=True)
+    marker = tmp_path / "ran"
     (folder / ".metadata").write_bytes(pickle.dumps(WritesAFile(marker)))
-    with pytest.raises(UserError, match=r"names pathlib.Path.write_text in its index \(.metadata\)"):
-        load_checkpoint(folder)  # as generate, export and init_from read a folder
-    assert not marker.exists()
-    result = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, "--ckpt_path", str(folder)))  # resuming
+    args = tiny_fit_args(corpus[0], prepared, tmp_path, "--ckpt_path", str(folder))
+    result = run_main(command, *args[1:])
     assert_clean_failure(result, "which is not part of a checkpoint index")
     assert not marker.exists()
 

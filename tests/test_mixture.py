@@ -101,6 +101,33 @@ def test_the_mixture_loader_resumes_exactly_wherever_it_stopped(mixture: dict, b
         assert all(torch.equal(a, b) for a, b in zip(reference[n:], rest, strict=True)), n
 
 
+def test_a_resume_on_another_number_of_processes_skips_the_unused_samples_with_a_warning(
+    mixture: dict, built: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def loader() -> MixtureLoader:
+        data = PretrainData(mixture=mixture, data_dir=str(built), vocab_size=TINY_VOCAB, val_fraction=0.1,
+                            seq_len=16, batch_size=8, num_workers=0)  # fmt: skip
+        data.setup("fit")
+        return data.train_dataloader()
+
+    stopped = loader()
+    batches = iter(stopped)
+    next(batches), next(batches)  # one batch trained on, one fetched ahead
+    state = stopped.state_dict()
+    assert [len(part["buffer"]) for part in state.values()] == [1, 1]  # one process: its own unused samples
+    assert any(part["buffer"][0] is not None for part in state.values())
+    two_processes = {name: {**part, "buffer": part["buffer"] * 2} for name, part in state.items()}
+    resumed = loader()
+    resumed.load_state_dict(two_processes)
+    assert "saved by 2 process(es) and resumes on 1" in caplog.text
+    assert all(not buffer for buffer in resumed._buffers)  # skipped, not another rank's samples
+    older = {name: {**part, "buffer": part["buffer"][0]} for name, part in state.items()}  # before per-rank buffers
+    from_older, from_current = loader(), loader()
+    from_older.load_state_dict(older)
+    from_current.load_state_dict(state)
+    assert torch.equal(next(iter(from_older)), next(iter(from_current)))
+
+
 def test_a_dataset_smaller_than_a_batch_is_refused_with_the_fix(mixture: dict, built: Path) -> None:
     data = PretrainData(mixture=mixture, data_dir=str(built), vocab_size=TINY_VOCAB, val_fraction=0.1,
                         seq_len=64, batch_size=200, num_workers=0)  # fmt: skip

@@ -7,10 +7,14 @@ import math
 import lightning as L
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.data import DataLoader
 
 from pretrain.errors import UserError
+from pretrain.model import GPTConfig
 from pretrain.module import HeldOutLoss, PretrainModule
+from pretrain.parallel import build_sharded_model
 from tests.conftest import TINY_VOCAB
 
 TINY = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2, "ffn_dim": 64}
@@ -58,6 +62,24 @@ def test_the_compile_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch)
                             compile_mode="max-autotune-no-cudagraphs")  # fmt: skip
     module.configure_model()
     assert modes == ["max-autotune-no-cudagraphs"]
+
+
+def test_fsdp2_compiles_each_block_in_the_compile_mode(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    modes = []
+
+    def recording_compile(fn, mode=None, **kwargs):
+        modes.append(mode)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        config = GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layer=2, n_head=2, n_kv_head=2, ffn_dim=32)
+        build_sharded_model(config, init_device_mesh("cpu", (1,)), torch.device("cpu"), seed=0,
+                            compile_mode="max-autotune-no-cudagraphs")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+    assert modes == ["max-autotune-no-cudagraphs"] * 2  # one per block
 
 
 def test_a_compile_mode_without_compile_is_refused() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,6 +153,22 @@ def test_resuming_with_a_different_batch_per_step_warns_with_the_fix(tmp_path: P
     (message,) = [str(w.message) for w in caught if "resumes with" in str(w.message)]
     assert "saved with 1 process(es) x 2 micro-batch(es)" in message and "resumes with 1 process(es) x 4" in message
     assert message.endswith("To keep the batch, set --trainer.accumulate_grad_batches 2.")
+
+
+def test_resuming_with_accumulation_leaves_the_restored_checkpoint_as_it_was(tmp_path: Path) -> None:
+    data = DataLoader(torch.randint(0, 64, (40, 9)), batch_size=2)
+    for max_steps, ckpt_path in ((2, None), (4, tmp_path / "last.ckpt")):
+        module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2}, vocab_size=64,
+                                seq_len=8)  # fmt: skip
+        checkpoint = PretrainCheckpoint(dirpath=tmp_path, filename="{step:07d}", every_n_train_steps=2, save_top_k=-1)
+        trainer = L.Trainer(max_steps=max_steps, accumulate_grad_batches=2, callbacks=[checkpoint], logger=False,
+                            enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        if ckpt_path is None:
+            saved = (tmp_path / "step=0000002.ckpt").read_bytes()
+            shutil.copy(tmp_path / "step=0000002.ckpt", ckpt_path := tmp_path / "last.ckpt")
+    assert (tmp_path / "step=0000002.ckpt").read_bytes() == saved  # not saved again mid-step after the resume
+    assert torch.load(tmp_path / "step=0000004.ckpt", weights_only=True)["global_step"] == 4
 
 
 class SignalAtBatch(L.Callback):

@@ -25,7 +25,8 @@ def test_flops_per_token_follows_the_palm_formula() -> None:
 
 
 @pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-                                           ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)])  # fmt: skip
+                                           ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12),
+                                           ("NVIDIA H200 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12)])  # fmt: skip
 def test_the_peak_follows_the_card(monkeypatch: pytest.MonkeyPatch, name: str, peak: float) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
     assert throughput.peak_flops(torch.device("cuda", 0)) == peak

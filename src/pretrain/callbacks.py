@@ -57,7 +57,8 @@ class TextSamples(L.Callback):
 def gathered_weights(wrapped: torch.nn.Module) -> AbstractContextManager:
     """FSDP1 gathers a unit's weights only inside that unit's own forward, and the root unit (embedding,
     final norm, LM head) wraps the whole LightningModule: sampling, which calls the inner model token
-    by token, gathers every weight for its duration instead (read-only). FSDP2 gathers per call."""
+    by token, gathers every weight for its duration instead (read-only; each rank briefly holds the
+    full fp32 weights). FSDP2 gathers per call."""
     if isinstance(wrapped, FullyShardedDataParallel):
         return FullyShardedDataParallel.summon_full_params(wrapped, writeback=False)
     return nullcontext()

@@ -111,11 +111,11 @@ class PretrainCheckpoint(ModelCheckpoint):
             step, metrics = self._step_metrics
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
-        # A SIGTERM since Lightning put its own handler in (during the sanity check) would make it end
-        # the run after the next batch without a checkpoint: it is taken over and handled here instead.
         self._batch_layout = batch_layout(trainer)
         if trainer.ckpt_path and self._saved_batch_layout not in (None, self._batch_layout):
             rank_zero_warn(batch_change_message(self._saved_batch_layout, self._batch_layout))
+        # A SIGTERM since Lightning put its own handler in (during the sanity check) would make it end
+        # the run after the next batch without a checkpoint: it is taken over and handled here instead.
         self._received = signal.SIGTERM if trainer.received_sigterm else None
         trainer._signal_connector.received_sigterm = False
         for signum in PREEMPTION_SIGNALS:
@@ -131,9 +131,9 @@ class PretrainCheckpoint(ModelCheckpoint):
         self._received = signum
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
-        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         if trainer.fit_loop._should_accumulate():  # mid-step: a save would lose the gradients gathered so far
-            return
+            return  # (periodic saves included: after a resume Lightning would save the restored step again)
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         # The final step, or one after which something asked training to stop, is saved here like
         # periodic steps, so resuming from it behaves the same.
         if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import pickle
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +54,26 @@ class PretrainCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def fit(self, model: PretrainModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
-        """``trainer.fit``, with the checkpoint named in plain words when it cannot be used."""
+        self._run(self.trainer.fit, model, ckpt_path, **kwargs)
+
+    def validate(self, model: PretrainModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
+        self._run(self.trainer.validate, model, ckpt_path, **kwargs)
+
+    def test(self, model: PretrainModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
+        self._run(self.trainer.test, model, ckpt_path, **kwargs)
+
+    @staticmethod
+    def _run(method: Callable[..., Any], model: PretrainModule, ckpt_path: str | None, **kwargs: Any) -> None:
+        """A trainer method, with the checkpoint named in plain words when it cannot be used."""
         if ckpt_path and "://" not in ckpt_path and not Path(ckpt_path).exists():
             raise UserError(
                 f"Checkpoint {ckpt_path} does not exist; give a .ckpt file, or 'last' to continue the newest run."
             )
-        model.resuming = bool(ckpt_path)
+        model.from_checkpoint = bool(ckpt_path)
         if ckpt_path and kwargs.get("weights_only") is not False and Path(ckpt_path).is_dir():
             check_sharded_index(Path(ckpt_path))  # Lightning's sharded loading unpickles it unchecked
         try:
-            self.trainer.fit(model, ckpt_path=ckpt_path, **kwargs)
+            method(model, ckpt_path=ckpt_path, **kwargs)
         except pickle.UnpicklingError:
             raise _unsafe_checkpoint(ckpt_path) from None
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # fills an empty dict, as Lightning's
 
@@ -55,15 +56,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 class _IndexUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        found = super().find_class(module, name) if module in _INDEX_GLOBALS or module.startswith("torch") else None
-        allowed = (
-            name in _INDEX_GLOBALS.get(module, ())
-            or (module == "torch.distributed.checkpoint.metadata" and isinstance(found, type))  # its record types
-            or (module == "torch" and isinstance(found, torch.dtype))
-        )
-        if not allowed:
+        # Judged before anything is imported or looked up. No dotted names: pickle would follow them
+        # through attributes (e.g. from a module to the modules it imported).
+        if "." in name or not _index_global(module, name):
             raise pickle.UnpicklingError(f"{module}.{name}")
-        return found
+        return super().find_class(module, name)
+
+
+def _index_global(module: str, name: str) -> bool:
+    if name in _INDEX_GLOBALS.get(module, ()):
+        return True
+    if module == "torch":
+        return isinstance(getattr(torch, name, None), torch.dtype)
+    if module == dcp_metadata.__name__:  # the record types defined there, nothing it imported
+        found = getattr(dcp_metadata, name, None)
+        return isinstance(found, type) and found.__module__ == module
+    return False
 
 
 def check_sharded_index(folder: Path) -> None:
@@ -82,7 +90,7 @@ def check_sharded_index(folder: Path) -> None:
         raise UserError(
             f"The sharded checkpoint {folder} names {error} in its index (.metadata), which is not part of a "
             "checkpoint index and could run code when read, so it was not loaded. If you trust where it came "
-            "from, resuming accepts it with --weights_only false."
+            "from, --ckpt_path accepts it with --weights_only false."
         ) from None
 
 

@@ -252,8 +252,9 @@ class MixtureLoader:
                 "resume with the same data.mixture names."
             )
         rank, world_size = _rank_and_world_size()
-        saved_by = len(next(iter(state.values()))["buffer"])
-        if saved_by != world_size:
+        buffers = {name: _per_rank(state[name]["buffer"]) for name in self.names}
+        saved_by = len(buffers[self.names[0]])
+        if saved_by != world_size and rank == 0:
             log.warning(
                 "This mixture run was saved by %d process(es) and resumes on %d: the samples each had fetched "
                 "but not yet used are skipped, and the data order differs from an uninterrupted run.",
@@ -264,10 +265,15 @@ class MixtureLoader:
             self._restored[k] = copy.deepcopy(state[name]["loader"])
             self.loaders[k].load_state_dict(copy.deepcopy(state[name]["loader"]))  # litdata edits what it is given
             self._taken[k] = state[name]["taken"]
-            buffer = state[name]["buffer"][rank] if saved_by == world_size else None
+            buffer = buffers[name][rank] if saved_by == world_size else None
             self._buffers[k] = [] if buffer is None else list(buffer.unbind(0))
             self._iterators[k] = None
         self._state_before_prefetch = None
+
+
+def _per_rank(buffer: list[torch.Tensor | None] | torch.Tensor | None) -> list[torch.Tensor | None]:
+    """A checkpoint's unused samples of one dataset, per rank; older checkpoints held one process's alone."""
+    return buffer if isinstance(buffer, list) else [buffer]
 
 
 def _rank_and_world_size() -> tuple[int, int]:

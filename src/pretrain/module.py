@@ -108,9 +108,9 @@ class PretrainModule(L.LightningModule):
         self.nonfinite_streak = 0  # ... of which the most recent ones in a row
         self._nonfinite: torch.Tensor | None = None  # the same two counts, on the device
         self.stop_reason: str | None = None
-        # Set by the command line when resuming (--ckpt_path): the checkpoint's weights replace any
-        # init_from weights, so those are not read (on every rank, at every restart).
-        self.resuming = False
+        # Set by the command line when given --ckpt_path (resuming, evaluating): the checkpoint's weights
+        # replace any init_from weights, so those are not read (on every rank, at every restart).
+        self.from_checkpoint = False
 
     def configure_model(self) -> None:
         """Build the model here, not in ``__init__``, so strategies can create it sharded.
@@ -123,7 +123,7 @@ class PretrainModule(L.LightningModule):
             return
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         weights = None
-        if self.hparams.init_from and not self.resuming:
+        if self.hparams.init_from and not self.from_checkpoint:
             weights = load_pretrained_weights(self.hparams.init_from, self.config)
             with torch.device("meta"):  # shapes only
                 expected = GPT(self.config).state_dict()
