@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.loggers import CSVLogger, Logger
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.utils.data import DataLoader
 
 from pretrain.checkpointing import AtomicCheckpointIO, PretrainCheckpoint
@@ -150,13 +152,22 @@ def call_through_a_dotted_name(module: str, name: str, args: tuple) -> bytes:
 
 
 def evil_indexes(marker: Path) -> dict[str, bytes]:
+    """Indexes (.metadata) that run code, or change the process, when unpickled without restriction."""
     import torch.utils.collect_env  # noqa: F401  (makes the dotted path below reach subprocess.run)
+
+    def text(value: str) -> bytes:
+        return b"X" + len(value).to_bytes(4, "little") + value.encode()  # BINUNICODE
 
     return {
         "pathlib.Path.write_text": pickle.dumps(WritesAFile(marker)),
         "torch.distributed.checkpoint.metadata.torch.utils.collect_env.subprocess.run": call_through_a_dotted_name(
             "torch.distributed.checkpoint.metadata", "torch.utils.collect_env.subprocess.run", (["touch", marker],)
         ),
+        # pathlib.PurePath.__truediv__ = PosixPath: every `folder / name` would lose its folder
+        "state set on <class 'pathlib.PurePath'>": b"\x80\x02cpathlib\nPurePath\nN}"
+        + text("__truediv__")
+        + b"cpathlib\nPosixPath\ns\x86b.",
+        "a 'int' object instead of an index": pickle.dumps(0),  # PyTorch then unpickles __0.metadata instead
     }
 
 
@@ -167,13 +178,25 @@ def test_sharded_checkpoint_whose_index_would_run_code_is_refused(tmp_path: Path
     assert list(loaded) == ["state_dict"] and torch.equal(loaded["state_dict"]["w"], torch.ones(2))  # weights only
     marker = tmp_path / "ran"
     for name, index in evil_indexes(marker).items():
-        pickle.loads(index)  # plain unpickling runs it ...
-        assert marker.exists(), name
-        marker.unlink()
         (folder / ".metadata").write_bytes(index)
-        with pytest.raises(UserError, match=f"names {re.escape(name)} in its index"):
-            load_checkpoint(folder)  # ... the check refuses it, as generate, export and init_from read a folder
+        with pytest.raises(UserError, match=f"holds {re.escape(name)} in its index"):
+            load_checkpoint(folder)  # as generate, export and init_from read a folder
         assert not marker.exists(), name
+    assert Path("/ckpt") / "meta.pt" == Path("/ckpt/meta.pt")
+    pickle.loads(evil_indexes(marker)["pathlib.Path.write_text"])  # plain unpickling runs them
+    assert marker.exists()
+
+
+def test_sharded_checkpoint_with_an_entry_that_would_run_code_is_refused(tmp_path: Path) -> None:
+    """PyTorch's reader loads non-tensor entries with weights_only=False, whatever their key."""
+    folder, marker = tmp_path / "step=0000010.ckpt", tmp_path / "ran"
+    dcp.save({"model": {"w": torch.ones(2), "note": WritesAFile(marker)}}, checkpoint_id=folder, no_dist=True)
+    with pytest.raises(UserError, match=r"holds an entry 'model\.note' that cannot be loaded weights-only"):
+        load_checkpoint(folder)
+    assert not marker.exists()
+    _load_state_dict({}, storage_reader=dcp.FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)  # fmt: skip
+    assert marker.exists()  # as Lightning reads a folder to resume from: the entry runs
 
 
 @pytest.mark.parametrize("command", ["fit", "validate"])
@@ -185,7 +208,7 @@ def test_commands_refuse_a_sharded_checkpoint_whose_index_would_run_code(corpus,
     (folder / ".metadata").write_bytes(pickle.dumps(WritesAFile(marker)))
     args = tiny_fit_args(corpus[0], prepared, tmp_path, "--ckpt_path", str(folder))
     result = run_main(command, *args[1:])
-    assert_clean_failure(result, "which is not part of a checkpoint index")
+    assert_clean_failure(result, "which is not what a checkpoint holds")
     assert not marker.exists()
 
 

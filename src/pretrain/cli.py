@@ -18,8 +18,8 @@ from pretrain.callbacks import LossProgressBar
 from pretrain.checkpointing import PretrainCheckpoint, find_last_checkpoint
 from pretrain.data import PretrainData
 from pretrain.errors import UserError
-from pretrain.loading import check_sharded_index
 from pretrain.module import PretrainModule
+from pretrain.sharded import check_sharded_folder
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class PretrainCLI(LightningCLI):
             )
         model.from_checkpoint = bool(ckpt_path)
         if ckpt_path and kwargs.get("weights_only") is not False and Path(ckpt_path).is_dir():
-            check_sharded_index(Path(ckpt_path))  # Lightning's sharded loading unpickles it unchecked
+            check_sharded_folder(Path(ckpt_path))  # Lightning's sharded loading unpickles it unchecked
         try:
             method(model, ckpt_path=ckpt_path, **kwargs)
         except pickle.UnpicklingError:
