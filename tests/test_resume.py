@@ -104,6 +104,11 @@ def test_ckpt_path_last_without_a_previous_run_starts_fresh(corpus, prepared: Pa
     assert (tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt").exists()
 
 
+def test_ckpt_path_last_without_a_versioned_logger_is_left_to_lightning(corpus, prepared: Path, tmp_path: Path) -> None:
+    result = run_main(*fit_args(corpus[0], prepared, tmp_path, 2, "--trainer.logger", "false", "--ckpt_path", "last"))
+    assert result.returncode == 0, result.stderr[-3000:]  # nothing to resume yet: Lightning starts fresh
+
+
 def test_random_number_streams_continue_after_restore() -> None:
     module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2}, vocab_size=64)
     module.configure_model()

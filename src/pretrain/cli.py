@@ -22,6 +22,7 @@ from pretrain.module import PretrainModule
 from pretrain.sharded import check_sharded_folder
 
 log = logging.getLogger(__name__)
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # --ckpt_path names Lightning resolves itself
 
 
 class PretrainCLI(LightningCLI):
@@ -65,7 +66,12 @@ class PretrainCLI(LightningCLI):
     @staticmethod
     def _run(method: Callable[..., Any], model: PretrainModule, ckpt_path: str | None, **kwargs: Any) -> None:
         """A trainer method, with the checkpoint named in plain words when it cannot be used."""
-        if ckpt_path and "://" not in ckpt_path and not Path(ckpt_path).exists():
+        if (
+            ckpt_path
+            and ckpt_path not in LIGHTNING_CKPT_NAMES
+            and "://" not in ckpt_path
+            and not Path(ckpt_path).exists()
+        ):
             raise UserError(
                 f"Checkpoint {ckpt_path} does not exist; give a .ckpt file, or 'last' to continue the newest run."
             )
