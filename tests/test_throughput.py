@@ -53,7 +53,9 @@ def test_validation_and_checkpoint_saves_are_left_out_of_the_throughput(monkeypa
     logged = {}
     logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.update({step: metrics["perf/tokens_per_sec"]}))
     callback = throughput.Throughput(interval=4, peak_flops=1.0)
-    trainer = SimpleNamespace(global_step=0, world_size=1, loggers=[logger])
+    trainer = SimpleNamespace(
+        global_step=0, world_size=1, loggers=[logger], fit_loop=SimpleNamespace(_should_accumulate=lambda: False)
+    )  # no accumulation
     module = SimpleNamespace(config=PRESETS["tiny"], device=torch.device("cpu"))
     callback.on_train_start(trainer, module)
     batch = torch.zeros(2, 11)  # 20 tokens per step

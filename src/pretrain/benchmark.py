@@ -111,9 +111,9 @@ def project_run(config: str, warmup: int, steps: int, extra: list[str]) -> tuple
             "add --trainer.accumulate_grad_batches 1 --trainer.devices 1 --trainer.num_nodes 1."
         )
     trainer.callbacks.append(timer)
-    if cli.trainer.strategy.root_device.type == "cuda":
+    if trainer.strategy.root_device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli, timer
 
 

@@ -54,6 +54,12 @@ class TextSamples(L.Callback):
                     logger.experiment.add_text("samples", text, trainer.global_step)
 
 
+def ends_optimizer_step(trainer: L.Trainer) -> bool:
+    """Whether the batch just trained ended an optimizer step: with gradient accumulation only the last
+    micro-batch of each does, so work meant once per step (reads, logs, saves) goes there."""
+    return not trainer.fit_loop._should_accumulate()
+
+
 def gathered_weights(wrapped: torch.nn.Module) -> AbstractContextManager:
     """FSDP1 gathers a unit's weights only inside that unit's own forward, and the root unit (embedding,
     final norm, LM head) wraps the whole LightningModule: sampling, which calls the inner model token
@@ -75,15 +81,13 @@ class LossProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 1) -> None:
         super().__init__(refresh_rate=refresh_rate)
         self.loss: float | None = None
-        self._read_at_step = 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        step, every = trainer.global_step, trainer.log_every_n_steps
-        # Once per optimizer step: with gradient accumulation, several batches end on the same step.
-        if every and step % every == 0 and step != self._read_at_step:
+        every = trainer.log_every_n_steps
+        if every and trainer.global_step % every == 0 and ends_optimizer_step(trainer):
             loss = trainer.callback_metrics.get("train/loss")
             if loss is not None:
-                self.loss, self._read_at_step = float(loss), step
+                self.loss = float(loss)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:

@@ -16,6 +16,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
+from pretrain.callbacks import ends_optimizer_step
+
 log = logging.getLogger(__name__)
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends SIGUSR1 ahead of a requeue
@@ -131,7 +133,7 @@ class PretrainCheckpoint(ModelCheckpoint):
         self._received = signum
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
-        if trainer.fit_loop._should_accumulate():  # mid-step: a save would lose the gradients gathered so far
+        if not ends_optimizer_step(trainer):  # mid-step: a save would lose the gradients gathered so far
             return  # (periodic saves included: after a resume Lightning would save the restored step again)
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         # The final step, or one after which something asked training to stop, is saved here like

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from pretrain.callbacks import ends_optimizer_step
 from pretrain.model import GPT, GPTConfig
 
 # Dense bf16 peak of one chip, FLOP/s, by a substring of torch.cuda.get_device_name(), the first that
@@ -60,7 +61,6 @@ class Throughput(L.Callback):
         self._tokens = 0
         self._started: float | None = None
         self._flops_per_token = 0.0
-        self._logged_at_step = 0
         self._paused = False  # validation or a checkpoint save since the last batch
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -84,10 +84,8 @@ class Throughput(L.Callback):
             self._started = time.perf_counter()
             return
         self._tokens += batch.size(0) * (batch.size(1) - 1) * trainer.world_size
-        # Once per optimizer step: with gradient accumulation, several batches end on the same step.
-        if trainer.global_step % self.interval or trainer.global_step == self._logged_at_step:
+        if trainer.global_step % self.interval or not ends_optimizer_step(trainer):
             return
-        self._logged_at_step = trainer.global_step
         now = time.perf_counter()
         tokens_per_sec = self._tokens / (now - self._started)
         metrics = {"perf/tokens_per_sec": tokens_per_sec}
