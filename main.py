@@ -1,4 +1,4 @@
-"""Entry point: ``python main.py fit --config configs/quickstart.yaml``."""
+"""Entry point: ``python main.py fit --config configs/quickstart.yaml`` (the same as the ``pretrain`` command)."""
 
 from pretrain.cli import main
 

@@ -13,7 +13,8 @@ deadline=$((SECONDS + ${BUDGET_S:-100000}))
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$out/gpu.txt"
 
-FSDP2='{"class_path": "pretrain.parallel.FSDP2Strategy"}'
+GPT2="--config configs/gpu.yaml --config configs/gpt2-124m.yaml"
+LLAMA="--config configs/gpu.yaml --config configs/llama-1b.yaml --trainer.devices 1"
 selected=" $* "
 run() {  # name, time cap in seconds, then benchmark arguments
   local name=$1 cap=$2; shift 2
@@ -49,9 +50,9 @@ PY
 timeout 120 python - <<'PY' 2>&1 | tee -a "$out/gpu.txt"
 import torch
 from torch.profiler import ProfilerActivity, profile
-from pretrain.model import GPT, PRESETS, next_token_loss
+from pretrain.model import Llama, PRESETS, next_token_loss
 from dataclasses import replace
-model = GPT(replace(PRESETS["llama-1b"], n_layer=1, vocab_size=512)).to("cuda")
+model = Llama(replace(PRESETS["llama-1b"], n_layer=1, vocab_size=512)).to("cuda")
 model.init_weights(0)
 batch = torch.randint(0, 512, (2, model.config.seq_len + 1), device="cuda")
 words = ("flash", "fmha", "sdpa", "cudnn", "attention")
@@ -75,18 +76,18 @@ kernel() {  # model, kernel, time cap, then benchmark arguments: one attention k
 
 # Most telling first: the GPU configs as they are, then one lever each. Timed windows hold the
 # logging steps (every 50) in their real proportion.
-run gpt2-124m 200 --config configs/gpt2-124m.yaml --warmup 10 --steps 100
-run llama-1b-fsdp1 240 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --warmup 8 --steps 50
-kernel gpt2-124m cudnn 120 --config configs/gpt2-124m.yaml --warmup 10 --steps 100
-kernel gpt2-124m flash 120 --config configs/gpt2-124m.yaml --warmup 10 --steps 100
-kernel llama-1b cudnn 150 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --warmup 8 --steps 50
-kernel llama-1b flash 150 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --warmup 8 --steps 50
-run gpt2-124m-mb64 100 --config configs/gpt2-124m.yaml --data.batch_size 64 --warmup 10 --steps 50 --no-bare
-run llama-1b-fsdp2 240 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --trainer.strategy "$FSDP2" \
+run gpt2-124m 200 $GPT2 --warmup 10 --steps 100
+run llama-1b-fsdp1 240 $LLAMA --config configs/fsdp.yaml --warmup 8 --steps 50
+kernel gpt2-124m cudnn 120 $GPT2 --warmup 10 --steps 100
+kernel gpt2-124m flash 120 $GPT2 --warmup 10 --steps 100
+kernel llama-1b cudnn 150 $LLAMA --config configs/fsdp.yaml --warmup 8 --steps 50
+kernel llama-1b flash 150 $LLAMA --config configs/fsdp.yaml --warmup 8 --steps 50
+run gpt2-124m-mb64 100 $GPT2 --data.batch_size 64 --warmup 10 --steps 50 --no-bare
+run llama-1b-fsdp2 240 $LLAMA --config configs/fsdp2.yaml \
   --warmup 8 --steps 50
-run llama-1b-1gpu 150 --config configs/llama-1b-fsdp.yaml --trainer.devices 1 --trainer.strategy auto \
+run llama-1b-1gpu 150 $LLAMA \
   --warmup 8 --steps 50 --no-bare
-run gpt2-124m-autotune 300 --config configs/gpt2-124m.yaml --model.compile_mode max-autotune-no-cudagraphs \
+run gpt2-124m-autotune 300 $GPT2 --model.compile_mode max-autotune-no-cudagraphs \
   --warmup 10 --steps 100 --no-bare
 
 python - "$out" <<'PY'

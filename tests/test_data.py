@@ -1,5 +1,4 @@
 import json
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -13,7 +12,8 @@ from pretrain.errors import UserError
 from pretrain.prepare import plan_split, prepare, read_manifest
 from pretrain.shards import iter_documents
 from pretrain.sources import resolve_sources, stdlib_files
-from tests.conftest import TINY_VOCAB, make_corpus
+from tests.conftest import make_corpus
+from tests.helpers import QUICKSTART, TINY_VOCAB
 
 
 def decoded_documents(data_dir: Path, split: str) -> list[str]:
@@ -133,12 +133,9 @@ def test_manifest_is_json_with_the_eos_id(prepared: Path) -> None:
     assert tokenizer.id_to_token(manifest["tokenizer"]["eos_id"]) == "<|endoftext|>"
 
 
-def test_prepare_alone_from_a_training_config(corpus, tmp_path: Path) -> None:
-    root = Path(__file__).resolve().parents[1]
+def test_prepare_alone_from_a_training_config(corpus, tmp_path: Path, run_cli) -> None:
     overrides = ["--data.sources", f"[{corpus[0]}]", "--data.data_dir", str(tmp_path), "--data.vocab_size", "320"]
-    config = str(root / "configs" / "quickstart.yaml")
-    command = [sys.executable, "-m", "pretrain.prepare", "--config", config, *overrides]
-    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    result = run_cli("prepare", "--config", QUICKSTART, *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = read_manifest(tmp_path)
     documents = manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"]

@@ -3,45 +3,21 @@
 from __future__ import annotations
 
 import json
-import random
+import multiprocessing
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer
 
+from pretrain.cli import data_module_from_args
 from pretrain.data import PretrainData
 from pretrain.errors import UserError
 from pretrain.mixture import MixtureLoader, check_mixture
-from pretrain.prepare import data_module_from_args
-from tests.conftest import TINY_VOCAB
-from tests.test_cli import run_main, scalars_by_step, tiny_fit_args
-
-
-def write_docs(root: Path, words: list[str], n_docs: int = 60, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    root.mkdir(parents=True)
-    for i in range(n_docs):
-        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(80, 160))))
-    return root
-
-
-@pytest.fixture(scope="module")
-def mixture(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Letters weighted 3, digits 1: a sequence's characters tell which dataset it came from."""
-    root = tmp_path_factory.mktemp("mixture")
-    letters = write_docs(root / "letters", ["cat", "dog", "tree", "house", "river"])
-    digits = write_docs(root / "digits", ["1234", "5678", "90", "13"], n_docs=12, seed=1)  # runs out first
-    return {"letters": {"sources": [str(letters)], "weight": 3}, "digits": {"sources": [str(digits)], "weight": 1}}
-
-
-@pytest.fixture(scope="module")
-def built(mixture: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data_dir = tmp_path_factory.mktemp("mixture-data")
-    PretrainData(mixture=mixture, data_dir=str(data_dir), vocab_size=TINY_VOCAB, val_fraction=0.1).build()
-    return data_dir
+from tests.helpers import TINY_VOCAB, Result, scalars_by_step, tiny_fit_args
 
 
 def test_each_dataset_is_built_with_the_shared_tokenizer_and_the_manifest_says_how(built: Path) -> None:
@@ -154,23 +130,23 @@ def test_a_config_that_does_not_match_the_build_is_refused(mixture: dict, built:
         single.setup("fit")
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_a_mixture_run_resumes_exactly(mixture: dict, built: Path, tmp_path: Path, processes: int) -> None:
+def check_mixture_resume(
+    run: Callable[..., Result], built: Path, mixture: dict, tmp_path: Path, processes: int
+) -> None:
     """16 steps straight vs 11 + 5 with --ckpt_path last and two loader workers, stopped in the middle
-    of the letters' epoch; the digits restart during the second part. With two processes (DDP) each
-    resumes with the samples it had fetched itself: rank 0's logged losses depend on rank 1's data
-    through the averaged gradients. (Per process 8 sequences a step: the digits hold too few for 16.)"""
-    spec = json.dumps(mixture)
+    of the letters' epoch; the digits restart during the second part. (Per process 8 sequences a step:
+    the digits hold too few for 16.)"""
     processes_args = ("--trainer.devices", str(processes), "--data.batch_size", str(16 // processes),
                       *(("--trainer.strategy", "ddp") if processes > 1 else ()))  # fmt: skip
-    extra = ("--data.sources", "null", "--data.mixture", spec, "--data.num_workers", "2", *processes_args,
-             "--model.lr_scheduler.init_args.max_steps", "16", "--model.lr_scheduler.init_args.warmup_steps", "4",
-             "--checkpoint.every_n_train_steps", "11", "--checkpoint.save_top_k", "-1")  # fmt: skip
-    whole = run_main(*tiny_fit_args(Path("unused"), built, tmp_path / "whole", *extra, "--trainer.max_steps", "16"))
+    extra = ("--data.sources", "null", "--data.mixture", json.dumps(mixture), "--data.num_workers", "2",
+             *processes_args, "--model.lr_scheduler.init_args.max_steps", "16",
+             "--model.lr_scheduler.init_args.warmup_steps", "4", "--checkpoint.every_n_train_steps", "11",
+             "--checkpoint.save_top_k", "-1")  # fmt: skip
+    whole = run(*tiny_fit_args(Path("unused"), built, tmp_path / "whole", *extra, "--trainer.max_steps", "16"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     for max_steps, resume in (("11", ()), ("16", ("--ckpt_path", "last"))):
-        half = run_main(*tiny_fit_args(Path("unused"), built, tmp_path / "halves", *extra, "--trainer.max_steps",
-                                       max_steps, *resume))  # fmt: skip
+        half = run(*tiny_fit_args(Path("unused"), built, tmp_path / "halves", *extra, "--trainer.max_steps",
+                                  max_steps, *resume))  # fmt: skip
         assert half.returncode == 0, half.stderr[-3000:]
     reference = scalars_by_step(tmp_path / "whole" / "quickstart" / "version_0", "train/loss")
     assert len(reference) == 16
@@ -182,6 +158,11 @@ def test_a_mixture_run_resumes_exactly(mixture: dict, built: Path, tmp_path: Pat
         return state["digits"]["loader"]["current_epoch"]
 
     assert digits_epoch(16) > digits_epoch(11)
+
+
+def test_a_mixture_run_resumes_exactly(mixture: dict, built: Path, tmp_path: Path, run_cli) -> None:
+    check_mixture_resume(run_cli, built, mixture, tmp_path, processes=1)  # two processes: tests/e2e
+    assert multiprocessing.active_children() == []  # each run stopped its loader workers at its end
 
 
 @pytest.mark.parametrize(
@@ -207,7 +188,7 @@ def test_sources_and_mixture_together_are_refused() -> None:
 def test_prepare_alone_reads_the_mixture_laid_over_a_config() -> None:
     configs = Path(__file__).parents[1] / "configs"
     data = data_module_from_args(
-        ["--config", str(configs / "quickstart.yaml"), "--config", str(configs / "mixture.yaml")], "prepare"
+        ["--config", str(configs / "quickstart.yaml"), "--config", str(configs / "mixture.yaml")]
     )
     assert data.sources is None and set(data.mixture) == {"code", "prose"}
     assert data.data_dir == "data/mixture" and data.vocab_size == 4096  # the rest from the first config

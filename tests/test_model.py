@@ -9,21 +9,21 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from pretrain.model import (
-    GPT,
     PRESETS,
     Attention,
-    GPTConfig,
+    Llama,
+    LlamaConfig,
     apply_rope,
     logits_cross_entropy,
     next_token_loss,
     rope_cache,
 )
 
-SMALL = GPTConfig(vocab_size=100, seq_len=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=64)
+SMALL = LlamaConfig(vocab_size=100, seq_len=32, d_model=32, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=64)
 
 
-def make_model(config: GPTConfig = SMALL, seed: int = 0) -> GPT:
-    model = GPT(config)
+def make_model(config: LlamaConfig = SMALL, seed: int = 0) -> Llama:
+    model = Llama(config)
     model.init_weights(seed)
     return model
 
@@ -44,7 +44,7 @@ def test_changing_a_future_token_leaves_earlier_logits_unchanged() -> None:
 
 
 def test_loss_at_init_is_close_to_uniform() -> None:
-    config = GPTConfig(vocab_size=512, seq_len=64, d_model=64, n_layer=2, n_head=4, n_kv_head=4, ffn_dim=128)
+    config = LlamaConfig(vocab_size=512, seq_len=64, d_model=64, n_layer=2, n_head=4, n_kv_head=4, ffn_dim=128)
     idx = torch.randint(0, 512, (4, 65))
     logits = make_model(config)(idx[:, :-1])
     loss = F.cross_entropy(logits.flatten(0, 1), idx[:, 1:].flatten())
@@ -87,7 +87,7 @@ def naive_attention(module: Attention, x: torch.Tensor, rope: torch.Tensor) -> t
 
 @pytest.mark.parametrize("n_kv_head", [1, 2, 4])
 def test_attention_matches_naive_grouped_query_reference(n_kv_head: int) -> None:
-    config = GPTConfig(vocab_size=64, seq_len=16, d_model=32, n_layer=1, n_head=4, n_kv_head=n_kv_head, ffn_dim=64)
+    config = LlamaConfig(vocab_size=64, seq_len=16, d_model=32, n_layer=1, n_head=4, n_kv_head=n_kv_head, ffn_dim=64)
     model = make_model(config)
     attention = model.blocks[0].attn
     x = torch.randn(2, 12, 32)
@@ -104,7 +104,7 @@ def test_init_is_deterministic_from_the_seed() -> None:
 
 
 def test_init_scales_residual_projections() -> None:
-    config = GPTConfig(vocab_size=64, seq_len=16, d_model=256, n_layer=8, n_head=4, n_kv_head=4, ffn_dim=512)
+    config = LlamaConfig(vocab_size=64, seq_len=16, d_model=256, n_layer=8, n_head=4, n_kv_head=4, ffn_dim=512)
     model = make_model(config)
     assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
     for weight in (model.blocks[3].attn.proj.weight, model.blocks[3].mlp.down.weight):
@@ -113,24 +113,24 @@ def test_init_scales_residual_projections() -> None:
 
 
 def test_tied_embeddings_share_one_tensor() -> None:
-    model = make_model(GPTConfig.from_preset("tiny", tie_embeddings=True, d_model=64, n_head=2, n_kv_head=2))
+    model = make_model(LlamaConfig.from_preset("tiny", tie_embeddings=True, d_model=64, n_head=2, n_kv_head=2))
     assert model.lm_head.weight is model.embed.weight
 
 
 @pytest.mark.parametrize(("preset", "expected"), [("gpt2-124m", 124e6), ("llama-1b", 1.1e9)])
 def test_presets_have_their_nominal_size(preset: str, expected: float) -> None:
     with torch.device("meta"):
-        model = GPT(PRESETS[preset])
+        model = Llama(PRESETS[preset])
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(expected, rel=0.02)
 
 
 def test_config_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="Unknown model preset 'huge'"):
-        GPTConfig.from_preset("huge")
+        LlamaConfig.from_preset("huge")
     with pytest.raises(ValueError, match=r"Unknown model field\(s\) \['layers'\]"):
-        GPTConfig.from_preset("tiny", layers=3)
+        LlamaConfig.from_preset("tiny", layers=3)
     with pytest.raises(ValueError, match="multiple of n_kv_head"):
-        GPTConfig(n_head=4, n_kv_head=3)
+        LlamaConfig(n_head=4, n_kv_head=3)
 
 
 def test_longer_input_than_seq_len_is_refused() -> None:
@@ -155,7 +155,7 @@ def test_meta_device_build_then_init_equals_plain_init(tied: bool) -> None:
     """What sharded strategies do: build without memory, allocate, then initialise."""
     config = replace(SMALL, tie_embeddings=tied)
     with torch.device("meta"):
-        model = GPT(config)
+        model = Llama(config)
     model.to_empty(device="cpu")
     model.init_weights(3)
     plain = make_model(config, seed=3)

@@ -12,10 +12,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.utils.data import DataLoader
 
 from pretrain.errors import UserError
-from pretrain.model import GPTConfig
-from pretrain.module import HeldOutLoss, PretrainModule
+from pretrain.metrics import HeldOutLoss
+from pretrain.model import LlamaConfig
+from pretrain.module import PretrainModule
 from pretrain.parallel import build_sharded_model
-from tests.conftest import TINY_VOCAB
+from tests.helpers import TINY_VOCAB
 
 TINY = {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2, "ffn_dim": 64}
 
@@ -44,7 +45,9 @@ def test_validation_logs_the_mean_loss_over_batches_of_different_sizes() -> None
     module.configure_model()
     module.eval()
     with torch.no_grad():
-        per_sequence = [module._loss(batch[i : i + 1]) for batch in batches for i in range(batch.size(0))]
+        per_sequence = [
+            module.loss_fn(module.model, batch[i : i + 1]) for batch in batches for i in range(batch.size(0))
+        ]
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     (logged,) = trainer.validate(module, DataLoader(batches, batch_size=None))
     assert logged["val/loss"] == pytest.approx(torch.stack(per_sequence).mean().item(), rel=1e-5)
@@ -74,7 +77,7 @@ def test_fsdp2_compiles_each_block_in_the_compile_mode(monkeypatch: pytest.Monke
     monkeypatch.setattr(torch, "compile", recording_compile)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        config = GPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layer=2, n_head=2, n_kv_head=2, ffn_dim=32)
+        config = LlamaConfig(vocab_size=64, seq_len=8, d_model=16, n_layer=2, n_head=2, n_kv_head=2, ffn_dim=32)
         build_sharded_model(config, init_device_mesh("cpu", (1,)), torch.device("cpu"), seed=0,
                             compile_mode="max-autotune-no-cudagraphs")  # fmt: skip
     finally:

@@ -10,8 +10,7 @@ import torch
 
 from pretrain.data import PretrainData
 from pretrain.errors import UserError
-from tests.conftest import TINY_VOCAB
-from tests.test_cli import run_main, scalars, tiny_fit_args
+from tests.helpers import TINY_VOCAB, scalars, tiny_fit_args
 
 
 def first_batches(data_dir: str, cache_dir: Path | None = None, n: int = 3) -> list[torch.Tensor]:
@@ -41,10 +40,9 @@ def test_a_remote_folder_without_a_finished_build_is_refused_with_the_fix(tmp_pa
         first_batches(f"local:{tmp_path / 'half-built'}", tmp_path / "cache")
 
 
-def test_fit_from_a_remote_data_dir(corpus, prepared: Path, tmp_path: Path) -> None:
+def test_fit_from_a_remote_data_dir(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:
     remote = ("--data.data_dir", f"local:{prepared}", "--data.cache_dir", str(tmp_path / "cache"))
-    short = ("--trainer.max_steps", "6", "--model.lr_scheduler.init_args.warmup_steps", "2")
-    args = tiny_fit_args(corpus[0], prepared, tmp_path / "logs", *remote, *short)
-    result = run_main(*args)
+    args = tiny_fit_args(corpus[0], prepared, tmp_path / "logs", *remote, "--trainer.max_steps", "6")
+    result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(scalars(tmp_path / "logs" / "quickstart" / "version_0", "train/loss")) == 6

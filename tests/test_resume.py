@@ -1,4 +1,5 @@
-"""Stop a run any way at all, resume it with --ckpt_path last, and get the uninterrupted run's losses."""
+"""Stop a run, resume it with --ckpt_path last, and get the uninterrupted run's losses (in this process; signals
+and kill -9 are in tests/e2e/test_preemption.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from pretrain.checkpointing import PretrainCheckpoint
 from pretrain.module import PretrainModule
-from tests.test_cli import ROOT, run_main, scalars_by_step, tiny_fit_args
+from tests.helpers import run_quietly, scalars_by_step, tiny_fit_args
 
 STEPS = 60
 
@@ -37,87 +35,50 @@ def fit_args(corpus_root: Path, data_dir: Path, logs: Path, max_steps: int, *ext
 def reference(corpus, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
     """Per-step train/loss of the uninterrupted run."""
     logs = tmp_path_factory.mktemp("reference")
-    result = run_main(*fit_args(corpus[0], prepared, logs, STEPS))
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_quietly(fit_args(corpus[0], prepared, logs, STEPS), logs)
     return scalars_by_step(logs / "quickstart" / "version_0", "train/loss")
 
 
-def resume_and_compare(corpus, prepared: Path, logs: Path, reference: dict[int, float]) -> None:
-    result = run_main(*fit_args(corpus[0], prepared, logs, STEPS, "--ckpt_path", "last"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Resuming" in result.stderr
-    assert sorted(p.name for p in (logs / "quickstart").iterdir()) == ["version_0"]  # same run folder
-    assert scalars_by_step(logs / "quickstart" / "version_0", "train/loss") == reference  # bit-exact
-
-
-def start_training(corpus, prepared: Path, logs: Path) -> subprocess.Popen:
-    args = [sys.executable, str(ROOT / "main.py"), *fit_args(corpus[0], prepared, logs, STEPS)]
-    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_checkpoint(process: subprocess.Popen, checkpoints: Path, name: str, timeout: float = 120) -> None:
-    """Block until ``last.ckpt`` points at ``name`` (the save and the link are both done)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        last = checkpoints / "last.ckpt"
-        if last.is_symlink() and os.readlink(last) == name:
-            return
-        time.sleep(0.02)
-    process.kill()
-    pytest.fail(f"no {name} appeared; output: {process.communicate()[1][-3000:]}")
-
-
-def test_resume_after_a_clean_end(corpus, prepared: Path, tmp_path: Path, reference: dict[int, float]) -> None:
-    first = run_main(*fit_args(corpus[0], prepared, tmp_path, 30))
+def test_resume_after_a_clean_end(corpus, prepared: Path, tmp_path: Path, reference: dict[int, float],
+                                  run_cli) -> None:  # fmt: skip
+    first = run_cli(*fit_args(corpus[0], prepared, tmp_path, 30))
     assert first.returncode == 0, first.stderr[-3000:]
-    resume_and_compare(corpus, prepared, tmp_path, reference)
+    resumed = run_cli(*fit_args(corpus[0], prepared, tmp_path, STEPS, "--ckpt_path", "last"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming" in resumed.stderr
+    assert sorted(p.name for p in (tmp_path / "quickstart").iterdir()) == ["version_0"]  # same run folder
+    assert scalars_by_step(tmp_path / "quickstart" / "version_0", "train/loss") == reference  # bit-exact
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_preemption_signal_saves_and_exits_cleanly(
-    corpus, prepared: Path, tmp_path: Path, reference: dict[int, float], signum: signal.Signals
-) -> None:
-    process = start_training(corpus, prepared, tmp_path)
-    checkpoints = tmp_path / "quickstart" / "version_0" / "checkpoints"
-    wait_for_checkpoint(process, checkpoints, "step=0000020.ckpt")
-    process.send_signal(signum)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-3000:]
-    assert f"Received {signum.name}: saved step" in stderr
-    stopped_at = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
-    assert 20 < stopped_at < STEPS  # saved where the signal arrived, not at a periodic step
-    resume_and_compare(corpus, prepared, tmp_path, reference)
-
-
-def test_resume_after_kill_9(corpus, prepared: Path, tmp_path: Path, reference: dict[int, float]) -> None:
-    process = start_training(corpus, prepared, tmp_path)
-    wait_for_checkpoint(process, tmp_path / "quickstart" / "version_0" / "checkpoints", "step=0000020.ckpt")
-    process.kill()
-    process.communicate()
-    resume_and_compare(corpus, prepared, tmp_path, reference)
-
-
-def test_ckpt_path_last_without_a_previous_run_starts_fresh(corpus, prepared: Path, tmp_path: Path) -> None:
-    result = run_main(*fit_args(corpus[0], prepared, tmp_path, 2, "--ckpt_path", "last"))
+def test_ckpt_path_last_without_a_previous_run_starts_fresh(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:
+    result = run_cli(*fit_args(corpus[0], prepared, tmp_path, 2, "--ckpt_path", "last"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "starting a new run" in result.stderr
     assert (tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt").exists()
 
 
-def test_ckpt_path_last_without_a_versioned_logger_is_left_to_lightning(corpus, prepared: Path, tmp_path: Path) -> None:
-    result = run_main(*fit_args(corpus[0], prepared, tmp_path, 2, "--trainer.logger", "false", "--ckpt_path", "last"))
-    assert result.returncode == 0, result.stderr[-3000:]  # nothing to resume yet: Lightning starts fresh
+def test_ckpt_path_last_without_a_versioned_logger_is_left_to_lightning(corpus, prepared: Path, tmp_path: Path,
+                                                                         run_cli) -> None:  # fmt: skip
+    """Without a logger, Lightning keeps checkpoints in ./checkpoints and finds `last` there itself."""
+    no_logger = ("--trainer.logger", "false", "--ckpt_path", "last")
+    with pytest.warns(UserWarning, match="there is no last checkpoint available"):  # or a stale one was resumed
+        first = run_cli(*fit_args(corpus[0], prepared, tmp_path, 2, *no_logger))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Restoring states from the checkpoint" not in first.stderr
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    second = run_cli(*fit_args(corpus[0], prepared, tmp_path, 4, *no_logger))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"Restoring states from the checkpoint path at {tmp_path / 'checkpoints' / 'last.ckpt'}" in second.stderr
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
 
 def test_random_number_streams_continue_after_restore() -> None:
-    module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2}, vocab_size=64)
-    module.configure_model()
-    checkpoint = {"state_dict": module.state_dict()}
-    module.on_save_checkpoint(checkpoint)
+    checkpoint = PretrainCheckpoint()
+    saved = checkpoint.state_dict()
     expected = (torch.rand(4), random.random())
     torch.manual_seed(123)  # as a new process would start
     random.seed(123)
-    module.on_load_checkpoint(checkpoint)
+    PretrainCheckpoint().load_state_dict(saved)
     assert torch.equal(torch.rand(4), expected[0]) and random.random() == expected[1]
 
 

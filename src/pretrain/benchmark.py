@@ -1,4 +1,4 @@
-"""Measure speed: ``python -m pretrain.benchmark train|data --config configs/quickstart.yaml``.
+"""Measure speed: ``pretrain benchmark train|data --config configs/quickstart.yaml`` (``--config`` repeatable).
 
 Runs the project's real training step (its LightningModule and DataModule over real shards, the
 configured callbacks and progress bar) and a bare PyTorch loop over the same model, optimizer,
@@ -25,10 +25,10 @@ import yaml
 from pretrain import benchmark_data
 from pretrain.cli import PretrainCLI
 from pretrain.data import PretrainData
-from pretrain.errors import UserError
-from pretrain.model import GPT, next_token_loss
+from pretrain.errors import UserError, run_command
 from pretrain.module import PretrainModule
 from pretrain.optim import param_groups
+from pretrain.parallel import build_training_model
 from pretrain.throughput import flops_per_token, peak_flops
 
 
@@ -98,11 +98,12 @@ def _peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def project_run(config: str, warmup: int, steps: int, extra: list[str]) -> tuple[PretrainCLI, StepTimer]:
+def project_run(configs: list[str], warmup: int, steps: int, extra: list[str]) -> tuple[PretrainCLI, StepTimer]:
     timer = StepTimer(warmup, steps)
     logs = tempfile.mkdtemp(prefix="benchmark-")
-    args = ["--config", config, "--trainer.max_steps", str(warmup + steps + 1), "--trainer.limit_val_batches", "0",
-            "--trainer.logger.init_args.save_dir", logs, *_schedule_length(config), *extra]  # fmt: skip
+    composed = [arg for config in configs for arg in ("--config", config)]
+    args = [*composed, "--trainer.max_steps", str(warmup + steps + 1), "--trainer.limit_val_batches", "0",
+            "--trainer.logger.init_args.save_dir", logs, *_schedule_length(configs), *extra]  # fmt: skip
     cli = PretrainCLI(PretrainModule, PretrainData, args=args, run=False, auto_configure_optimizers=False)
     trainer = cli.trainer
     if trainer.accumulate_grad_batches != 1 or trainer.num_devices * trainer.num_nodes != 1:
@@ -117,28 +118,24 @@ def project_run(config: str, warmup: int, steps: int, extra: list[str]) -> tuple
     return cli, timer
 
 
-def _schedule_length(config: str) -> list[str]:
-    """Keep the config's LR schedule length: the benchmark's few steps may be shorter than its warmup."""
-    raw = yaml.safe_load(Path(config).read_text()) or {}
-    max_steps = (raw.get("trainer") or {}).get("max_steps")
-    if (raw.get("model") or {}).get("lr_scheduler") and max_steps:
-        return ["--model.lr_scheduler.init_args.max_steps", str(max_steps)]
-    return []
+def _schedule_length(configs: list[str]) -> list[str]:
+    """Keep the LR schedule as long as the configs' training (the last ``trainer.max_steps`` they set), not the
+    benchmark's few steps."""
+    raw = [yaml.safe_load(Path(config).read_text()) or {} for config in configs]
+    lengths = [(part.get("trainer") or {}).get("max_steps") for part in raw]
+    scheduled = any((part.get("model") or {}).get("lr_scheduler") for part in raw)
+    length = next((steps for steps in reversed(lengths) if steps), None)
+    return ["--model.lr_scheduler.init_args.max_steps", str(length)] if scheduled and length else []
 
 
 def bare_loop(cli: PretrainCLI, batch: torch.Tensor, warmup: int, steps: int) -> float:
     """Seconds for ``steps`` steps of a hand-written loop: forward, loss, backward, clip, step."""
     module, trainer = cli.model, cli.trainer
     device = trainer.strategy.root_device
-    with torch.device("meta"):
-        model = GPT(module.config)
-    model.to_empty(device=device)
-    model.init_weights(0)
+    compile_mode = module.hparams.compile_mode if module.hparams.compile else None
+    model, loss_fn = build_training_model(module.config, 0, device, compile_mode=compile_mode)  # as the module does
     model.activation_checkpointing = module.hparams.activation_checkpointing
     model.use_attention_kernel(module.hparams.attention_kernel)
-    loss_fn = next_token_loss
-    if module.hparams.compile:
-        loss_fn = torch.compile(next_token_loss, mode=module.hparams.compile_mode)
     optimizer = module.optimizer_factory(param_groups(model))
     bf16 = str(trainer.precision).startswith("bf16")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -159,17 +156,18 @@ def bare_loop(cli: PretrainCLI, batch: torch.Tensor, warmup: int, steps: int) ->
     return time.perf_counter() - start
 
 
-def train(config: str, warmup: int = 5, steps: int = 100, args: list[str] | None = None, bare: bool = True) -> dict:
-    """Benchmark the training step of ``config`` against a bare loop.
+def train(configs: list[str], warmup: int = 5, steps: int = 100, args: list[str] | None = None,
+          bare: bool = True) -> dict:  # fmt: skip
+    """Benchmark the training step of ``configs`` (composed in order) against a bare loop.
 
     Args:
-        config: A training config, e.g. configs/quickstart.yaml.
+        configs: Training configs, e.g. [configs/gpu.yaml, configs/gpt2-124m.yaml].
         warmup: Steps run before timing starts (compilation, allocator warm-up).
         steps: Steps timed.
         args: Extra CLI overrides, e.g. ["--data.batch_size", "16"].
         bare: Also time the bare loop (skip it to compare variants of the project's step quickly).
     """
-    cli, timer = project_run(config, warmup, steps, args or [])
+    cli, timer = project_run(configs, warmup, steps, args or [])
     device = cli.trainer.strategy.root_device
     project_peak = _peak_memory_gib(device)
     tokens = timer.tokens_per_step * steps
@@ -181,7 +179,7 @@ def train(config: str, warmup: int = 5, steps: int = 100, args: list[str] | None
     peak = peak_flops(device)
     per_token = flops_per_token(cli.model.config)
     result = {
-        "config": config,
+        "config": " + ".join(configs),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "overrides": " ".join(args or []),
@@ -209,33 +207,36 @@ def _print_table(result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.benchmark", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="pretrain benchmark", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="the training step against a bare loop")
-    train_parser.add_argument("--config", required=True, help="a training config, e.g. configs/quickstart.yaml")
+    train_parser.add_argument(
+        "--config",
+        required=True,
+        action="append",
+        help="a training config, e.g. configs/quickstart.yaml (repeatable, composed in order)",
+    )
     train_parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, allocator)")
     train_parser.add_argument("--steps", type=int, default=100,
                               help="timed steps; 100 hold two logging steps of the GPU configs")  # fmt: skip
     train_parser.add_argument("--bare", action=argparse.BooleanOptionalAction, default=True,
                               help="also time a bare PyTorch loop on the same model and batch")  # fmt: skip
     data_parser = commands.add_parser("data", help="preparation vs the tokenizer alone, and the loader")
-    data_parser.add_argument("--config", help="a training config: its data section is measured")
+    data_parser.add_argument(
+        "--config", action="append", default=[], help="a training config (repeatable): its data section is measured"
+    )
     data_parser.add_argument("--batch_size", type=int, default=32, help="loader micro-batch")
     data_parser.add_argument("--seq_len", type=int, default=1024, help="loader blocks hold seq_len + 1 tokens")
     data_parser.add_argument("--batches", type=int, default=300, help="loader batches timed")
     options, rest = parser.parse_known_args(argv)  # the rest goes to the config's CLI, e.g. --data.batch_size 16
     if options.command == "train":
         result = train(options.config, options.warmup, options.steps, rest, options.bare)
-    else:  # --config and --data.* describe the data, as for `python -m pretrain.prepare`
-        config = ["--config", options.config] if options.config else []
-        result = benchmark_data.data(config + rest, options.batch_size, options.seq_len, options.batches)
+    else:  # --config and --data.* describe the data, as for `pretrain prepare`
+        configs = [arg for config in options.config for arg in ("--config", config)]
+        result = benchmark_data.data(configs + rest, options.batch_size, options.seq_len, options.batches)
     sys.stdout.flush()
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)

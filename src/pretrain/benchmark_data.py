@@ -10,9 +10,10 @@ import time
 
 from tokenizers import Tokenizer
 
+from pretrain.cli import data_module_from_args
 from pretrain.data import PretrainData
 from pretrain.errors import UserError
-from pretrain.prepare import data_module_from_args, prepare
+from pretrain.prepare import prepare
 from pretrain.readers import read_documents
 from pretrain.sources import resolve_sources
 
@@ -58,7 +59,7 @@ def loader_speed(data: PretrainData, batch_size: int, seq_len: int, batches: int
 
 
 def data(argv: list[str], batch_size: int = 32, seq_len: int = 1024, batches: int = 300) -> dict:
-    source = data_module_from_args(argv, "python -m pretrain.benchmark data")
+    source = data_module_from_args(argv)
     source.build()  # tokenizer and shards in place, so only the measured work is timed below
     tokenizer_tps, tokens = tokenizer_speed(source)
     prepare_tps = preparation_speed(source)

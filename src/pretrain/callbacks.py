@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tokenizers import Tokenizer
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from pretrain._compat import ends_optimizer_step
 from pretrain.generate import continue_text
 
 
@@ -52,12 +53,6 @@ class TextSamples(L.Callback):
                         f"    {p}{s}".replace("\n", "\n    ") for p, s in zip(self.prompts, samples, strict=True)
                     )
                     logger.experiment.add_text("samples", text, trainer.global_step)
-
-
-def ends_optimizer_step(trainer: L.Trainer) -> bool:
-    """Whether the batch just trained ended an optimizer step: with gradient accumulation only the last
-    micro-batch of each does, so work meant once per step (reads, logs, saves) goes there."""
-    return not trainer.fit_loop._should_accumulate()
 
 
 def gathered_weights(wrapped: torch.nn.Module) -> AbstractContextManager:

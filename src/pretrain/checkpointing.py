@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import signal
 from pathlib import Path
@@ -16,7 +17,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
-from pretrain.callbacks import ends_optimizer_step
+from pretrain._compat import ends_optimizer_step, take_over_lightning_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +91,17 @@ class PretrainCheckpoint(ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "step_metrics": self._step_metrics, "batch_layout": self._batch_layout}
+        # The random streams too: anything random added to training later (dropout, sampling) continues
+        # after a resume as if never stopped.
+        return {**super().state_dict(), "step_metrics": self._step_metrics, "batch_layout": self._batch_layout,
+                "rng_states": random_states()}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._step_metrics = state_dict.get("step_metrics")
         self._saved_batch_layout = state_dict.get("batch_layout")
+        if "rng_states" in state_dict:
+            restore_random_states(state_dict["rng_states"])
 
     def save_now(self, trainer: L.Trainer) -> None:
         """Save the current step (unless already saved) and point ``last`` at it."""
@@ -118,16 +124,12 @@ class PretrainCheckpoint(ModelCheckpoint):
             rank_zero_warn(batch_change_message(self._saved_batch_layout, self._batch_layout))
         # A SIGTERM since Lightning put its own handler in (during the sanity check) would make it end
         # the run after the next batch without a checkpoint: it is taken over and handled here instead.
-        self._received = signal.SIGTERM if trainer.received_sigterm else None
-        trainer._signal_connector.received_sigterm = False
+        # Lightning (2.6) also broadcasts its own SIGTERM flag at every step of a multi-process run and reads
+        # it on the host: a wait for the GPU each step. Its handler is replaced below, so that flag never
+        # changes; the ranks agree on stopping in _stop_requested instead.
+        self._received = signal.SIGTERM if take_over_lightning_sigterm(trainer, _never_stopped_by_lightning) else None
         for signum in PREEMPTION_SIGNALS:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
-        # Lightning (2.6) also broadcasts its own SIGTERM flag at every step of a multi-process run
-        # and reads it on the host: a wait for the GPU each step. Its handler is replaced just above,
-        # so that flag never changes; the ranks agree on stopping in _stop_requested instead.
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):
-            epoch_loop._broadcast_sigterm_tensor = _never_stopped_by_lightning
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._received = signum
@@ -205,6 +207,21 @@ def batch_change_message(saved: dict[str, int | None], now: dict[str, int | None
         if sequences % now["processes"] == 0:
             message += f" To keep the batch, set --trainer.accumulate_grad_batches {sequences // now['processes']}."
     return message
+
+
+def random_states() -> dict[str, Any]:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+    }
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.device_count() == len(states["cuda"]):
+        torch.cuda.set_rng_state_all(states["cuda"])
+    random.setstate(states["python"])
 
 
 def _never_stopped_by_lightning() -> None:

@@ -1,7 +1,13 @@
-"""The command line: LightningCLI wired for pretraining (``python main.py fit --config ...``)."""
+"""The command line: ``pretrain fit|validate|test|prepare|generate|export|benchmark`` (also ``python main.py ...``).
+
+``fit``, ``validate`` and ``test`` are LightningCLI's, wired for pretraining; the others are this project's
+tools, each also runnable as ``python -m pretrain.<tool>``. Every command reports a user mistake in one
+line, ``error: ...``, with status 2 (``pretrain.errors.run_command``).
+"""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import pickle
 import sys
@@ -17,7 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from pretrain.callbacks import LossProgressBar
 from pretrain.checkpointing import PretrainCheckpoint, find_last_checkpoint
 from pretrain.data import PretrainData
-from pretrain.errors import UserError
+from pretrain.errors import UserError, run_command
 from pretrain.module import PretrainModule
 from pretrain.sharded import check_sharded_folder
 
@@ -40,6 +46,11 @@ class PretrainCLI(LightningCLI):
         # The model's vocabulary and context come from the data: nobody types them twice.
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.seq_len", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
+        """As Lightning's, without its warning about ``args`` given beside ``sys.argv``: the ``pretrain``
+        command always passes them, the subcommand's name removed for the tools."""
+        self.config = parser.parse_args(args)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with a progress bar that does not wait for the GPU each step.
@@ -75,7 +86,6 @@ class PretrainCLI(LightningCLI):
             raise UserError(
                 f"Checkpoint {ckpt_path} does not exist; give a .ckpt file, or 'last' to continue the newest run."
             )
-        model.from_checkpoint = bool(ckpt_path)
         if ckpt_path and kwargs.get("weights_only") is not False and Path(ckpt_path).is_dir():
             check_sharded_folder(Path(ckpt_path))  # Lightning's sharded loading unpickles it unchecked
         try:
@@ -97,6 +107,8 @@ class PretrainCLI(LightningCLI):
             config.weights_only = True  # checkpoints hold tensors and plain values: refuse any that runs code
         if config.get("ckpt_path") == "last":
             _use_last_checkpoint(config, continue_run=self.subcommand == "fit")
+        if config.get("ckpt_path"):  # the checkpoint's weights replace any init_from weights: they are not read
+            config.model.init_from = None
 
 
 def _unsafe_checkpoint(path: str | None) -> UserError:
@@ -136,20 +148,64 @@ def _use_last_checkpoint(config: Namespace, continue_run: bool) -> None:
         init_args.version = version  # TensorBoard continues the same run folder
 
 
-def main(args: list[str] | None = None) -> None:
+class DataOnlyCLI(PretrainCLI):
+    """``pretrain prepare``: training configs parsed and composed exactly as ``fit`` does (several ``--config``,
+    ``--data.*`` overrides), but only the data module is built from them."""
+
+    def before_instantiate_classes(self) -> None:
+        pass  # nothing to resume, no schedule to fill
+
+    def instantiate_classes(self) -> None:
+        self.datamodule = PretrainData(**self.config.data.as_dict())
+
+
+def data_module_from_args(argv: list[str] | None) -> PretrainData:
+    """The data module that ``fit`` with the same ``--config`` files and ``--data.*`` options would build."""
+    cli = DataOnlyCLI(PretrainModule, PretrainData, args=argv, run=False, auto_configure_optimizers=False,
+                      parser_kwargs={"prog": "pretrain prepare"})  # fmt: skip
+    return cli.datamodule
+
+
+def train(argv: list[str] | None = None) -> None:
+    """``fit``, ``validate`` or ``test``: LightningCLI with this project's module and data."""
+    PretrainCLI(
+        PretrainModule,
+        PretrainData,
+        args=argv,
+        auto_configure_optimizers=False,
+        trainer_defaults={"max_epochs": -1},
+        save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
+    )
+
+
+TOOLS = {  # subcommand -> (module with a main(argv), what it does)
+    "prepare": ("pretrain.prepare", "raw text -> tokenizer + token shards, alone (e.g. on CPU nodes)"),
+    "generate": ("pretrain.generate", "continue a prompt with a trained checkpoint"),
+    "export": ("pretrain.export", "write a checkpoint as a Hugging Face Llama folder"),
+    "benchmark": ("pretrain.benchmark", "time the training step against a bare loop, or the data path"),
+}
+TRAINING = {
+    "fit": "train (or resume with --ckpt_path last) from a config",
+    "validate": "held-out loss of a checkpoint",
+    "test": "the same, logged as test/*",
+}
+USAGE = (
+    "usage: pretrain {fit,validate,test,prepare,generate,export,benchmark} ...\n\ncommands:\n"
+    + "\n".join(f"  {name:<10} {what}" for name, what in {**TRAINING, **{k: v[1] for k, v in TOOLS.items()}}.items())
+    + "\n\n`pretrain COMMAND --help` shows a command's options."
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``pretrain`` command (and ``python main.py``)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cli = PretrainCLI(
-            PretrainModule,
-            PretrainData,
-            args=args,
-            auto_configure_optimizers=False,
-            trainer_defaults={"max_epochs": -1},
-            save_config_kwargs={"overwrite": True},  # a resumed run rewrites its own config.yaml
-        )
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    if cli.model.stop_reason:
-        print(f"error: {cli.model.stop_reason}", file=sys.stderr)
-        sys.exit(1)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv else None
+    if command in TOOLS:
+        run_command(importlib.import_module(TOOLS[command][0]).main, argv[1:])
+    elif command in TRAINING:
+        run_command(train, argv)
+    else:
+        print(USAGE, file=sys.stdout if command in ("-h", "--help") else sys.stderr)
+        if command not in ("-h", "--help"):
+            sys.exit(2)

@@ -60,6 +60,7 @@ class PretrainData(L.LightningDataModule):
         if mixture is not None and sources is not None:
             raise UserError("Give either data.sources or data.mixture, not both.")
         self.mixture = mixture
+        self.mixture_loader: MixtureLoader | None = None  # the training loader of a mixture, once built
         if mixture is not None:
             check_mixture(mixture)  # bad names or weights fail here, before anything is built
         self.sources = sources if sources is not None or mixture is not None else ["stdlib"]
@@ -185,7 +186,14 @@ class PretrainData(L.LightningDataModule):
         # The workers are shared out among the datasets (at least one each, unless none at all).
         workers = self.num_workers and max(1, self.num_workers // len(self.train_sets))
         loaders = {name: self._loader(dataset, workers) for name, dataset in self.train_sets.items()}
-        return MixtureLoader(loaders, self.shares, self.batch_size)
+        self.mixture_loader = MixtureLoader(loaders, self.shares, self.batch_size)
+        return self.mixture_loader
+
+    def teardown(self, stage: str) -> None:
+        """A mixture never runs out, so Lightning never finishes its loaders' iterators: their worker
+        processes are stopped here, or a process that trains again (a notebook, a sweep) keeps them."""
+        if self.mixture_loader is not None:
+            self.mixture_loader.close()
 
     def val_dataloader(self) -> StreamingDataLoader:
         return self._loader(self.val_set)

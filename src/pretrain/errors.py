@@ -1,5 +1,31 @@
-"""The one exception type for user mistakes: the CLI prints its message, never a traceback."""
+"""The errors the command line reports in one line, ``error: ...``, never as a traceback, and its one handler."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 
-class UserError(Exception):
+class ReportedError(Exception):
+    """An error whose message says what happened and what to do; the command exits with ``exit_status``."""
+
+    exit_status = 2
+
+
+class UserError(ReportedError):
     """Bad input or configuration. The message names the problem and how to fix it."""
+
+
+class TrainingDiverged(ReportedError):
+    """The run stopped itself because its loss stayed non-finite; its last good state is saved."""
+
+    exit_status = 1
+
+
+def run_command(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
+    """Run a command's ``main``, turning a reported error into its one line and exit status."""
+    try:
+        main(argv)
+    except ReportedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(error.exit_status)

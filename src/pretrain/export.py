@@ -9,69 +9,21 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from jsonargparse import auto_cli
+from safetensors.torch import save_file
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, run_command
+from pretrain.hf_layout import to_hf_state_dict
 from pretrain.loading import load_checkpoint, load_tokenizer_from_checkpoint, model_config, model_state_dict
-from pretrain.model import GPTConfig
+from pretrain.model import LlamaConfig
 from pretrain.tokenizer import eos_id
 
-# Our parameter names -> Hugging Face Llama's, per block and for the rest.
-BLOCK_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn.proj.weight": "self_attn.o_proj.weight",
-    "mlp_norm.weight": "post_attention_layernorm.weight",
-    "mlp.gate.weight": "mlp.gate_proj.weight",
-    "mlp.up.weight": "mlp.up_proj.weight",
-    "mlp.down.weight": "mlp.down_proj.weight",
-}
-TOP_NAMES = {
-    "embed.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
 
-
-def to_hf_state_dict(state: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Rename to Llama's layout; the fused qkv projection is split into q_proj, k_proj, v_proj."""
-    q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
-    out = {}
-    for name, tensor in state.items():
-        if name in TOP_NAMES:
-            if name == "lm_head.weight" and config.tie_embeddings:
-                continue  # tied: transformers re-ties it to the embedding
-            out[TOP_NAMES[name]] = tensor
-            continue
-        _, index, rest = name.split(".", 2)  # blocks.<i>.<rest>
-        prefix = f"model.layers.{index}."
-        if rest == "attn.qkv.weight":
-            q, k, v = tensor.split([q_dim, kv_dim, kv_dim])
-            out |= {prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k}
-            out[prefix + "self_attn.v_proj.weight"] = v
-        else:
-            out[prefix + BLOCK_NAMES[rest]] = tensor
-    return {name: tensor.contiguous().clone() for name, tensor in out.items()}
-
-
-def from_hf_state_dict(hf: dict[str, torch.Tensor], config: GPTConfig) -> dict[str, torch.Tensor]:
-    """The inverse of ``to_hf_state_dict``: an exported folder's weights under our names."""
-    out = {ours: hf[theirs] for ours, theirs in TOP_NAMES.items() if theirs in hf}
-    if config.tie_embeddings or "lm_head.weight" not in hf:
-        out["lm_head.weight"] = out["embed.weight"]
-    for i in range(config.n_layer):
-        prefix = f"model.layers.{i}."
-        qkv = [hf[f"{prefix}self_attn.{p}_proj.weight"] for p in "qkv"]
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(qkv)
-        out |= {f"blocks.{i}.{ours}": hf[prefix + theirs] for ours, theirs in BLOCK_NAMES.items()}
-    return out
-
-
-def hf_config(config: GPTConfig, eos: int, dtype: torch.dtype) -> dict[str, Any]:
+def hf_config(config: LlamaConfig, eos: int, dtype: torch.dtype) -> dict[str, Any]:
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -139,16 +91,10 @@ def export(checkpoint: str, out_dir: str, overwrite: bool = False) -> Path:
     return out
 
 
-def load_exported_weights(folder: str | Path, config: GPTConfig) -> dict[str, torch.Tensor]:
-    """Our-named weights from a folder this module exported (for continued pretraining)."""
-    return from_hf_state_dict(load_file(str(Path(folder) / "model.safetensors")), config)
+def main(argv: list[str] | None = None) -> None:
+    """``pretrain export CHECKPOINT OUT_DIR``."""
+    print(f"Exported to {auto_cli(export, args=argv, as_positional=True, prog='pretrain export')}")
 
 
 if __name__ == "__main__":
-    from jsonargparse import auto_cli
-
-    try:
-        print(f"Exported to {auto_cli(export, as_positional=True)}")
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)

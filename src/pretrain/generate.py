@@ -7,11 +7,12 @@ travels inside it. Greedy at temperature 0; otherwise samples from the top-k tok
 from __future__ import annotations
 
 import torch
+from jsonargparse import auto_cli
 from tokenizers import Tokenizer
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, run_command
 from pretrain.loading import load_checkpoint, load_model, load_tokenizer_from_checkpoint
-from pretrain.model import GPT
+from pretrain.model import Llama
 from pretrain.tokenizer import eos_id
 
 
@@ -30,7 +31,7 @@ def sample_next(
 
 @torch.no_grad()
 def generate(
-    model: GPT,
+    model: Llama,
     prompt: list[int],
     max_new_tokens: int,
     temperature: float = 0.0,
@@ -61,7 +62,7 @@ def generate(
 
 
 def continue_text(
-    model: GPT,
+    model: Llama,
     tokenizer: Tokenizer,
     prompt: str,
     max_new_tokens: int,
@@ -75,7 +76,7 @@ def continue_text(
     return tokenizer.decode([t for t in new if t != eos], skip_special_tokens=False)
 
 
-def main(
+def print_continuation(
     checkpoint: str,
     prompt: str = "",
     max_new_tokens: int = 200,
@@ -102,13 +103,10 @@ def main(
     print(prompt + continue_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k))
 
 
+def main(argv: list[str] | None = None) -> None:
+    """``pretrain generate CHECKPOINT --prompt ...``."""
+    auto_cli(print_continuation, args=argv, as_positional=True, prog="pretrain generate")
+
+
 if __name__ == "__main__":
-    import sys
-
-    from jsonargparse import auto_cli
-
-    try:
-        auto_cli(main, as_positional=True)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)

@@ -10,7 +10,8 @@ from tokenizers import Tokenizer
 
 from pretrain.data import PretrainData
 from pretrain.errors import UserError
-from pretrain.model import GPT, GPTConfig
+from pretrain.hf_layout import load_exported_weights
+from pretrain.model import Llama, LlamaConfig
 from pretrain.sharded import read_sharded_weights
 
 DATA_STATE_KEY = PretrainData.__qualname__  # Lightning stores the data module's state_dict under its class name
@@ -40,25 +41,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def model_config(checkpoint: dict[str, Any]) -> GPTConfig:
+def model_config(checkpoint: dict[str, Any]) -> LlamaConfig:
     """The architecture recorded in the checkpoint's hyperparameters (preset, overrides, vocab, seq_len)."""
     hparams = checkpoint["hyper_parameters"]
-    return GPTConfig.from_preset(
+    return LlamaConfig.from_preset(
         hparams["preset"], vocab_size=hparams["vocab_size"], seq_len=hparams["seq_len"], **(hparams["overrides"] or {})
     )
 
 
 def model_state_dict(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The GPT's own weights: the LightningModule's ``model.`` prefix removed."""
+    """The Llama's own weights: the LightningModule's ``model.`` prefix removed."""
     return {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
 
 
-def load_model(checkpoint: dict[str, Any]) -> GPT:
+def load_model(checkpoint: dict[str, Any]) -> Llama:
     with torch.device("meta"):
-        model = GPT(model_config(checkpoint))
+        model = Llama(model_config(checkpoint))
     model.load_state_dict(model_state_dict(checkpoint), assign=True)
-    if model.config.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
+    model.tie_weights()
     model.init_rope()
     return model.eval()
 
@@ -68,3 +68,36 @@ def load_tokenizer_from_checkpoint(checkpoint: dict[str, Any]) -> Tokenizer:
     if not state or "tokenizer_json" not in state:
         raise UserError("The checkpoint holds no tokenizer; it was not written by this project's training.")
     return Tokenizer.from_str(state["tokenizer_json"])
+
+
+def raise_on_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse weights that do not fit the model, listing each differing tensor (embedding first)."""
+    expected_shapes = {name: tuple(t.shape) for name, t in expected.items()}
+    found_shapes = {name: tuple(t.shape) for name, t in found.items()}
+    names = list(expected_shapes) + [name for name in found_shapes if name not in expected_shapes]
+    problems = [
+        f"{name}: {found_shapes.get(name, 'missing')} vs config {expected_shapes.get(name, 'missing')}"
+        for name in names
+        if found_shapes.get(name) != expected_shapes.get(name)
+    ]
+    if problems:
+        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise UserError(
+            f"{what} does not fit the configured model (vocabulary, preset or overrides differ):\n  "
+            + "\n  ".join(problems[:8])
+            + more
+            + "\nUse the config the weights were trained with."
+        )
+
+
+def load_weights(path: str, config: LlamaConfig) -> dict[str, torch.Tensor]:
+    """The model's weights from a checkpoint (file or sharded folder) or an exported folder, refused
+    (each differing tensor named) unless they fit ``config``."""
+    if (Path(path) / "model.safetensors").is_file():
+        weights = load_exported_weights(path, config)
+    else:
+        weights = model_state_dict(load_checkpoint(path))
+    with torch.device("meta"):  # shapes only
+        expected = Llama(config).state_dict()
+    raise_on_mismatch(expected, weights, f"The weights in {path}")
+    return weights

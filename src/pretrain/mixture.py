@@ -204,6 +204,10 @@ class MixtureLoader:
                 self._taken[k] += 1
             yield torch.stack(samples)
 
+    def close(self) -> None:
+        """Stop every dataset's loader workers (dropping an iterator shuts its workers down)."""
+        self._iterators = [None] * len(self.names)
+
     def _furthest_behind(self) -> int:
         position = sum(self._taken) + 1
         return max(range(len(self.names)), key=lambda k: self.shares[k] * position - self._taken[k])

@@ -31,7 +31,7 @@ ATTENTION_KERNELS = {
 
 
 @dataclass(frozen=True)
-class GPTConfig:
+class LlamaConfig:
     """Every number that defines the architecture. The model is built from this alone."""
 
     vocab_size: int = 4096
@@ -64,7 +64,7 @@ class GPTConfig:
         return math.ceil(self.vocab_size / self.padding_multiple) * self.padding_multiple
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: object) -> GPTConfig:
+    def from_preset(cls, name: str, **overrides: object) -> LlamaConfig:
         """A named preset with some fields replaced, e.g. ``from_preset("tiny", n_layer=6)``."""
         if name not in PRESETS:
             raise ValueError(f"Unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -75,11 +75,11 @@ class GPTConfig:
         return replace(PRESETS[name], **overrides)
 
 
-PRESETS: dict[str, GPTConfig] = {
+PRESETS: dict[str, LlamaConfig] = {
     # Sized for a 2-core laptop: the quickstart trains it in a few minutes.
-    "tiny": GPTConfig(vocab_size=4096, seq_len=256, d_model=192, n_layer=4, n_head=4, n_kv_head=4, ffn_dim=512),
+    "tiny": LlamaConfig(vocab_size=4096, seq_len=256, d_model=192, n_layer=4, n_head=4, n_kv_head=4, ffn_dim=512),
     # GPT-2 small's shape with Llama's blocks: 124M parameters with GPT-2's vocabulary, tied.
-    "gpt2-124m": GPTConfig(
+    "gpt2-124m": LlamaConfig(
         vocab_size=50257,
         seq_len=1024,
         d_model=768,
@@ -90,7 +90,7 @@ PRESETS: dict[str, GPTConfig] = {
         tie_embeddings=True,
     ),
     # TinyLlama 1.1B's shape.
-    "llama-1b": GPTConfig(
+    "llama-1b": LlamaConfig(
         vocab_size=32000, seq_len=2048, d_model=2048, n_layer=22, n_head=32, n_kv_head=4, ffn_dim=5632
     ),
 }
@@ -144,13 +144,13 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Causal self-attention; ``n_kv_head < n_head`` shares each key/value head among a group."""
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_dim, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
-        self.kernel_order: list[SDPBackend] | None = None  # None: PyTorch picks; see GPT.use_attention_kernel
+        self.kernel_order: list[SDPBackend] | None = None  # None: PyTorch picks; see Llama.use_attention_kernel
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
@@ -174,7 +174,7 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.gate = nn.Linear(config.d_model, config.ffn_dim, bias=False)
         self.up = nn.Linear(config.d_model, config.ffn_dim, bias=False)
@@ -185,7 +185,7 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attn = Attention(config)
@@ -197,16 +197,15 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-class GPT(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.padded_vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.tie_weights()
         # Derived from the config, so kept out of the state dict; rebuilt by init_weights.
         self.register_buffer("rope", rope_cache(config.seq_len, config.head_dim, config.rope_base), persistent=False)
         # Recompute each block in the backward pass instead of keeping its activations: about a third
@@ -257,8 +256,7 @@ class GPT(nn.Module):
         Values are drawn on the CPU in parameter order, so every device and strategy gets the
         same weights; a sharded parameter (FSDP2's DTensor) keeps its slice of the full draw.
         """
-        if self.config.tie_embeddings and self.lm_head.weight is not self.embed.weight:
-            self.lm_head.weight = self.embed.weight  # ``to_empty`` after a meta-device build unties them
+        self.tie_weights()  # ``to_empty`` after a meta-device build unties them
         generator = torch.Generator().manual_seed(seed)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, param in self.named_parameters():
@@ -272,6 +270,12 @@ class GPT(nn.Module):
             param.copy_(value)
         self.init_rope()
 
+    def tie_weights(self) -> None:
+        """With ``tie_embeddings``, make the LM head share the embedding's tensor. The one place that ties:
+        moving a model off the meta device or loading weights with ``assign=True`` unties them."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
     def init_rope(self) -> None:
         """(Re)compute the rotary table on the embedding's device, e.g. after building on the meta device."""
         self.rope = rope_cache(
@@ -279,8 +283,24 @@ class GPT(nn.Module):
         )
 
 
+def build_model(
+    config: LlamaConfig, device: torch.device | str, seed: int, weights: dict[str, torch.Tensor] | None = None
+) -> Llama:
+    """The model on ``device``, initialised from ``seed`` (or given ``weights``), built on the meta device
+    first so no memory goes to a throw-away default initialisation."""
+    with torch.device("meta"):
+        model = Llama(config)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    if weights is not None:
+        model.load_state_dict(weights)
+    return model
+
+
 def next_token_loss(
-    model: GPT, batch: torch.Tensor, loss_of_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    model: Llama,
+    batch: torch.Tensor,
+    loss_of_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``.
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
+from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from pretrain.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module) -> list[dict]:
@@ -46,8 +50,14 @@ class WarmupCosineLR(LRScheduler):
     ) -> None:
         if max_steps is None or max_steps <= 0:
             raise UserError(f"The LR schedule needs a positive max_steps, got {max_steps}: set trainer.max_steps")
-        if not 0 <= warmup_steps <= max_steps:
-            raise UserError(f"warmup_steps={warmup_steps} must be between 0 and max_steps={max_steps}; lower it.")
+        if warmup_steps < 0:
+            raise UserError(f"warmup_steps={warmup_steps} must not be negative.")
+        if warmup_steps > max_steps:  # e.g. a smoke run with few steps: fit the schedule instead of refusing
+            fitted = max_steps // 10
+            if rank_zero_only.rank == 0:
+                log.warning("warmup_steps=%d is longer than max_steps=%d: warming up for %d steps (a tenth of the "
+                            "run) instead.", warmup_steps, max_steps, fitted)  # fmt: skip
+            warmup_steps = fitted
         self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
         super().__init__(optimizer, last_epoch)
 

@@ -13,13 +13,11 @@ Run alone (e.g. on CPU nodes before training), with a progress bar and a closing
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -28,20 +26,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import yaml
 from litdata.streaming.item_loader import TokensLoader
 from litdata.streaming.writer import BinaryWriter
-from litdata.utilities.env import _DistributedEnv
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from pretrain.errors import UserError
+from pretrain._compat import write_as_single_process
+from pretrain.errors import UserError, run_command
 from pretrain.readers import read_documents
 from pretrain.sources import SourceFile, resolve_sources
 from pretrain.tokenizer import eos_id, load_tokenizer, train_tokenizer
 
 if TYPE_CHECKING:
-    from pretrain.data import PretrainData
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +163,7 @@ def _write_shards(
     eos, dtype = eos_id(tokenizer), token_dtype(tokenizer.get_vocab_size())
     writers = {name: BinaryWriter(str(root / name), chunk_bytes="64MB", item_loader=TokensLoader()) for name in SPLITS}
     for writer in writers.values():  # one process writes everything: its merge must not wait for other ranks' parts
-        writer._distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
+        write_as_single_process(writer)
     written, events = dict.fromkeys(SPLITS, 0), Counter()
     pending: list[tuple[str, str]] = []  # (split, text) waiting to be encoded
 
@@ -295,36 +292,15 @@ def summary(manifest: dict) -> str:
     )
 
 
-def data_module_from_args(argv: list[str] | None, prog: str) -> PretrainData:
-    """The data module described by ``--config X`` (its ``data:`` section) and ``--data.*`` options."""
-    from jsonargparse import ArgumentParser
-
-    from pretrain.data import PretrainData
-
-    parser = ArgumentParser(prog=prog)
-    parser.add_argument("--config", action="append", help="a training config (repeatable, later ones win); "
-                        "its data section is used, the rest ignored")  # fmt: skip
-    parser.add_class_arguments(PretrainData, "data")
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--config", action="append", default=[])
-    data_section = {}
-    for config_path in peek.parse_known_args(argv)[0].config:  # as `main.py fit --config A --config B` merges them
-        data_section.update(yaml.safe_load(Path(config_path).read_text()).get("data") or {})
-    parser.set_defaults({f"data.{key}": value for key, value in data_section.items()})
-    return parser.instantiate(parser.parse_args(argv)).data
-
-
 def main(argv: list[str] | None = None) -> None:
-    """``python -m pretrain.prepare --config configs/X.yaml [--data.key value ...]``: the shards alone."""
+    """``pretrain prepare --config configs/X.yaml [--data.key value ...]``: the shards alone."""
+    from pretrain.cli import data_module_from_args  # the training command line's parser, which imports this module
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    data = data_module_from_args(argv, "python -m pretrain.prepare")
+    data = data_module_from_args(argv)
     manifest = data.build(progress=True)
     print(f"\n{data.data_dir}\n{summary(manifest)}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main)

@@ -17,11 +17,11 @@ from typing import Any, ClassVar
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import metadata as dcp_metadata
-from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.state_dict_loader import _load_state_dict  # fills an empty dict, as Lightning's
 
+from pretrain._compat import PurePythonUnpickler, load_into_empty, storage_info_class
 from pretrain.errors import UserError
+
+_StorageInfo = storage_info_class()
 
 # Every global an index needs besides the record types of torch.distributed.checkpoint.metadata and
 # torch's dtypes, by module.
@@ -34,8 +34,8 @@ _INDEX_GLOBALS = {
 _RECORD_MODULES = {dcp_metadata.__name__, _StorageInfo.__module__}
 
 
-class _IndexUnpickler(pickle._Unpickler):  # the pure-Python one: its steps can be overridden one by one
-    dispatch: ClassVar[dict] = dict(pickle._Unpickler.dispatch)
+class _IndexUnpickler(PurePythonUnpickler):  # the pure-Python one: its steps can be overridden one by one
+    dispatch: ClassVar[dict] = dict(PurePythonUnpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
         # Judged before anything is imported or looked up. No dotted names: pickle would follow them
@@ -126,5 +126,5 @@ def read_sharded_weights(folder: Path, keys: set[str]) -> dict[str, Any]:
     metadata = check_sharded_folder(folder)
     entries: dict[str, Any] = {}
     reader = _CheckedIndexReader(folder, metadata)
-    _load_state_dict(entries, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
+    load_into_empty(entries, reader, keys)
     return entries

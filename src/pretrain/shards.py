@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from litdata.constants import _NUMPY_DTYPES_MAPPING
 
+from pretrain._compat import numpy_dtype_of_code
 from pretrain.errors import UserError
 
 # litdata chunk layout: uint32 item count N, uint32 byte offsets[N + 1], then the items' bytes.
@@ -19,7 +19,7 @@ _HEADER_DTYPE = np.uint32
 def split_dtype(split_dir: Path) -> np.dtype:
     """Token dtype recorded in the split's index (e.g. ``no_header_numpy:5`` -> uint16)."""
     config = json.loads((split_dir / "index.json").read_text())["config"]
-    return np.dtype(_NUMPY_DTYPES_MAPPING[int(config["data_format"][0].split(":")[1])])
+    return np.dtype(numpy_dtype_of_code(int(config["data_format"][0].split(":")[1])))
 
 
 def verify_split(split_dir: str | Path) -> None:

@@ -8,8 +8,8 @@ import lightning as L
 import torch
 from torch import nn
 
-from pretrain.callbacks import ends_optimizer_step
-from pretrain.model import GPT, GPTConfig
+from pretrain._compat import ends_optimizer_step
+from pretrain.model import Llama, LlamaConfig
 
 # Dense bf16 peak of one chip, FLOP/s, by a substring of torch.cuda.get_device_name(), the first that
 # matches: the PCIe and NVL cards run at lower clocks than the SXM ones ("NVIDIA H100 80GB HBM3").
@@ -26,13 +26,13 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def flops_per_token(config: GPTConfig) -> float:
+def flops_per_token(config: LlamaConfig) -> float:
     """PaLM's count for a training step: 6 x (weights of all Linear layers, LM head included)
     for the matmuls forward and backward, plus 12 x layers x width x context for attention.
 
     Counted on a shape-only copy of the model: a sharded one (FSDP) holds only its shard."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = Llama(config)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     return 6 * linear + 12 * config.n_layer * config.d_model * config.seq_len
 

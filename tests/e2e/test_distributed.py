@@ -17,9 +17,8 @@ import torch.multiprocessing as mp
 
 from pretrain.prepare import prepare
 from pretrain.shards import verify_split
-from tests.conftest import TINY_VOCAB
-from tests.test_cli import ROOT, scalars, tiny_fit_args
-from tests.test_resume import wait_for_checkpoint
+from tests.e2e.test_preemption import wait_for_checkpoint
+from tests.helpers import ROOT, TINY_VOCAB, scalars, tiny_fit_args
 
 
 def test_ddp_on_two_processes_trains_and_each_rank_reads_its_own_data(corpus, prepared: Path, tmp_path: Path) -> None:
@@ -27,7 +26,7 @@ def test_ddp_on_two_processes_trains_and_each_rank_reads_its_own_data(corpus, pr
     record = ("--trainer.callbacks+", "tests.helpers.RecordBatches")
     args = tiny_fit_args(corpus[0], prepared, tmp_path, *two_processes, *record)
     env = {**os.environ, "RECORD_BATCHES_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -70,7 +69,7 @@ def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(corp
     """Only rank 0 (the launching process) is told to stop; the ranks agree at the next signal check."""
     args = tiny_fit_args(corpus[0], prepared, tmp_path, "--trainer.strategy", "ddp", "--trainer.devices", "2",
                          "--trainer.max_steps", "2000")  # fmt: skip
-    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
     checkpoints = tmp_path / "quickstart" / "version_0" / "checkpoints"
     wait_for_checkpoint(process, checkpoints, "step=0000020.ckpt")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,14 +22,13 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 from pretrain.callbacks import TextSamples
 from pretrain.loading import load_checkpoint, load_model
-from pretrain.model import GPT, Block, GPTConfig
+from pretrain.model import Block, Llama, LlamaConfig
 from pretrain.module import PretrainModule
 from pretrain.optim import param_groups
 from pretrain.parallel import build_sharded_model
-from tests.conftest import TINY_VOCAB
-from tests.test_cli import ROOT, scalars_by_step, tiny_fit_args
+from tests.helpers import ROOT, TINY_VOCAB, scalars_by_step, tiny_fit_args
 
-CONFIG = GPTConfig(
+CONFIG = LlamaConfig(
     vocab_size=300, seq_len=32, d_model=48, n_layer=3, n_head=4, n_kv_head=2, ffn_dim=96, tie_embeddings=True
 )
 FSDP2 = ("--trainer.strategy", '{"class_path": "pretrain.parallel.FSDP2Strategy"}', "--trainer.devices", "2",
@@ -52,7 +52,7 @@ def test_sharded_creation_gives_the_single_device_weights(tmp_path: Path) -> Non
     out = tmp_path / "full.pt"
     mp.spawn(_build_on_rank, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
     sharded = torch.load(out, weights_only=True)
-    plain = GPT(CONFIG)
+    plain = Llama(CONFIG)
     plain.init_weights(3)
     assert sharded["weights"].keys() == plain.state_dict().keys()
     for name, tensor in plain.state_dict().items():
@@ -82,8 +82,9 @@ def test_bf16_weights_leave_the_rotary_table_in_fp32(tmp_path: Path) -> None:
 
 
 def run_fsdp2(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=tempfile.gettempdir(),
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
 
 
 def test_fsdp2_trains_resumes_exactly_and_its_sharded_checkpoint_reads_back(corpus, prepared: Path, tmp_path: Path):
@@ -119,7 +120,7 @@ def _fsdp1_groups_on_rank(rank: int, rendezvous: str, out: str) -> None:
     """Wrapped as Lightning's FSDPStrategy does (one unit per block, use_orig_params), then grouped."""
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
-        model = GPT(CONFIG)
+        model = Llama(CONFIG)
         wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True,
                                            device_id=torch.device("cpu"))  # fmt: skip
         names = {id(p): n.replace("_fsdp_wrapped_module.", "") for n, p in wrapped.named_parameters()}
@@ -133,7 +134,7 @@ def _fsdp1_groups_on_rank(rank: int, rendezvous: str, out: str) -> None:
 def test_weight_decay_groups_are_the_same_when_fsdp1_has_flattened_the_parameters(tmp_path: Path) -> None:
     out = tmp_path / "groups.pt"
     mp.spawn(_fsdp1_groups_on_rank, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
-    plain = GPT(CONFIG)
+    plain = Llama(CONFIG)
     names = {id(p): n for n, p in plain.named_parameters()}
     expected = [sorted(names[id(p)] for p in group["params"]) for group in param_groups(plain)]
     assert torch.load(out) == expected

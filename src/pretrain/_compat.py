@@ -1,0 +1,106 @@
+"""Every private Lightning, litdata and torch name the project relies on, in one place.
+
+Private names change without notice between releases. The project reaches each one only through
+this module, and ``PRIVATE_NAMES`` lists them all with the reason, so that ``tests/test_compat.py``
+names the one an upgrade removed and where it is used: the fix starts here. ``CHECKED_ON`` records
+the versions on which every name was last read against the libraries' source. Names are looked up
+when used, so importing this module never fails on a newer release.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+from typing import Any
+
+CHECKED_ON = {"lightning": "2.6.6", "litdata": "0.2.76", "torch": "2.14.1"}
+
+# "module:attribute.path" -> where the project uses it. Methods of Lightning classes the project overrides
+# are listed too: a renamed one would silently stop being called.
+PRIVATE_NAMES: dict[str, str] = {
+    "lightning.pytorch.loops.fit_loop:_FitLoop._should_accumulate": "ends_optimizer_step",
+    "lightning.pytorch.trainer.connectors.signal_connector:_SignalConnector": "take_over_lightning_sigterm",
+    "lightning.pytorch.loops.training_epoch_loop:_TrainingEpochLoop": "take_over_lightning_sigterm",
+    "lightning.pytorch.callbacks:ModelCheckpoint._save_checkpoint": "PretrainCheckpoint (overrides)",
+    "lightning.pytorch.callbacks:ModelCheckpoint._link_checkpoint": "PretrainCheckpoint (overrides)",
+    "lightning.pytorch.callbacks:ModelCheckpoint._save_topk_checkpoint": "PretrainCheckpoint.save_now",
+    "lightning.pytorch.callbacks:ModelCheckpoint._save_last_checkpoint": "PretrainCheckpoint.save_now",
+    "lightning.pytorch.callbacks:ModelCheckpoint._monitor_candidates": "PretrainCheckpoint.save_now",
+    "lightning.pytorch.cli:LightningCLI._parse_ckpt_path": "PretrainCLI (overrides)",
+    "lightning.pytorch.cli:LightningCLI._get": "PretrainCLI.instantiate_trainer",
+    "lightning.pytorch.strategies:ModelParallelStrategy": "set_data_parallel_size",
+    "litdata.utilities.env:_DistributedEnv": "write_as_single_process",
+    "litdata.constants:_NUMPY_DTYPES_MAPPING": "numpy_dtype_of_code",
+    "torch.distributed.checkpoint.state_dict_loader:_load_state_dict": "load_into_empty",
+    "torch.distributed.checkpoint.default_planner:_EmptyStateDictLoadPlanner": "load_into_empty",
+    "torch.distributed.checkpoint.filesystem:_StorageInfo": "storage_info_class",
+    "pickle:_Unpickler": "PurePythonUnpickler (Python's own; stable)",
+}
+# Private attributes set or read on instances, checked by tests/test_compat.py on a real trainer.
+PRIVATE_ATTRIBUTES = {
+    "Trainer._signal_connector": "take_over_lightning_sigterm",
+    "_SignalConnector.received_sigterm": "take_over_lightning_sigterm",
+    "_TrainingEpochLoop._broadcast_sigterm_tensor": "take_over_lightning_sigterm (Lightning 2.6 only)",
+    "ModelParallelStrategy._data_parallel_size": "set_data_parallel_size",
+    "BinaryWriter._distributed_env": "write_as_single_process",
+    "ModelCheckpoint._last_global_step_saved": "PretrainCheckpoint.save_now",
+    "ModelCheckpoint._last_checkpoint_saved": "PretrainCheckpoint",
+}
+
+PurePythonUnpickler = pickle._Unpickler  # Python's pure-Python unpickler: its steps can be overridden one by one
+
+
+def private(dotted: str) -> Any:
+    """The object at ``module:attribute.path`` (one of ``PRIVATE_NAMES``)."""
+    module_name, _, path = dotted.partition(":")
+    found: Any = importlib.import_module(module_name)
+    for part in path.split("."):
+        found = getattr(found, part)
+    return found
+
+
+def ends_optimizer_step(trainer: Any) -> bool:
+    """Whether the batch just trained ended an optimizer step: with gradient accumulation only the last
+    micro-batch of each does, so work meant once per step (reads, logs, saves) goes there."""
+    return not trainer.fit_loop._should_accumulate()
+
+
+def take_over_lightning_sigterm(trainer: Any, broadcast: Any) -> bool:
+    """Whether Lightning's handler has caught a SIGTERM; clears its flag and replaces Lightning's per-step
+    broadcast of that flag between ranks (a wait for the GPU each step) with ``broadcast``."""
+    received = bool(trainer.received_sigterm)
+    trainer._signal_connector.received_sigterm = False
+    epoch_loop = trainer.fit_loop.epoch_loop
+    if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):  # Lightning 2.6 broadcasts it at every step
+        epoch_loop._broadcast_sigterm_tensor = broadcast
+    return received
+
+
+def set_data_parallel_size(strategy: Any, size: int) -> None:
+    """ModelParallelStrategy takes its data-parallel size only as a constructor argument, before the
+    number of devices and nodes is known."""
+    strategy._data_parallel_size = size
+
+
+def write_as_single_process(writer: Any) -> None:
+    """litdata's writer names and counts chunks by the process's rank; here one process writes them all."""
+    writer._distributed_env = private("litdata.utilities.env:_DistributedEnv")(world_size=1, global_rank=0, num_nodes=1)
+
+
+def numpy_dtype_of_code(code: int) -> Any:
+    """The numpy dtype behind a litdata chunk header's dtype code."""
+    return private("litdata.constants:_NUMPY_DTYPES_MAPPING")[code]
+
+
+def storage_info_class() -> type:
+    """The class torch's sharded-checkpoint index uses to locate each entry's bytes."""
+    return private("torch.distributed.checkpoint.filesystem:_StorageInfo")
+
+
+def load_into_empty(entries: dict[str, Any], reader: Any, keys: set[str]) -> None:
+    """Fill ``entries`` with the saved entries under ``keys``, as Lightning reads a sharded folder without a
+    model to load into (the public ``dcp.load`` needs the state dict's shape in advance)."""
+    planner = private("torch.distributed.checkpoint.default_planner:_EmptyStateDictLoadPlanner")(keys=keys)
+    private("torch.distributed.checkpoint.state_dict_loader:_load_state_dict")(
+        entries, storage_reader=reader, planner=planner, no_dist=True
+    )

@@ -1,0 +1,13 @@
+"""A weighted mixture resumed on two processes: each rank gets back the samples it had fetched itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.helpers import run_main
+from tests.test_mixture import check_mixture_resume
+
+
+def test_a_mixture_run_on_two_processes_resumes_exactly(mixture: dict, built: Path, tmp_path: Path) -> None:
+    """Rank 0's logged losses depend on rank 1's data through the averaged gradients."""
+    check_mixture_resume(lambda *args: run_main(*args, cwd=tmp_path), built, mixture, tmp_path, processes=2)

@@ -1,0 +1,74 @@
+"""Preemption signals and kill -9 on a real training process: it saves, exits cleanly, and resumes exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import ROOT, run_main, scalars_by_step
+from tests.test_resume import STEPS, fit_args
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    """Per-step train/loss of the uninterrupted run, in a process of its own like the interrupted ones."""
+    logs = tmp_path_factory.mktemp("reference")
+    result = run_main(*fit_args(corpus[0], prepared, logs, STEPS), cwd=logs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return scalars_by_step(logs / "quickstart" / "version_0", "train/loss")
+
+
+def resume_and_compare(corpus, prepared: Path, logs: Path, reference: dict[int, float]) -> None:
+    result = run_main(*fit_args(corpus[0], prepared, logs, STEPS, "--ckpt_path", "last"), cwd=logs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming" in result.stderr
+    assert sorted(p.name for p in (logs / "quickstart").iterdir()) == ["version_0"]  # same run folder
+    assert scalars_by_step(logs / "quickstart" / "version_0", "train/loss") == reference  # bit-exact
+
+
+def start_training(corpus, prepared: Path, logs: Path) -> subprocess.Popen:
+    args = [sys.executable, str(ROOT / "main.py"), *fit_args(corpus[0], prepared, logs, STEPS)]
+    return subprocess.Popen(args, cwd=logs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(process: subprocess.Popen, checkpoints: Path, name: str, timeout: float = 120) -> None:
+    """Block until ``last.ckpt`` points at ``name`` (the save and the link are both done)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        last = checkpoints / "last.ckpt"
+        if last.is_symlink() and os.readlink(last) == name:
+            return
+        time.sleep(0.02)
+    process.kill()
+    pytest.fail(f"no {name} appeared; output: {process.communicate()[1][-3000:]}")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_preemption_signal_saves_and_exits_cleanly(
+    corpus, prepared: Path, tmp_path: Path, reference: dict[int, float], signum: signal.Signals
+) -> None:
+    process = start_training(corpus, prepared, tmp_path)
+    checkpoints = tmp_path / "quickstart" / "version_0" / "checkpoints"
+    wait_for_checkpoint(process, checkpoints, "step=0000020.ckpt")
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert f"Received {signum.name}: saved step" in stderr
+    stopped_at = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
+    assert 20 < stopped_at < STEPS  # saved where the signal arrived, not at a periodic step
+    resume_and_compare(corpus, prepared, tmp_path, reference)
+
+
+def test_resume_after_kill_9(corpus, prepared: Path, tmp_path: Path, reference: dict[int, float]) -> None:
+    process = start_training(corpus, prepared, tmp_path)
+    wait_for_checkpoint(process, tmp_path / "quickstart" / "version_0" / "checkpoints", "step=0000020.ckpt")
+    process.kill()
+    process.communicate()
+    resume_and_compare(corpus, prepared, tmp_path, reference)
