@@ -7,14 +7,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import yaml
-from jsonargparse import ArgumentParser
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader
 
 from pretrain.callbacks import LossProgressBar
-from pretrain.cli import TOOLS, TRAINING, PretrainCLI, main
+from pretrain.cli import TOOLS, TRAINING, DataOnlyCLI, PretrainCLI, main
 from pretrain.data import PretrainData
 from pretrain.module import PretrainModule
 from pretrain.parallel import FSDP2Strategy
@@ -47,23 +46,26 @@ def test_every_config_parses_as_its_header_says_to_run_it(config: Path, capsys: 
     assert "model:" in capsys.readouterr().out
 
 
-def test_the_fsdp_configs_choose_their_strategy_and_keep_reductions_in_fp32(capsys) -> None:
+def configured(config: Path) -> Namespace:
+    """Everything a config (composed as its header says) configures, instantiated as ``fit`` would, but the
+    trainer itself (it needs the GPUs the config asks for)."""
+    cli = DataOnlyCLI(PretrainModule, PretrainData, args=documented_command(config), run=False)
+    return cli.parser.instantiate_classes(cli.config)
+
+
+def test_the_fsdp_configs_choose_their_strategy_and_keep_reductions_in_fp32() -> None:
     """Lightning's bf16-mixed alone would make FSDP1 reduce gradients and hold the rotary table in bf16."""
-    parser = ArgumentParser()
-    parser.add_argument("--strategy", type=FSDPStrategy)
-    raw = yaml.safe_load((ROOT / "configs" / "fsdp.yaml").read_text())["trainer"]["strategy"]
-    policy = parser.instantiate(parser.parse_object({"strategy": raw})).strategy.mixed_precision
+    fsdp = configured(ROOT / "configs" / "fsdp.yaml")
+    assert isinstance(fsdp.trainer.strategy, FSDPStrategy)
+    policy = fsdp.trainer.strategy.mixed_precision
     assert (policy.param_dtype, policy.reduce_dtype, policy.buffer_dtype) == (torch.bfloat16, torch.float32,
                                                                               torch.float32)  # fmt: skip
-    with pytest.raises(SystemExit):
-        main(["fit", *documented_command(ROOT / "configs" / "fsdp2.yaml"), "--print_config"])
-    printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["trainer"]["strategy"]["class_path"] == f"{FSDP2Strategy.__module__}.{FSDP2Strategy.__name__}"
-    assert printed["model"]["preset"] == "llama-1b" and printed["trainer"]["precision"] == "bf16-mixed"
-    assert (
-        printed["model"]["optimizer"]["init_args"] | {"lr": 0.0004, "fused": True}
-        == printed["model"]["optimizer"]["init_args"]
-    )  # gpu.yaml's fused AdamW with llama-1b.yaml's learning rate
+    fsdp2 = configured(ROOT / "configs" / "fsdp2.yaml")
+    assert isinstance(fsdp2.trainer.strategy, FSDP2Strategy)
+    assert fsdp2.model.hparams.preset == "llama-1b" and fsdp2.trainer.precision == "bf16-mixed"
+    optimizer = fsdp2.model.optimizer_factory(torch.nn.Linear(2, 2).parameters())  # injected: a callable
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["lr"] == 0.0004 and optimizer.defaults["fused"]  # gpu.yaml's, llama-1b.yaml's LR
 
 
 def test_the_pretrain_command_lists_its_subcommands(capsys) -> None:

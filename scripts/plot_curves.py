@@ -1,0 +1,58 @@
+"""Draw a run's loss curves from its TensorBoard events into a PNG (the picture in the README).
+
+    python scripts/plot_curves.py logs/quickstart/version_0 docs/quickstart-curves.png
+
+Reads ``train/loss``, ``val/loss`` and ``train/lr`` from the run folder; needs matplotlib (the ``dev`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+
+def series(events: EventAccumulator, tag: str) -> tuple[list[int], list[float]]:
+    by_step = {event.step: event.value for event in events.Scalars(tag)}  # a resumed step: its last value
+    steps = sorted(by_step)
+    return steps, [by_step[step] for step in steps]
+
+
+def plot(run_dir: Path, out: Path) -> None:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=[3, 1])
+    loss_axis.plot(*series(events, "train/loss"), label="train/loss (per step)", linewidth=0.8, alpha=0.8)
+    val_steps, val_losses = series(events, "val/loss")
+    loss_axis.plot(val_steps, val_losses, "o-", label="val/loss (held-out documents)", linewidth=2)
+    for step, loss in zip(val_steps, val_losses, strict=True):
+        loss_axis.annotate(f"{loss:.3f}", (step, loss), textcoords="offset points", xytext=(0, 8), ha="center")
+    loss_axis.set_ylabel("cross-entropy (nats per token)")
+    loss_axis.set_title(f"{run_dir.parent.name}/{run_dir.name}")
+    loss_axis.grid(alpha=0.3)
+    loss_axis.legend()
+    lr_axis.plot(*series(events, "train/lr"), color="tab:gray")
+    lr_axis.set_ylabel("learning rate")
+    lr_axis.set_xlabel("optimizer step")
+    lr_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a run folder, e.g. logs/quickstart/version_0")
+    parser.add_argument("out", type=Path, help="the PNG to write")
+    options = parser.parse_args()
+    plot(options.run_dir, options.out)
+    print(f"wrote {options.out}")
+
+
+if __name__ == "__main__":
+    main()
