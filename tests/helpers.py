@@ -84,7 +84,10 @@ def run_main(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: 
 
 
 def scalars(run_dir: Path, tag: str) -> list[float]:
-    return list(scalars_by_step(run_dir, tag).values())
+    """Every value written under ``tag``, in order (a step written twice counts twice)."""
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return [event.value for event in events.Scalars(tag)]
 
 
 def scalars_by_step(run_dir: Path, tag: str) -> dict[int, float]:

@@ -72,9 +72,15 @@ def test_the_pretrain_command_lists_its_subcommands(capsys) -> None:
     main(["--help"])
     out = capsys.readouterr().out
     assert all(f"  {name} " in out for name in [*TRAINING, *TOOLS])
-    with pytest.raises(SystemExit) as exit_info:
-        main(["fitt"])
-    assert exit_info.value.code == 2 and "usage: pretrain" in capsys.readouterr().err
+    for mistake in (["fitt"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            main(mistake)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "usage: pretrain" in err
+        assert [line for line in err.splitlines() if line.startswith("error: ")] == [
+            f"error: {'unknown command ' + repr(mistake[0]) if mistake else 'a command is missing'}; choose one of "
+            "fit, validate, test, prepare, generate, export, benchmark."
+        ]
 
 
 def test_a_run_learns_validates_at_its_last_step_and_writes_logs_and_checkpoints(trained: Path) -> None:

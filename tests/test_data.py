@@ -133,6 +133,13 @@ def test_manifest_is_json_with_the_eos_id(prepared: Path) -> None:
     assert tokenizer.id_to_token(manifest["tokenizer"]["eos_id"]) == "<|endoftext|>"
 
 
+def test_prepare_alone_from_a_finished_runs_saved_config(trained: Path, tmp_path: Path, run_cli) -> None:
+    """A run's config.yaml also holds fit's own options (ckpt_path, weights_only): prepare reads past them."""
+    result = run_cli("prepare", "--config", str(trained / "config.yaml"), "--data.data_dir", str(tmp_path / "again"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert read_manifest(tmp_path / "again")["splits"]["train"]["documents"] > 0
+
+
 def test_prepare_alone_from_a_training_config(corpus, tmp_path: Path, run_cli) -> None:
     overrides = ["--data.sources", f"[{corpus[0]}]", "--data.data_dir", str(tmp_path), "--data.vocab_size", "320"]
     result = run_cli("prepare", "--config", QUICKSTART, *overrides)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from pretrain.checkpointing import AtomicCheckpointIO, PretrainCheckpoint
 from pretrain.data import PretrainData
-from pretrain.errors import TrainingDiverged, UserError
+from pretrain.errors import UserError
 from pretrain.loading import load_checkpoint
 from pretrain.module import PretrainModule
 from pretrain.prepare import prepare
@@ -248,11 +248,8 @@ def train_with_nans(
                         callbacks=[checkpoint, Snapshot()], gradient_clip_val=1.0, accelerator="cpu",
                         log_every_n_steps=log_every)  # fmt: skip
     with pytest.warns(UserWarning, match="Non-finite loss or gradients"):
-        try:
-            trainer.fit(module, DataLoader([batch] * max_steps, batch_size=None))
-        except TrainingDiverged as error:
-            return module, trainer, snapshots, str(error)
-    return module, trainer, snapshots, None
+        trainer.fit(module, DataLoader([batch] * max_steps, batch_size=None))
+    return module, trainer, snapshots, module.nonfinite.stop_message
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-on-device"])

@@ -9,6 +9,8 @@ import shutil
 import signal
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
+from unittest.mock import patch
 
 import lightning as L
 import pytest
@@ -76,12 +78,17 @@ def test_ckpt_path_last_without_a_versioned_logger_is_left_to_lightning(corpus, 
 
 
 def test_random_number_streams_continue_after_restore() -> None:
-    checkpoint = PretrainCheckpoint()
-    saved = checkpoint.state_dict()
+    module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2}, vocab_size=64)
+    module.configure_model()
+    trainer = SimpleNamespace(global_step=0)  # what the guard's read needs
+    module.nonfinite.read(trainer)
+    checkpoint = {"state_dict": module.state_dict()}
+    with patch.object(type(module), "trainer", trainer):
+        module.on_save_checkpoint(checkpoint)
     expected = (torch.rand(4), random.random())
     torch.manual_seed(123)  # as a new process would start
     random.seed(123)
-    PretrainCheckpoint().load_state_dict(saved)
+    module.on_load_checkpoint(checkpoint)
     assert torch.equal(torch.rand(4), expected[0]) and random.random() == expected[1]
 
 

@@ -124,3 +124,11 @@ def test_the_benchmark_names_the_steps_that_waited_for_the_gpu(monkeypatch: pyte
     timer.on_train_batch_start(SimpleNamespace(global_step=8), batch, 8)
     assert timer.sync_steps == [4, 5, 7]  # step 1 is before the timed window; the wait of step 5 is not step 6's
     assert timer._warnings is None  # warnings are reported as usual again
+
+
+def test_a_benchmark_option_mistake_is_one_error_line(run_cli) -> None:
+    result = run_cli("benchmark", "train", "--steps", "many")
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: argument --steps: invalid int value: 'many'; `pretrain benchmark train --help` lists the options."
+    ]

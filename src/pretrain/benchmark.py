@@ -17,6 +17,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
+from typing import NoReturn
 
 import lightning as L
 import torch
@@ -206,8 +207,15 @@ def _print_table(result: dict) -> None:
         print(f"  steps that waited for the GPU: {result['gpu_sync_steps']}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse reporting a mistake as this project does: one ``error: ...`` line, status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}; `{self.prog} --help` lists the options.")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="pretrain benchmark", description=__doc__.split("\n")[0])
+    parser = _Parser(prog="pretrain benchmark", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="the training step against a bare loop")
     train_parser.add_argument(

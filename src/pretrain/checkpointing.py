@@ -91,17 +91,12 @@ class PretrainCheckpoint(ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
 
     def state_dict(self) -> dict[str, Any]:
-        # The random streams too: anything random added to training later (dropout, sampling) continues
-        # after a resume as if never stopped.
-        return {**super().state_dict(), "step_metrics": self._step_metrics, "batch_layout": self._batch_layout,
-                "rng_states": random_states()}  # fmt: skip
+        return {**super().state_dict(), "step_metrics": self._step_metrics, "batch_layout": self._batch_layout}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._step_metrics = state_dict.get("step_metrics")
         self._saved_batch_layout = state_dict.get("batch_layout")
-        if "rng_states" in state_dict:
-            restore_random_states(state_dict["rng_states"])
 
     def save_now(self, trainer: L.Trainer) -> None:
         """Save the current step (unless already saved) and point ``last`` at it."""
@@ -210,6 +205,7 @@ def batch_change_message(saved: dict[str, int | None], now: dict[str, int | None
 
 
 def random_states() -> dict[str, Any]:
+    """The torch, CUDA and Python random streams, for a checkpoint."""
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -47,10 +47,11 @@ class PretrainCLI(LightningCLI):
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.link_arguments("data.seq_len", "model.seq_len", apply_on="instantiate")
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: list[str] | None) -> None:
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """As Lightning's, without its warning about ``args`` given beside ``sys.argv``: the ``pretrain``
         command always passes them, the subcommand's name removed for the tools."""
-        self.config = parser.parse_args(args)
+        is_object = isinstance(args, (dict, Namespace))
+        self.config = parser.parse_object(args) if is_object else parser.parse_args(args)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with a progress bar that does not wait for the GPU each step.
@@ -67,6 +68,7 @@ class PretrainCLI(LightningCLI):
 
     def fit(self, model: PretrainModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
         self._run(self.trainer.fit, model, ckpt_path, **kwargs)
+        model.nonfinite.raise_if_stopped()  # a diverged run ends with its message and status 1, once all is saved
 
     def validate(self, model: PretrainModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
         self._run(self.trainer.validate, model, ckpt_path, **kwargs)
@@ -152,6 +154,12 @@ class DataOnlyCLI(PretrainCLI):
     """``pretrain prepare``: training configs parsed and composed exactly as ``fit`` does (several ``--config``,
     ``--data.*`` overrides), but only the data module is built from them."""
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        # A run's saved config.yaml also holds fit's own options: accepted here, and ignored.
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="ignored by prepare")
+        parser.add_argument("--weights_only", type=bool | None, default=None, help="ignored by prepare")
+
     def before_instantiate_classes(self) -> None:
         pass  # nothing to resume, no schedule to fill
 
@@ -201,11 +209,15 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv else None
-    if command in TOOLS:
+    if command in ("-h", "--help"):
+        print(USAGE)
+    elif command in TOOLS:
         run_command(importlib.import_module(TOOLS[command][0]).main, argv[1:])
-    elif command in TRAINING:
+    elif command in TRAINING or (command or "").startswith("-"):  # LightningCLI's own options: --config X fit
         run_command(train, argv)
     else:
-        print(USAGE, file=sys.stdout if command in ("-h", "--help") else sys.stderr)
-        if command not in ("-h", "--help"):
-            sys.exit(2)
+        print(USAGE, file=sys.stderr)
+        known = ", ".join([*TRAINING, *TOOLS])
+        what = f"unknown command {command!r}" if command else "a command is missing"
+        print(f"error: {what}; choose one of {known}.", file=sys.stderr)
+        sys.exit(2)

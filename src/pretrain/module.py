@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from pretrain.checkpointing import random_states, restore_random_states
 from pretrain.errors import UserError
 from pretrain.loading import load_weights, raise_on_mismatch
 from pretrain.metrics import HeldOutLoss
@@ -150,11 +151,11 @@ class PretrainModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.nonfinite.read(self.trainer)
-        self.nonfinite.raise_if_stopped()  # after the last good state was saved (callbacks' on_train_end)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite.read(self.trainer)
         checkpoint["nonfinite_guard"] = self.nonfinite.state_dict()
+        checkpoint["rng_states"] = random_states()  # anything random added later continues as if never stopped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint that does not fit this model, naming each mismatch, before loading it."""
@@ -162,3 +163,5 @@ class PretrainModule(L.LightningModule):
         if "state_dict" in checkpoint:  # absent where the strategy loaded the shards itself (FSDP2)
             raise_on_mismatch(self.state_dict(), checkpoint["state_dict"], "The checkpoint")
         self.nonfinite.load_state_dict(checkpoint.get("nonfinite_guard", {}))
+        if "rng_states" in checkpoint:
+            restore_random_states(checkpoint["rng_states"])

@@ -1,0 +1,18 @@
+"""The README's quickstart, verbatim, in a process of its own (minutes): `pytest -m slow`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import QUICKSTART, run_main, scalars
+
+
+@pytest.mark.slow
+def test_quickstart_meets_its_promise(tmp_path: Path) -> None:
+    """The last val/loss ends below 0.6 x the first train/loss."""
+    result = run_main("fit", "--config", QUICKSTART, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "logs" / "quickstart" / "version_0"
+    assert scalars(run_dir, "val/loss")[-1] < 0.6 * scalars(run_dir, "train/loss")[0]
