@@ -35,6 +35,14 @@ FSDP2 = ("--trainer.strategy", '{"class_path": "pretrain.parallel.FSDP2Strategy"
          "--model.activation_checkpointing", "true")  # fmt: skip
 
 
+def close_process_group() -> None:
+    """Wait for every rank's collectives before tearing the group down: gloo aborts the process
+    ("terminate called without an active exception") when one rank destroys it while FSDP's last
+    collective still runs on another."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _build_on_rank(rank: int, rendezvous: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
@@ -44,7 +52,7 @@ def _build_on_rank(rank: int, rendezvous: str, out: str) -> None:
         if rank == 0:
             torch.save({"weights": full, "rope": model.rope}, out)
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def test_sharded_creation_gives_the_single_device_weights(tmp_path: Path) -> None:
@@ -72,7 +80,7 @@ def _rope_dtypes_on_rank(rank: int, rendezvous: str, out: str) -> None:
         if rank == 0:
             torch.save(seen, out)
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def test_bf16_weights_leave_the_rotary_table_in_fp32(tmp_path: Path) -> None:
@@ -128,7 +136,7 @@ def _fsdp1_groups_on_rank(rank: int, rendezvous: str, out: str) -> None:
         if rank == 0:
             torch.save([sorted(names[id(p)] for p in group["params"]) for group in param_groups(model)], out)
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def test_weight_decay_groups_are_the_same_when_fsdp1_has_flattened_the_parameters(tmp_path: Path) -> None:
@@ -154,7 +162,7 @@ def _fsdp1_samples_on_rank(rank: int, rendezvous: str, tokenizer: str, out: str)
         samples = callback.samples(SimpleNamespace(strategy=SimpleNamespace(model=wrapped)), module)
         torch.save(samples, f"{out}.{rank}")
     finally:
-        dist.destroy_process_group()
+        close_process_group()
 
 
 def fsdp1_test_module() -> PretrainModule:
