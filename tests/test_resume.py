@@ -168,3 +168,27 @@ def test_a_signal_during_gradient_accumulation_saves_at_the_end_of_the_step(tmp_
     # Batch 13 is the 2nd of step 4's 4 micro-batches. Saved after the step's last one (batch 15), which
     # counts as completed only once the hook returns, as in periodic saves: resuming starts step 5.
     assert (saved["global_step"], completed) == (4, 15)
+
+
+class CtrlCTwice(L.Callback):
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # the first: finish the step, save, stop ...
+            os.kill(os.getpid(), signal.SIGINT)  # ... unless a second comes first: stop now
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path: Path) -> None:
+    module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2}, vocab_size=64,
+                            seq_len=8)  # fmt: skip
+    checkpoint = PretrainCheckpoint(dirpath=tmp_path, every_n_train_steps=100, save_last="link")
+    trainer = L.Trainer(max_steps=50, callbacks=[checkpoint, CtrlCTwice()], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_info:  # Lightning's way out of a KeyboardInterrupt
+            trainer.fit(module, DataLoader(torch.randint(0, 64, (400, 9)), batch_size=2))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert exit_info.value.code == 1
+    assert list(tmp_path.iterdir()) == []  # no checkpoint
+    assert trainer.global_step == 5  # the interrupted step did not finish

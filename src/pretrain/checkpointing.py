@@ -21,7 +21,8 @@ from pretrain._compat import ends_optimizer_step, take_over_lightning_sigterm
 
 log = logging.getLogger(__name__)
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM sends SIGUSR1 ahead of a requeue
+# SIGTERM: schedulers and torchrun before a kill; SIGUSR1: SLURM ahead of a requeue; SIGINT: Ctrl-C.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -63,6 +64,7 @@ class PretrainCheckpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.signal_check_interval = signal_check_interval
         self._received: int | None = None
+        self.stopped_by: int | None = None  # the signal this process stopped for, once saved (None: another rank's)
         self._previous_handlers: dict[int, object] = {}
         self._step_metrics: tuple[int, dict[str, float]] | None = None  # see _save_checkpoint
         self._batch_layout: dict[str, int | None] | None = None  # this run's; saved for a resumed run to compare
@@ -123,11 +125,14 @@ class PretrainCheckpoint(ModelCheckpoint):
         # it on the host: a wait for the GPU each step. Its handler is replaced below, so that flag never
         # changes; the ranks agree on stopping in _stop_requested instead.
         self._received = signal.SIGTERM if take_over_lightning_sigterm(trainer, _never_stopped_by_lightning) else None
-        for signum in PREEMPTION_SIGNALS:
+        for signum in STOP_SIGNALS:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self._received = signum
+        if signum == signal.SIGINT:  # a second Ctrl-C stops at once, without saving
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self._received is None:
+            self._received = signum
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
         if not ends_optimizer_step(trainer):  # mid-step: a save would lose the gradients gathered so far
@@ -139,6 +144,7 @@ class PretrainCheckpoint(ModelCheckpoint):
             self.save_now(trainer)
         if self._stop_requested(trainer):
             self.save_now(trainer)
+            self.stopped_by = self._received
             name = signal.Signals(self._received).name if self._received else "a stop signal on another rank"
             log.info(
                 "Received %s: saved step %d to %s; continue with --ckpt_path last",

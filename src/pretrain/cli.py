@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pickle
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from pretrain.callbacks import LossProgressBar
 from pretrain.checkpointing import PretrainCheckpoint, find_last_checkpoint
 from pretrain.data import PretrainData
-from pretrain.errors import UserError, run_command
+from pretrain.errors import Interrupted, LoaderWorkerDied, UserError, run_command
 from pretrain.module import PretrainModule
 from pretrain.sharded import check_sharded_folder
 
@@ -69,6 +70,9 @@ class PretrainCLI(LightningCLI):
     def fit(self, model: PretrainModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
         self._run(self.trainer.fit, model, ckpt_path, **kwargs)
         model.nonfinite.raise_if_stopped()  # a diverged run ends with its message and status 1, once all is saved
+        checkpoint = self.trainer.checkpoint_callback
+        if isinstance(checkpoint, PretrainCheckpoint) and checkpoint.stopped_by == signal.SIGINT:
+            raise Interrupted(f"saved step {self.trainer.global_step}; continue with --ckpt_path last")
 
     def validate(self, model: PretrainModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
         self._run(self.trainer.validate, model, ckpt_path, **kwargs)
@@ -94,6 +98,13 @@ class PretrainCLI(LightningCLI):
             method(model, ckpt_path=ckpt_path, **kwargs)
         except pickle.UnpicklingError:
             raise _unsafe_checkpoint(ckpt_path) from None
+        except RuntimeError as error:  # PyTorch's report of a loader worker that died (killed, out of memory)
+            if "DataLoader worker" not in str(error):
+                raise
+            raise LoaderWorkerDied(
+                f"{str(error).strip()} The run stopped without saving this step; find why the worker died (the "
+                "kernel log for memory, a smaller data.num_workers), then continue with --ckpt_path last."
+            ) from None
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters before anything else runs.

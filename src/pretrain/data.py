@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,16 @@ from pretrain.prepare import prepare, read_manifest
 from pretrain.remote import default_cache_dir, fetch_build_files, is_remote, join
 from pretrain.shards import verify_split
 from pretrain.tokenizer import load_tokenizer
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def leave_stopping_to_the_trainer(worker_id: int) -> None:
+    """Loader workers ignore the stop signals: clusters (scancel, torchrun, Kubernetes) and Ctrl-C signal the
+    whole process group, and a worker killed mid-epoch would end the run before it could save. The training
+    process decides, then stops its workers itself; a worker that dies for another reason still fails the run."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class PretrainData(L.LightningDataModule):
@@ -178,6 +189,7 @@ class PretrainData(L.LightningDataModule):
             num_workers=self.num_workers if workers is None else workers,
             pin_memory=torch.cuda.is_available(),
             drop_last=True,
+            worker_init_fn=leave_stopping_to_the_trainer,
         )
 
     def train_dataloader(self) -> StreamingDataLoader | MixtureLoader:

@@ -7,9 +7,11 @@ from collections.abc import Callable
 
 
 class ReportedError(Exception):
-    """An error whose message says what happened and what to do; the command exits with ``exit_status``."""
+    """An error whose message says what happened and what to do; the command prints it after ``label`` and
+    exits with ``exit_status``."""
 
     exit_status = 2
+    label = "error"
 
 
 class UserError(ReportedError):
@@ -22,10 +24,23 @@ class TrainingDiverged(ReportedError):
     exit_status = 1
 
 
+class LoaderWorkerDied(ReportedError):
+    """A data loader worker process died for a reason of its own (memory, a crash): the run cannot go on."""
+
+    exit_status = 1
+
+
+class Interrupted(ReportedError):
+    """Ctrl-C: the run saved its step and stopped, as a shell expects of an interrupted command (128 + SIGINT)."""
+
+    exit_status = 130
+    label = "interrupted"
+
+
 def run_command(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run a command's ``main``, turning a reported error into its one line and exit status."""
     try:
         main(argv)
     except ReportedError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"{error.label}: {error}", file=sys.stderr)
         sys.exit(error.exit_status)
