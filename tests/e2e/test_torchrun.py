@@ -1,0 +1,55 @@
+"""torchrun with 2 processes and loader workers: SIGTERM to torchrun (as a scheduler stopping the job) is
+forwarded to every rank; the ranks agree on a step, save once, and the run resumes exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.e2e.test_preemption import wait_for_checkpoint
+from tests.helpers import ROOT, scalars_by_step
+from tests.test_resume import STEPS, fit_args
+
+TWO_RANKS = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.num_workers", "1")
+
+
+def torchrun(corpus, prepared: Path, logs: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               str(ROOT / "main.py"), *fit_args(corpus[0], prepared, logs, STEPS, *TWO_RANKS, *extra)]  # fmt: skip
+    logs.mkdir(exist_ok=True)
+    return subprocess.Popen(command, cwd=logs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+
+
+def finished(process: subprocess.Popen, timeout: float = 300) -> str:
+    _, stderr = process.communicate(timeout=timeout)
+    assert process.returncode == 0, stderr[-3000:]
+    return stderr
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, float]:
+    logs = tmp_path_factory.mktemp("torchrun-reference")
+    finished(torchrun(corpus, prepared, logs))
+    return scalars_by_step(logs / "quickstart" / "version_0", "train/loss")
+
+
+def test_sigterm_to_torchrun_saves_once_and_resumes_exactly(corpus, prepared: Path, tmp_path: Path,
+                                                            reference: dict[int, float]) -> None:  # fmt: skip
+    process = torchrun(corpus, prepared, tmp_path)
+    checkpoints = tmp_path / "quickstart" / "version_0" / "checkpoints"
+    wait_for_checkpoint(process, checkpoints, "step=0000020.ckpt")
+    process.send_signal(signal.SIGTERM)  # torchrun alone: it forwards the signal to each rank
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 1  # torchrun's own status after a signal, even though every rank saved
+    assert stderr.count("Received SIGTERM: saved step") == 2  # each rank stopped at the same step
+    stopped_at = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
+    assert 20 < stopped_at < STEPS and stopped_at % 10 == 0  # where the ranks agreed (signal_check_interval)
+    finished(torchrun(corpus, prepared, tmp_path, "--ckpt_path", "last"))
+    assert scalars_by_step(tmp_path / "quickstart" / "version_0", "train/loss") == reference
