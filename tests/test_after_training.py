@@ -10,11 +10,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from pretrain import generate as generate_module
 from pretrain.errors import UserError
 from pretrain.export import export
 from pretrain.generate import generate
 from pretrain.loading import load_checkpoint, load_model, load_tokenizer_from_checkpoint
 from pretrain.module import PretrainModule
+from pretrain.tokenizer import eos_id
 from tests.helpers import tiny_fit_args
 
 
@@ -132,3 +134,14 @@ def test_evaluate_a_checkpoint(corpus, prepared: Path, trained: Path, stage: str
     result = run_cli(*args, "--ckpt_path", "last")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{stage if stage == 'test' else 'val'}/loss" in result.stdout and "ppl" in result.stdout
+
+
+def test_a_special_token_string_in_a_prompt_is_text(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in training, where "<|endoftext|>" inside a document stays text: only real document ends are eos."""
+    checkpoint = load_checkpoint(trained / "checkpoints" / "last.ckpt")
+    tokenizer = load_tokenizer_from_checkpoint(checkpoint)
+    seen = []
+    monkeypatch.setattr(generate_module, "generate", lambda model, ids, *args, **kwargs: seen.append(ids) or [])
+    generate_module.continue_text(load_model(checkpoint), tokenizer, "a <|endoftext|> b", max_new_tokens=1)
+    assert eos_id(tokenizer) not in seen[0]
+    assert tokenizer.decode(seen[0], skip_special_tokens=False) == "a <|endoftext|> b"

@@ -86,3 +86,35 @@ def test_parquet_without_the_text_column_is_named(tmp_path: Path) -> None:
         UserError, match=r"x\.parquet has no column 'text' \(columns: \['body'\]\); set data\.text_field"
     ):
         prepare([str(tmp_path / "x.parquet")], str(tmp_path / "data"), vocab_size=TINY_VOCAB)
+
+
+def test_messy_text_round_trips_with_one_end_of_text_per_document(tmp_path: Path) -> None:
+    """Text as web dumps have it: special-token strings, lone surrogates from JSON escapes, NUL, CRLF, a very
+    long line. ``decoded_documents`` also checks each document holds exactly one end-of-text id, at its end."""
+    rng = random.Random(3)
+    corpus = tmp_path / "corpus"
+    (corpus / "files").mkdir(parents=True)
+    files = {
+        "special.txt": "before <|endoftext|> after, and <|endoftext|><|endoftext|> twice\n",
+        "crlf.txt": "line one\r\nline two\r\n\r\n",
+        "long.txt": " ".join(rng.choice(WORDS) for _ in range(20_000)),  # one line of about 100 KB
+        **{f"plain{i}.txt": text for i, text in enumerate(sentence_docs(rng, 20))},
+    }
+    for name, text in files.items():
+        (corpus / "files" / name).write_bytes(text.encode())
+    jsonl = [
+        '{"text": "half a pair \\ud800 here"}',
+        '{"text": "a whole pair \\ud83d\\ude00 is fine"}',
+        '{"text": "a\\u0000b: a NUL inside a record"}',
+    ]  # (a file with NUL bytes is binary: skipped)
+    (corpus / "web.jsonl").write_text("\n".join(jsonl) + "\n")
+    manifest = prepare([str(corpus)], str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.2)
+    texts = decoded_documents(tmp_path / "data", "train") + decoded_documents(tmp_path / "data", "val")
+    expected = [
+        *files.values(),
+        "half a pair \ufffd here",
+        "a whole pair \U0001f600 is fine",
+        "a\x00b: a NUL inside a record",
+    ]
+    assert Counter(texts) == Counter(expected)
+    assert manifest["invalid_utf8_documents"] == 1  # the lone surrogate, repaired and counted

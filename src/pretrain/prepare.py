@@ -161,6 +161,7 @@ def _write_shards(
     noted events: malformed or empty records, invalid UTF-8.
     """
     eos, dtype = eos_id(tokenizer), token_dtype(tokenizer.get_vocab_size())
+    tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not a document break
     writers = {name: BinaryWriter(str(root / name), chunk_bytes="64MB", item_loader=TokensLoader()) for name in SPLITS}
     for writer in writers.values():  # one process writes everything: its merge must not wait for other ranks' parts
         write_as_single_process(writer)

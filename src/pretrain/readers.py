@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,10 @@ class RawDocument:
     replaced_invalid_utf8: bool = False
 
 
+# Half of a UTF-16 pair on its own, as JSON escapes like "\\ud800" produce: not text, and refused by the tokenizer.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def decode_text(data: bytes) -> tuple[str, bool]:
     """(text, whether any invalid UTF-8 had to be replaced by U+FFFD)."""
     try:
@@ -75,6 +80,8 @@ def _jsonl_documents(path: str, key: str, text_field: str) -> Iterator[RawDocume
                 value = json.loads(text)[text_field]
             except (ValueError, KeyError, TypeError):
                 value = None
+            if isinstance(value, str) and LONE_SURROGATE.search(value):
+                value, replaced = LONE_SURROGATE.sub("\ufffd", value), True
             yield RawDocument(f"{key}#{number}", value if isinstance(value, str) else None, replaced)
 
 
