@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tokenizers import Tokenizer, processors
 
 from pretrain import generate as generate_module
 from pretrain.errors import UserError
@@ -145,3 +146,26 @@ def test_a_special_token_string_in_a_prompt_is_text(trained: Path, monkeypatch: 
     generate_module.continue_text(load_model(checkpoint), tokenizer, "a <|endoftext|> b", max_new_tokens=1)
     assert eos_id(tokenizer) not in seen[0]
     assert tokenizer.decode(seen[0], skip_special_tokens=False) == "a <|endoftext|> b"
+
+
+def test_export_of_a_supplied_tokenizer_gives_the_ids_training_used(corpus, prepared: Path, tmp_path: Path,
+                                                                     run_cli) -> None:  # fmt: skip
+    """A Llama-3-style tokenizer.json whose post-processor prepends a BOS: training never saw that BOS, so the
+    exported Hugging Face tokenizer must not add it either."""
+    transformers = pytest.importorskip("transformers")
+    supplied = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    supplied.add_special_tokens(["<s>"])
+    supplied.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", supplied.token_to_id("<s>"))]
+    )
+    supplied.save(str(tmp_path / "tokenizer.json"))
+    assert supplied.encode("The cat").ids[0] == supplied.token_to_id("<s>")  # it does add one by default
+    args = tiny_fit_args(corpus[0], tmp_path / "data", tmp_path / "logs", "--data.tokenizer",
+                         str(tmp_path / "tokenizer.json"), "--trainer.max_steps", "2")  # fmt: skip
+    assert run_cli(*args).returncode == 0
+    checkpoint = tmp_path / "logs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    assert run_cli("export", str(checkpoint), str(tmp_path / "hf")).returncode == 0
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "The cat sees a red bird."
+    assert hf_tokenizer(text)["input_ids"] == supplied.encode(text, add_special_tokens=False).ids
+    assert hf_tokenizer.bos_token_id == hf_tokenizer.eos_token_id == eos_id(supplied)  # as config.json says

@@ -72,6 +72,9 @@ def export(checkpoint: str, out_dir: str, overwrite: bool = False) -> Path:
     save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
     dtype = next(iter(state.values())).dtype
     (staging / "config.json").write_text(json.dumps(hf_config(config, eos, dtype), indent=2) + "\n")
+    # Training encoded without the tokenizer's post-processor (a supplied Llama-style tokenizer.json may
+    # carry one that prepends a BOS): Hugging Face's tokenizer must give the same ids, so it goes.
+    tokenizer.post_processor = None
     tokenizer.save(str(staging / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
