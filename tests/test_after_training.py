@@ -169,3 +169,5 @@ def test_export_of_a_supplied_tokenizer_gives_the_ids_training_used(corpus, prep
     text = "The cat sees a red bird."
     assert hf_tokenizer(text)["input_ids"] == supplied.encode(text, add_special_tokens=False).ids
     assert hf_tokenizer.bos_token_id == hf_tokenizer.eos_token_id == eos_id(supplied)  # as config.json says
+    exported = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))  # as any other reader sees it
+    assert exported.encode(text).ids == supplied.encode(text, add_special_tokens=False).ids

@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader
 
 from pretrain.callbacks import LossProgressBar
-from pretrain.cli import TOOLS, TRAINING, DataOnlyCLI, PretrainCLI, main
+from pretrain.cli import TOOLS, TRAINING, WORKER_DIED, DataOnlyCLI, PretrainCLI, main
 from pretrain.data import PretrainData
 from pretrain.module import PretrainModule
 from pretrain.parallel import FSDP2Strategy
@@ -151,3 +151,15 @@ def test_model_overfits_one_batch(prepared: Path, monkeypatch: pytest.MonkeyPatc
     with torch.no_grad():
         final = module.loss_fn(module.model, batch).item()
     assert final < 0.05 * initial
+
+
+@pytest.mark.parametrize(
+    ("message", "died"),
+    [("DataLoader worker (pid 4469) is killed by signal: Killed. ", True),
+     ("DataLoader worker (pid(s) 12, 13) exited unexpectedly", True),
+     ("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last): ...", False)],
+    ids=["killed", "exited", "an error inside a worker"],
+)  # fmt: skip
+def test_only_a_dead_loader_worker_is_reported_as_one(message: str, died: bool) -> None:
+    """An error raised by the data inside a worker keeps its traceback: it is a bug to read, not a lost worker."""
+    assert bool(WORKER_DIED.match(message)) is died

@@ -1,5 +1,7 @@
 import json
+import multiprocessing
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -7,7 +9,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from pretrain.data import PretrainData
+from pretrain.data import PretrainData, kill_leftover_workers, leave_stopping_to_the_trainer
 from pretrain.errors import UserError
 from pretrain.prepare import plan_split, prepare, read_manifest
 from pretrain.shards import iter_documents
@@ -148,3 +150,33 @@ def test_prepare_alone_from_a_training_config(corpus, tmp_path: Path, run_cli) -
     documents = manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"]
     assert f"documents  {documents:,}" in result.stdout and "tokens/s" in result.stdout
     assert manifest["request"]["sources"] == [str(corpus[0])] and manifest["tokenizer"]["vocab_size"] <= 320
+
+
+def test_a_build_by_an_older_version_is_rebuilt(corpus, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Version 1 encoded special-token strings inside documents as end-of-text ids: its shards are not reused."""
+    data_dir = tmp_path / "data"
+    first = prepare([str(corpus[0])], str(data_dir), vocab_size=TINY_VOCAB, val_fraction=0.1)
+    (data_dir / "manifest.json").write_text(json.dumps({**first, "version": 1}))
+    with caplog.at_level("WARNING"):
+        again = prepare([str(corpus[0])], str(data_dir), vocab_size=TINY_VOCAB, val_fraction=0.1)
+    assert "built by an older version of this project (manifest version 1): rebuilding it" in caplog.text
+    assert again["version"] == first["version"] and again["splits"] == first["splits"]
+    assert read_manifest(data_dir)["version"] == first["version"]
+
+
+def _ignore_sigterm_and_wait() -> None:
+    leave_stopping_to_the_trainer(0)
+    time.sleep(60)
+
+
+def test_loader_workers_that_ignore_sigterm_are_killed_at_exit() -> None:
+    """Python's exit stops daemonic children with SIGTERM and waits: a stuck loader worker would hold it."""
+    worker = multiprocessing.get_context("fork").Process(target=_ignore_sigterm_and_wait, daemon=True)
+    worker.start()
+    time.sleep(0.5)
+    worker.terminate()  # what Python's exit would send
+    worker.join(timeout=1)
+    assert worker.is_alive()  # ignored, as meant during training
+    kill_leftover_workers()
+    worker.join(timeout=5)
+    assert not worker.is_alive()

@@ -192,3 +192,24 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path: Path) -> None:
     assert exit_info.value.code == 1
     assert list(tmp_path.iterdir()) == []  # no checkpoint
     assert trainer.global_step == 5  # the interrupted step did not finish
+
+
+class RecordsTheSigintHandler(L.Callback):
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        self.handler = signal.getsignal(signal.SIGINT)
+
+
+def test_a_run_started_immune_to_ctrl_c_stays_so(tmp_path: Path) -> None:
+    """Shells start background jobs with SIGINT ignored: a Ctrl-C meant for the foreground must not stop them."""
+    module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2}, vocab_size=64,
+                            seq_len=8)  # fmt: skip
+    recorder = RecordsTheSigintHandler()
+    trainer = L.Trainer(max_steps=2, callbacks=[PretrainCheckpoint(dirpath=tmp_path), recorder], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        trainer.fit(module, DataLoader(torch.randint(0, 64, (8, 9)), batch_size=2))
+        assert recorder.handler is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, handler)

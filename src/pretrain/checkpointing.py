@@ -125,7 +125,10 @@ class PretrainCheckpoint(ModelCheckpoint):
         # it on the host: a wait for the GPU each step. Its handler is replaced below, so that flag never
         # changes; the ranks agree on stopping in _stop_requested instead.
         self._received = signal.SIGTERM if take_over_lightning_sigterm(trainer, _never_stopped_by_lightning) else None
+        self.stopped_by = None
         for signum in STOP_SIGNALS:
+            if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # a background job whose shell made it immune to Ctrl-C stays so
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -179,6 +182,8 @@ class PretrainCheckpoint(ModelCheckpoint):
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
+            if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # Lightning's KeyboardInterrupt shutdown ignores further Ctrl-C until it is done
             signal.signal(signum, handler)
         self._previous_handlers.clear()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pickle
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from pretrain.sharded import check_sharded_folder
 
 log = logging.getLogger(__name__)
 LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")  # --ckpt_path names Lightning resolves itself
+# PyTorch's words for a loader worker process that is gone (not for an error raised inside one).
+WORKER_DIED = re.compile(r"DataLoader worker \(pid(\(s\))? [\d, ]+\) (is killed by signal|exited unexpectedly)")
 
 
 class PretrainCLI(LightningCLI):
@@ -99,7 +102,7 @@ class PretrainCLI(LightningCLI):
         except pickle.UnpicklingError:
             raise _unsafe_checkpoint(ckpt_path) from None
         except RuntimeError as error:  # PyTorch's report of a loader worker that died (killed, out of memory)
-            if "DataLoader worker" not in str(error):
+            if not WORKER_DIED.match(str(error)):
                 raise
             raise LoaderWorkerDied(
                 f"{str(error).strip()} The run stopped without saving this step; find why the worker died (the "

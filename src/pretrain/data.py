@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,18 @@ def leave_stopping_to_the_trainer(worker_id: int) -> None:
     process decides, then stops its workers itself; a worker that dies for another reason still fails the run."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+def kill_leftover_workers() -> None:
+    """At exit, Python stops daemonic children (loader workers) with SIGTERM and waits for them: a worker that
+    ignores it and is stuck (a read from a bucket or NFS) would hold the exit until the scheduler's SIGKILL.
+    They get SIGKILL at once instead; registered after multiprocessing's own exit step, it runs before it."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(kill_leftover_workers)
 
 
 class PretrainData(L.LightningDataModule):

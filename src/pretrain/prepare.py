@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: special-token strings inside documents are encoded as text
 SPLITS = ("train", "val")
 ENCODE_BATCH_CHARS = 4_000_000  # text per encode_batch call: enough to keep every core busy
 
@@ -132,7 +132,11 @@ def existing_build(root: Path, request: dict, overwrite: bool) -> dict | None:
     """
     manifest = read_manifest(root)
     if manifest is not None and manifest["request"] == request:
-        return manifest
+        if manifest.get("version") == MANIFEST_VERSION:
+            return manifest
+        log.warning("%s was built by an older version of this project (manifest version %s): rebuilding it.",
+                    root, manifest.get("version"))  # fmt: skip
+        return None
     if manifest is not None and not overwrite:
         raise UserError(
             f"{root} holds shards built for {_describe(manifest['request'])}, but this run asks for "
