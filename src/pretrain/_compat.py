@@ -65,15 +65,19 @@ def ends_optimizer_step(trainer: Any) -> bool:
     return not trainer.fit_loop._should_accumulate()
 
 
-def take_over_lightning_sigterm(trainer: Any, broadcast: Any) -> bool:
-    """Whether Lightning's handler has caught a SIGTERM; clears its flag and replaces Lightning's per-step
-    broadcast of that flag between ranks (a wait for the GPU each step) with ``broadcast``."""
+def take_over_lightning_sigterm(trainer: Any) -> bool:
+    """Whether Lightning's handler has caught a SIGTERM; clears its flag and turns off Lightning's per-step
+    broadcast of that flag between ranks (a wait for the GPU each step): the caller handles stop signals."""
     received = bool(trainer.received_sigterm)
     trainer._signal_connector.received_sigterm = False
     epoch_loop = trainer.fit_loop.epoch_loop
     if hasattr(epoch_loop, "_broadcast_sigterm_tensor"):  # Lightning 2.6 broadcasts it at every step
-        epoch_loop._broadcast_sigterm_tensor = broadcast
+        epoch_loop._broadcast_sigterm_tensor = _no_broadcast
     return received
+
+
+def _no_broadcast() -> None:
+    """Stands in for Lightning's per-step SIGTERM broadcast (see ``take_over_lightning_sigterm``)."""
 
 
 def set_data_parallel_size(strategy: Any, size: int) -> None:

@@ -102,8 +102,7 @@ def _peak_memory_gib(device: torch.device) -> float:
 def project_run(configs: list[str], warmup: int, steps: int, extra: list[str]) -> tuple[PretrainCLI, StepTimer]:
     timer = StepTimer(warmup, steps)
     logs = tempfile.mkdtemp(prefix="benchmark-")
-    composed = [arg for config in configs for arg in ("--config", config)]
-    args = [*composed, "--trainer.max_steps", str(warmup + steps + 1), "--trainer.limit_val_batches", "0",
+    args = [*config_args(configs), "--trainer.max_steps", str(warmup + steps + 1), "--trainer.limit_val_batches", "0",
             "--trainer.logger.init_args.save_dir", logs, *_schedule_length(configs), *extra]  # fmt: skip
     cli = PretrainCLI(PretrainModule, PretrainData, args=args, run=False, auto_configure_optimizers=False)
     trainer = cli.trainer
@@ -117,6 +116,11 @@ def project_run(configs: list[str], warmup: int, steps: int, extra: list[str]) -
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli, timer
+
+
+def config_args(configs: list[str]) -> list[str]:
+    """``--config A --config B``: composed by the training command line's parser, in order."""
+    return [arg for config in configs for arg in ("--config", config)]
 
 
 def _schedule_length(configs: list[str]) -> list[str]:
@@ -240,8 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     if options.command == "train":
         result = train(options.config, options.warmup, options.steps, rest, options.bare)
     else:  # --config and --data.* describe the data, as for `pretrain prepare`
-        configs = [arg for config in options.config for arg in ("--config", config)]
-        result = benchmark_data.data(configs + rest, options.batch_size, options.seq_len, options.batches)
+        result = benchmark_data.data(
+            config_args(options.config) + rest, options.batch_size, options.seq_len, options.batches
+        )
     sys.stdout.flush()
     print(json.dumps(result))
 

@@ -18,11 +18,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from pretrain._compat import ends_optimizer_step, take_over_lightning_sigterm
+from pretrain.data import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
-
-# SIGTERM: schedulers and torchrun before a kill; SIGUSR1: SLURM ahead of a requeue; SIGINT: Ctrl-C.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -124,7 +122,7 @@ class PretrainCheckpoint(ModelCheckpoint):
         # Lightning (2.6) also broadcasts its own SIGTERM flag at every step of a multi-process run and reads
         # it on the host: a wait for the GPU each step. Its handler is replaced below, so that flag never
         # changes; the ranks agree on stopping in _stop_requested instead.
-        self._received = signal.SIGTERM if take_over_lightning_sigterm(trainer, _never_stopped_by_lightning) else None
+        self._received = signal.SIGTERM if take_over_lightning_sigterm(trainer) else None
         self.stopped_by = None
         for signum in STOP_SIGNALS:
             if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
@@ -229,10 +227,6 @@ def restore_random_states(states: dict[str, Any]) -> None:
     if states["cuda"] and torch.cuda.device_count() == len(states["cuda"]):
         torch.cuda.set_rng_state_all(states["cuda"])
     random.setstate(states["python"])
-
-
-def _never_stopped_by_lightning() -> None:
-    """Stands in for Lightning's per-step SIGTERM broadcast; see ``PretrainCheckpoint.on_train_start``."""
 
 
 def find_last_checkpoint(save_dir: str | Path, name: str) -> tuple[int, Path] | None:

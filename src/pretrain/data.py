@@ -20,6 +20,7 @@ from pretrain.remote import default_cache_dir, fetch_build_files, is_remote, joi
 from pretrain.shards import verify_split
 from pretrain.tokenizer import load_tokenizer
 
+# SIGTERM: schedulers and torchrun before a kill; SIGUSR1: SLURM ahead of a requeue; SIGINT: Ctrl-C.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
