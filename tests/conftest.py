@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.data import PretrainData
-from pretrain.prepare import prepare
+from pretrain.data.build import prepare
 from tests.helpers import ROOT, TINY_VOCAB, Result, run_in_process, run_quietly, tiny_fit_args
 
 WORDS = (

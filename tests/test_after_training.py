@@ -12,12 +12,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tokenizers import Tokenizer, processors
 
 from pretrain import generate as generate_module
+from pretrain.data.tokenizer import eos_id
 from pretrain.errors import UserError
 from pretrain.export import export
 from pretrain.generate import generate
 from pretrain.loading import load_checkpoint, load_model, load_tokenizer_from_checkpoint
 from pretrain.module import PretrainModule
-from pretrain.tokenizer import eos_id
 from tests.helpers import tiny_fit_args
 
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from pretrain.data import PretrainData, kill_leftover_workers, leave_stopping_to_the_trainer
+from pretrain.data import PretrainData
+from pretrain.data.build import plan_split, prepare, read_manifest
+from pretrain.data.loader_workers import kill_leftover_workers, leave_stopping_to_the_trainer
+from pretrain.data.shards import iter_documents
+from pretrain.data.sources import resolve_sources, stdlib_files
 from pretrain.errors import UserError
-from pretrain.prepare import plan_split, prepare, read_manifest
-from pretrain.shards import iter_documents
-from pretrain.sources import resolve_sources, stdlib_files
 from tests.conftest import make_corpus
 from tests.helpers import QUICKSTART, TINY_VOCAB
 

@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader
 
 from pretrain.checkpointing import AtomicCheckpointIO, PretrainCheckpoint
 from pretrain.data import PretrainData
+from pretrain.data.build import prepare
+from pretrain.data.sources import resolve_sources
 from pretrain.errors import UserError
 from pretrain.loading import load_checkpoint
 from pretrain.module import PretrainModule
-from pretrain.prepare import prepare
-from pretrain.sources import resolve_sources
 from tests.conftest import make_corpus
 from tests.helpers import QUICKSTART, TINY_VOCAB, Result, tiny_fit_args
 from tests.test_data import decoded_documents

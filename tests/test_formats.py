@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pretrain.data.build import prepare
 from pretrain.errors import UserError
-from pretrain.prepare import prepare
 from tests.conftest import TINY_VOCAB, WORDS
 from tests.test_data import decoded_documents
 

@@ -15,8 +15,9 @@ from tokenizers import Tokenizer
 
 from pretrain.cli import data_module_from_args
 from pretrain.data import PretrainData
+from pretrain.data.mixture import check_mixture
+from pretrain.data.mixture_loader import MixtureLoader
 from pretrain.errors import UserError
-from pretrain.mixture import MixtureLoader, check_mixture
 from tests.helpers import TINY_VOCAB, Result, scalars_by_step, tiny_fit_args
 
 

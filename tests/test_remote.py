@@ -36,7 +36,7 @@ def test_a_remote_build_streams_the_same_batches_through_the_cache(prepared: Pat
 
 def test_a_remote_folder_without_a_finished_build_is_refused_with_the_fix(tmp_path: Path) -> None:
     (tmp_path / "half-built" / "train").mkdir(parents=True)
-    with pytest.raises(UserError, match=r"must hold a finished build.*python -m pretrain\.prepare"):
+    with pytest.raises(UserError, match=r"must hold a finished build.*pretrain prepare"):
         first_batches(f"local:{tmp_path / 'half-built'}", tmp_path / "cache")
 
 

@@ -7,9 +7,9 @@ import torch
 
 from pretrain import benchmark, throughput
 from pretrain.benchmark import main as benchmark_main
+from pretrain.data.build import read_manifest
 from pretrain.errors import UserError
 from pretrain.model import PRESETS
-from pretrain.prepare import read_manifest
 from pretrain.throughput import flops_per_token
 from tests.helpers import ROOT, TINY_VOCAB, scalars, scalars_by_step, scalars_tags, tiny_fit_args
 

@@ -12,10 +12,10 @@ from tokenizers import Tokenizer
 
 from pretrain.cli import data_module_from_args
 from pretrain.data import PretrainData
+from pretrain.data.build import prepare
+from pretrain.data.readers import read_documents
+from pretrain.data.sources import resolve_sources
 from pretrain.errors import UserError
-from pretrain.prepare import prepare
-from pretrain.readers import read_documents
-from pretrain.sources import resolve_sources
 
 
 def tokenizer_speed(data: PretrainData) -> tuple[float, int]:

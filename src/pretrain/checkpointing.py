@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 
 from pretrain._compat import ends_optimizer_step, take_over_lightning_sigterm
-from pretrain.data import STOP_SIGNALS
+from pretrain.data.loader_workers import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 

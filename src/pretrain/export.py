@@ -16,11 +16,11 @@ import torch
 from jsonargparse import auto_cli
 from safetensors.torch import save_file
 
+from pretrain.data.tokenizer import eos_id
 from pretrain.errors import UserError, run_command
 from pretrain.hf_layout import to_hf_state_dict
 from pretrain.loading import load_checkpoint, load_tokenizer_from_checkpoint, model_config, model_state_dict
 from pretrain.model import LlamaConfig
-from pretrain.tokenizer import eos_id
 
 
 def hf_config(config: LlamaConfig, eos: int, dtype: torch.dtype) -> dict[str, Any]:

@@ -10,10 +10,10 @@ import torch
 from jsonargparse import auto_cli
 from tokenizers import Tokenizer
 
+from pretrain.data.tokenizer import eos_id
 from pretrain.errors import UserError, run_command
 from pretrain.loading import load_checkpoint, load_model, load_tokenizer_from_checkpoint
 from pretrain.model import Llama
-from pretrain.tokenizer import eos_id
 
 
 def sample_next(

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pretrain.prepare import prepare
-from pretrain.shards import verify_split
+from pretrain.data.build import prepare
+from pretrain.data.shards import verify_split
 from tests.e2e.test_preemption import wait_for_checkpoint
 from tests.helpers import ROOT, TINY_VOCAB, scalars, tiny_fit_args
 

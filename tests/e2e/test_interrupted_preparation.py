@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pretrain.data import PretrainData
+from pretrain.data.build import prepare, read_manifest
 from pretrain.errors import UserError
-from pretrain.prepare import prepare, read_manifest
 from tests.conftest import make_corpus
 from tests.helpers import TINY_VOCAB
 from tests.test_data import decoded_documents

@@ -16,8 +16,8 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pretrain.data.readers import SUPPORTED_SUFFIXES, check_parquet_column, file_format, has_supported_suffix
 from pretrain.errors import UserError
-from pretrain.readers import SUPPORTED_SUFFIXES, check_parquet_column, file_format, has_supported_suffix
 
 BINARY_SNIFF_BYTES = 8192
 STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})

@@ -41,7 +41,7 @@ def fetch_build_files(url: str, cache_dir: Path) -> None:
         except Exception as error:  # each storage backend raises its own kinds; all mean the same here
             raise UserError(
                 f"Could not read {join(url, name)}: {error}. A remote data_dir must hold a finished build: "
-                "make it with `python -m pretrain.prepare --data.data_dir data/<name>`, then upload the whole "
+                "make it with `pretrain prepare --data.data_dir data/<name>`, then upload the whole "
                 "folder (e.g. `aws s3 sync data/<name> s3://bucket/<name>`), and check the credentials."
             ) from error
         if not target.is_file():

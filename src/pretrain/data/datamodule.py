@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
-import multiprocessing
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -13,35 +10,14 @@ import torch
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
 from litdata.streaming.item_loader import TokensLoader
 
+from pretrain.data.build import prepare, read_manifest
+from pretrain.data.loader_workers import leave_stopping_to_the_trainer
+from pretrain.data.mixture import check_mixture, prepare_mixture
+from pretrain.data.mixture_loader import MixtureLoader
+from pretrain.data.remote import default_cache_dir, fetch_build_files, is_remote, join
+from pretrain.data.shards import verify_split
+from pretrain.data.tokenizer import load_tokenizer
 from pretrain.errors import UserError
-from pretrain.mixture import MixtureLoader, check_mixture, prepare_mixture
-from pretrain.prepare import prepare, read_manifest
-from pretrain.remote import default_cache_dir, fetch_build_files, is_remote, join
-from pretrain.shards import verify_split
-from pretrain.tokenizer import load_tokenizer
-
-# SIGTERM: schedulers and torchrun before a kill; SIGUSR1: SLURM ahead of a requeue; SIGINT: Ctrl-C.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-def leave_stopping_to_the_trainer(worker_id: int) -> None:
-    """Loader workers ignore the stop signals: clusters (scancel, torchrun, Kubernetes) and Ctrl-C signal the
-    whole process group, and a worker killed mid-epoch would end the run before it could save. The training
-    process decides, then stops its workers itself; a worker that dies for another reason still fails the run."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
-def kill_leftover_workers() -> None:
-    """At exit, Python stops daemonic children (loader workers) with SIGTERM and waits for them: a worker that
-    ignores it and is stuck (a read from a bucket or NFS) would hold the exit until the scheduler's SIGKILL.
-    They get SIGKILL at once instead; registered after multiprocessing's own exit step, it runs before it."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-
-
-atexit.register(kill_leftover_workers)
 
 
 class PretrainData(L.LightningDataModule):
@@ -146,7 +122,7 @@ class PretrainData(L.LightningDataModule):
         if manifest is None:
             raise UserError(
                 f"{self.data_dir} holds no complete build (manifest.json is missing); "
-                "run `python -m pretrain.prepare` or `main.py fit` to build it."
+                "run `pretrain prepare` or `pretrain fit` to build it."
             )
         if manifest["tokenizer"]["vocab_size"] > self.vocab_size:
             raise UserError(
