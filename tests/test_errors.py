@@ -53,7 +53,8 @@ def test_binary_files_are_skipped_and_counted(tmp_path: Path) -> None:
     (tmp_path / "corpus" / "notes" / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     manifest = prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB)
     assert manifest["skipped_files"] == {"empty": 0, "binary": 1, "unsupported": 0}
-    assert sum(manifest["splits"][s]["documents"] for s in ("train", "val")) == len(docs)
+    texts = decoded_documents(tmp_path / "data", "train") + decoded_documents(tmp_path / "data", "val")
+    assert sum(map(len, texts)) == sum(map(len, docs.values()))  # every document's text (whole or in pieces), no more
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer
 from pretrain.cli import data_module_from_args
 from pretrain.data import PretrainData
 from pretrain.data.build import prepare
-from pretrain.data.readers import read_documents
+from pretrain.data.plan import plan_units
+from pretrain.data.readers import read_unit
 from pretrain.data.sources import resolve_sources
 from pretrain.errors import UserError
 
@@ -21,10 +22,11 @@ from pretrain.errors import UserError
 def tokenizer_speed(data: PretrainData) -> tuple[float, int]:
     """Tokens/s of HF tokenizers' ``encode_batch`` over every document, on all cores: the practical limit."""
     tokenizer = Tokenizer.from_file(str(data.tokenizer_path))
+    files = resolve_sources(data.sources, data.text_field).files
     texts = [
         document.text
-        for file in resolve_sources(data.sources, data.text_field).files
-        for document in read_documents(file.path, file.key, data.text_field)
+        for unit in plan_units(files, data.val_fraction)
+        for document in read_unit(unit, data.text_field)
         if document.text
     ]
     start = time.perf_counter()

@@ -5,7 +5,9 @@ Also ``python -m pretrain.prepare``."""
 from __future__ import annotations
 
 import logging
+import os
 
+from pretrain.data.ranks import Ranks
 from pretrain.errors import run_command
 
 
@@ -14,27 +16,45 @@ def summary(manifest: dict) -> str:
     splits = manifest["splits"]
     documents = sum(split["documents"] for split in splits.values())
     tokens = sum(split["tokens"] for split in splits.values())
-    seconds = manifest["seconds"]
+    seconds, layout = manifest["seconds"], manifest.get("layout", {})
     return "\n".join(
         [
-            f"documents  {documents:,} (train {splits['train']['documents']:,}, val {splits['val']['documents']:,})",
-            f"tokens     {tokens:,} (train {splits['train']['tokens']:,}, val {splits['val']['tokens']:,})",
+            f"documents  {documents:,} (train {splits['train']['documents']:,}, val {splits['val']['documents']:,};"
+            f" duplicates dropped {manifest['duplicate_documents']:,}; pieces of cut files {manifest['pieces']:,})",
+            f"tokens     {tokens:,} (train {splits['train']['tokens']:,}, val {splits['val']['tokens']:,} ="
+            f" {100 * splits['val']['share']:.2f}%)",
             f"bytes      {manifest['source_bytes']:,} of source files",
             f"skipped    files {manifest['skipped_files']}, records {manifest['skipped_records']}, "
             f"invalid UTF-8 documents {manifest['invalid_utf8_documents']}",
-            f"seconds    {seconds} ({tokens / seconds:,.0f} tokens/s, tokenizer training included)",
+            f"seconds    {seconds} ({tokens / seconds:,.0f} tokens/s, tokenizer training included)"
+            + (f" by {layout['processes']} process(es)" if layout else ""),
+            f"peak RSS   {', '.join(f'{mb:,.0f}' for mb in manifest['peak_rss_mb'])} MB per process",
         ]
     )
 
 
+def share_the_cores() -> None:
+    """Under torchrun, the processes of one node share its cores: each tokenizer gets its part (HF tokenizers
+    would otherwise start one thread per core in every process)."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_processes > 1:
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_processes)))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``pretrain prepare --config configs/X.yaml [--data.key value ...]``: the shards alone."""
+    """``pretrain prepare --config configs/X.yaml [--data.key value ...]``: the shards alone.
+
+    Under ``torchrun --nnodes N --nproc-per-node P``, every process takes a share of the work.
+    """
     from pretrain.cli import data_module_from_args  # the training command line's parser (imports Lightning)
 
+    share_the_cores()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = data_module_from_args(argv)
-    manifest = data.build(progress=True)
-    print(f"\n{data.data_dir}\n{summary(manifest)}")
+    ranks = Ranks.from_launcher()
+    manifest = data.build(progress=True, ranks=ranks)
+    if ranks.first:
+        print(f"\n{data.data_dir}\n{summary(manifest)}")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ def test_preparation_killed_halfway_is_redone(tmp_path: Path) -> None:
     options = {"sources": f"[{tmp_path / 'corpus'}]", "data_dir": data_dir, "vocab_size": TINY_VOCAB, "num_workers": 1}
     command = [sys.executable, "-m", "pretrain.prepare", *(f"--data.{k}={v}" for k, v in options.items())]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (data_dir / "train" / "index.json").exists() and process.poll() is None:
-        time.sleep(0.01)
-    process.kill()  # the train split is written, the val split and the manifest are not
+    while not (data_dir / ".build").exists() and process.poll() is None:
+        time.sleep(0.001)
+    process.kill()  # the build is under way (its scratch folder exists until just before the manifest)
     process.wait()
     assert read_manifest(data_dir) is None
     with pytest.raises(UserError, match=r"manifest\.json is missing"):

@@ -1,14 +1,20 @@
 """Raw text -> tokenizer + token shards, the one-time step before training.
 
 Output, under ``data_dir``:
-- ``tokenizer.json``: trained on the training split, or a copy of the given one;
+- ``tokenizer.json``: trained on a sample of the training split, or a copy of the given one;
 - ``train/`` and ``val/``: litdata chunks of token ids. Each document is followed by exactly one
-  end-of-text token; a document goes wholly to one split, decided by a hash of its name;
+  end-of-text token and goes wholly to one split (``plan.DocumentSplit``); documents are written in a
+  pseudo-random order over the whole corpus (``buckets``), exact duplicates once;
+- ``files.json``: every source file's path, size and modification time, to notice a changed corpus;
 - ``manifest.json``: what was asked for and what was built. Written last, so a build that was
   interrupted has none and is redone on the next run instead of being served.
 
-Run alone (e.g. on CPU nodes before training), with a progress bar and a closing summary:
-``pretrain prepare --config configs/quickstart.yaml`` (see ``pretrain.prepare``)
+The work is shared by every process of a torchrun group (``Ranks``); alone, a process does it all:
+1. rank 0 lists the files and decides whether an existing build stands;
+2. unless a tokenizer is given, every rank draws its units' part of a seeded sample of the training text
+   (about ``tokenizer_sample_bytes`` in all) and rank 0 trains the tokenizer on it;
+3. every rank encodes its units into its part of every bucket;
+4. every rank writes whole buckets as chunks; rank 0 joins their indexes and writes the manifest.
 """
 
 from __future__ import annotations
@@ -16,12 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import resource
 import shutil
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +39,39 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from pretrain._compat import write_as_single_process
-from pretrain.data.readers import read_documents
-from pretrain.data.sources import SourceFile, resolve_sources
+from pretrain.data.buckets import Bucket, BucketFiles, held_out_rows
+from pretrain.data.plan import DocumentSplit, plan_units, share_out, unit_hash
+from pretrain.data.ranks import Ranks
+from pretrain.data.readers import Unit, read_unit
+from pretrain.data.sources import Corpus, resolve_sources
 from pretrain.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 2  # 2: special-token strings inside documents are encoded as text
+MANIFEST_VERSION = 3  # 3: documents mixed over the corpus by hash, keyed by byte offset, duplicates dropped
 SPLITS = ("train", "val")
 ENCODE_BATCH_CHARS = 4_000_000  # text per encode_batch call: enough to keep every core busy
+BUCKET_SOURCE_BYTES = 256 * 2**20  # source text per bucket: a bucket's tokens are held in memory while written
+CHUNK_BYTES = "16MB"
+TOKENIZER_SAMPLE_BYTES = "64MB"
+_BYTE_UNITS = {"tb": 1000**4, "gb": 1000**3, "mb": 1000**2, "kb": 1000, "b": 1}
+
+
+def byte_count(value: int | str, option: str) -> int:
+    """``16MB``, ``1.5GB``, ``65536`` (litdata's units: 1 MB = 1000**2 bytes) as a number of bytes."""
+    text = str(value).strip().lower()
+    for suffix, ratio in _BYTE_UNITS.items():
+        number = text.removesuffix(suffix)
+        if number != text or suffix == "b":
+            try:
+                count = int(float(number) * ratio)
+            except ValueError:
+                break
+            if count > 0:
+                return count
+            break
+    raise UserError(f"data.{option}={value!r} is not a positive size; write it like 16MB, 512KB or 1GB.")
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -52,62 +82,20 @@ def token_dtype(vocab_size: int) -> str:
     raise ValueError(f"vocab_size={vocab_size} does not fit in uint32")
 
 
-def _unit_hash(key: str) -> float:
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
-
-
-@dataclass(frozen=True)
-class DocumentSplit:
-    """Which split a document goes to, decided by a hash of its key alone: the same on every machine."""
-
-    val_fraction: float
-    forced_val: frozenset[str] = frozenset()  # tiny text corpora: keys held out so val is never empty
-
-    def of(self, key: str) -> str:
-        return "val" if key in self.forced_val or _unit_hash(key) < self.val_fraction else "train"
-
-
-def plan_split(files: list[SourceFile], val_fraction: float) -> tuple[DocumentSplit, dict[str, list[SourceFile]]]:
-    """The split rule, and the files each split reads (a JSONL or Parquet file feeds both)."""
-    split = DocumentSplit(val_fraction)
-    if all(f.format == "text" for f in files):  # one document per file: the split is known now
-        if len(files) < 2:
-            raise UserError("The sources hold a single document; train/val splitting needs at least two.")
-        if not any(split.of(f.key) == "val" for f in files):
-            split = DocumentSplit(val_fraction, frozenset({min((f.key for f in files), key=_unit_hash)}))
-        if all(split.of(f.key) == "val" for f in files):
-            raise UserError(f"data.val_fraction={val_fraction} leaves no document for training; lower it.")
-    return split, {name: [f for f in files if f.format != "text" or split.of(f.key) == name] for name in SPLITS}
-
-
-def training_texts(files: list[SourceFile], split: DocumentSplit, text_field: str) -> Iterator[str]:
-    """The training split's documents, for fitting the tokenizer (validation text stays unseen)."""
-    for file in files:
-        for document in read_documents(file.path, file.key, text_field):
-            if document.text and split.of(document.key) == "train":
-                yield document.text
-
-
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def tokenizer_request(tokenizer: str | None, vocab_size: int) -> dict:
-    """The tokenizer part of a build request: a given file by its hash, a trained one by its size."""
-    return {"sha256": file_sha256(tokenizer)} if tokenizer else {"train_vocab_size": vocab_size}
+def tokenizer_request(tokenizer: str | None, vocab_size: int, sample_bytes: int | str) -> dict:
+    """The tokenizer part of a build request: a given file by its hash, a trained one by its size and sample."""
+    if tokenizer:
+        return {"sha256": file_sha256(tokenizer)}
+    return {"train_vocab_size": vocab_size, "sample_bytes": byte_count(sample_bytes, "tokenizer_sample_bytes")}
 
 
-def build_request(
-    sources: list[str], vocab_size: int, tokenizer: str | None, val_fraction: float, text_field: str
-) -> dict:
-    """What defines the shards: a data_dir built for a different request must not be reused."""
-    return {
-        "sources": list(sources),
-        "tokenizer": tokenizer_request(tokenizer, vocab_size),
-        "val_fraction": val_fraction,
-        "text_field": text_field,
-    }
+def listing_digest(listing: Any) -> dict:
+    """Stands for the file listing in a build request (the listing itself goes to ``files.json``)."""
+    return {"sha256": hashlib.sha256(json.dumps(listing).encode()).hexdigest()}
 
 
 def read_manifest(data_dir: str | Path) -> dict | None:
@@ -115,31 +103,76 @@ def read_manifest(data_dir: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write_json_atomic(path: Path, content: dict) -> None:
+def write_json_atomic(path: Path, content: Any) -> None:
     """Write to a temporary file and rename, so readers never see half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(content, indent=2) + "\n")
     os.replace(tmp, path)
 
 
-def existing_build(root: Path, request: dict, overwrite: bool) -> dict | None:
+def without_files(request: dict) -> dict:
+    """The request as typed: what stays the same when only the files under the sources changed."""
+    return {
+        key: without_files(value) if isinstance(value, dict) else value
+        for key, value in request.items()
+        if key != "files"
+    }
+
+
+def _listing_changes(old: Any, new: Any) -> str:
+    """Added, removed and changed files between two listings (a mixture's are per dataset)."""
+
+    def entries(listing: Any) -> dict[str, tuple]:
+        if isinstance(listing, dict):
+            return {f"{name}: {p}": e for name, part in listing.items() for p, e in entries(part).items()}
+        return {path: (size, mtime) for path, size, mtime in listing}
+
+    before, after = entries(old), entries(new)
+    kinds = {
+        "added": sorted(set(after) - set(before)),
+        "removed": sorted(set(before) - set(after)),
+        "changed": sorted(p for p in set(after) & set(before) if after[p] != before[p]),
+    }
+    parts = [f"{kind} {len(paths)} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})"
+             for kind, paths in kinds.items() if paths]  # fmt: skip
+    return "; ".join(parts) or "the same files, listed in another order"
+
+
+def existing_build(root: Path, request: dict, listing: Any, overwrite: bool) -> dict | None:
     """The manifest of a complete build of ``request`` in ``root``; None where there is none to keep.
 
-    Refuses to replace a build of something else unless ``overwrite``.
+    Refuses a build of something else, or of files that changed since, unless ``overwrite``.
     """
     manifest = read_manifest(root)
-    if manifest is not None and manifest["request"] == request:
+    if manifest is None:
+        return None
+    if manifest["request"] == request:
         if manifest.get("version") == MANIFEST_VERSION:
             return manifest
         log.warning("%s was built by an older version of this project (manifest version %s): rebuilding it.",
                     root, manifest.get("version"))  # fmt: skip
         return None
-    if manifest is not None and not overwrite:
+    if overwrite:
+        return None
+    if without_files(manifest["request"]) == without_files(request) and (root / "files.json").is_file():
+        changes = _listing_changes(json.loads((root / "files.json").read_text()), listing)
         raise UserError(
-            f"{root} holds shards built for {_describe(manifest['request'])}, but this run asks for "
-            f"{_describe(request)}. Point data.data_dir elsewhere, delete {root}, "
-            "or set data.overwrite: true."
+            f"The source files of {root} changed since it was built: {changes}. Rebuild it with "
+            "--data.overwrite true, or point data.data_dir elsewhere."
         )
+    raise UserError(
+        f"{root} holds shards built for {_describe(manifest['request'])}, but this run asks for "
+        f"{_describe(request)}. Point data.data_dir elsewhere, delete {root}, or set data.overwrite: true."
+    )
+
+
+def build_of_absent_sources(root: Path, request: dict) -> dict | None:
+    """A finished build of these sources, when they are not present here (a training node without the raw
+    corpus): it is served as it is, since its freshness cannot be checked."""
+    manifest = read_manifest(root)
+    if manifest and manifest.get("version") == MANIFEST_VERSION and without_files(manifest["request"]) == request:
+        log.info("The sources are not present here: serving the build in %s as it is.", root)
+        return manifest
     return None
 
 
@@ -152,56 +185,209 @@ def _shard_counts(split_dir: Path) -> dict[str, int]:
     return {"documents": sum(c["chunk_size"] for c in chunks), "tokens": sum(c["dim"] for c in chunks)}
 
 
-def _write_shards(
-    files: list[SourceFile], split: DocumentSplit, text_field: str, tokenizer: Tokenizer, root: Path, progress: bool
-) -> Counter:
-    """Tokenize every document into the litdata chunks of its split, in one pass over the sources.
+def _progress(units: list[Unit], numbers: list[int], ranks: Ranks, desc: str, show: bool) -> tqdm:
+    """Bytes read by this process (rank 0 shows its own; the others share the work alike)."""
+    label = desc if ranks.world_size == 1 else f"{desc} (rank 0 of {ranks.world_size})"
+    total = sum(units[n].size for n in numbers)
+    return tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=not (show and ranks.first))
 
-    Documents are encoded in batches by the tokenizer's own ``encode_batch`` (every core, no worker
-    processes to start) and appended in order, each followed by the end-of-text token. Returns the
-    noted events: malformed or empty records, invalid UTF-8.
+
+def _read_with_progress(unit: Unit, text_field: str, bar: tqdm, wanted=None) -> Iterator:
+    read = 0
+    for document in read_unit(unit, text_field, wanted):
+        bar.update(max(document.read - read, 0))
+        read = max(read, document.read)
+        yield document
+    bar.update(max(unit.size - read, 0))
+
+
+def sample_for_tokenizer(
+    plans: list[tuple[list[Unit], DocumentSplit]], text_field: str, sample_bytes: int, scratch: Path, ranks: Ranks,
+    progress: bool,
+) -> Iterator[str]:  # fmt: skip
+    """A seeded sample of the training documents of every plan, about ``sample_bytes`` of text in all.
+
+    Every rank draws its units' part into ``scratch``; rank 0 then reads the parts back in unit order.
     """
+    total = sum(unit.size for units, _ in plans for unit in units)
+    rate = min(1.0, sample_bytes / max(total, 1))
+    numbered = [(p, n) for p, (units, _) in enumerate(plans) for n in range(len(units))]
+    mine = [numbered[i] for i in share_out([plans[p][0][n] for p, n in numbered], ranks.world_size)[ranks.rank]]
+
+    def draw() -> None:
+        scratch.mkdir(parents=True, exist_ok=True)
+        every_unit = [plans[p][0][n] for p, n in mine]
+        with _progress(every_unit, list(range(len(mine))), ranks, "Sampling for the tokenizer", progress) as bar:
+            for p, n in mine:
+                units, split = plans[p]
+                with open(scratch / f"sample-{p}-{n}.jsonl", "w") as out:
+                    for document in _read_with_progress(units[n], text_field, bar, _sampled(rate)):
+                        if document.text and split.of(document) == "train":
+                            out.write(json.dumps(document.text) + "\n")
+
+    ranks.everywhere(draw)
+
+    def texts() -> Iterator[str]:
+        for p, n in numbered:
+            with open(scratch / f"sample-{p}-{n}.jsonl") as lines:
+                yield from (json.loads(line) for line in lines)
+
+    return texts()
+
+
+def _sampled(rate: float):
+    return lambda key: unit_hash(f"tokenizer-sample:{key}") < rate
+
+
+def make_tokenizer(
+    root: Path, tokenizer: str | None, vocab_size: int, sample: Iterator[str] | None, ranks: Ranks
+) -> Tokenizer:
+    """``root/tokenizer.json``: a copy of the given one, or trained by rank 0 on ``sample``; loaded on every rank."""
+    path = root / "tokenizer.json"
+
+    def write() -> None:
+        if tokenizer:
+            if Path(tokenizer).resolve() != path.resolve():
+                shutil.copyfile(tokenizer, path)
+        else:
+            log.info("Training a %d-token BPE tokenizer on a sample of the training split", vocab_size)
+            train_tokenizer(sample, vocab_size).save(str(path))
+
+    ranks.on_first(write)
+    return load_tokenizer(path)
+
+
+def _encode_units(
+    units: list[Unit], numbers: list[int], split: DocumentSplit, text_field: str, tokenizer: Tokenizer,
+    buckets: BucketFiles, bar: tqdm,
+) -> Counter:  # fmt: skip
+    """Encode this process's units into its part of every bucket; returns the noted events."""
     eos, dtype = eos_id(tokenizer), token_dtype(tokenizer.get_vocab_size())
     tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not a document break
-    writers = {name: BinaryWriter(str(root / name), chunk_bytes="64MB", item_loader=TokensLoader()) for name in SPLITS}
-    for writer in writers.values():  # one process writes everything: its merge must not wait for other ranks' parts
-        write_as_single_process(writer)
-    written, events = dict.fromkeys(SPLITS, 0), Counter()
-    pending: list[tuple[str, str]] = []  # (split, text) waiting to be encoded
+    events, pending, pending_chars = Counter(), [], 0
 
     def flush() -> None:
-        encodings = tokenizer.encode_batch([text for _, text in pending], add_special_tokens=False)
-        for (name, _), encoding in zip(pending, encodings, strict=True):
+        encodings = tokenizer.encode_batch([text for _, text, _, _ in pending], add_special_tokens=False)
+        for (name, text, unit, ordinal), encoding in zip(pending, encodings, strict=True):
             ids = np.empty(len(encoding.ids) + 1, dtype=dtype)
             ids[:-1], ids[-1] = encoding.ids, eos
-            writers[name].add_item(written[name], ids)
-            written[name] += 1
+            buckets.add(name, text, unit, ordinal, ids)
+        buckets.flush()
         pending.clear()
 
-    total = sum(Path(f.path).stat().st_size for f in files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="Tokenizing", disable=not progress) as bar:
-        pending_chars = 0
-        for file in files:
-            for document in read_documents(file.path, file.key, text_field):
-                if document.text is None:
-                    events["malformed"] += 1
-                elif not document.text:
-                    events["empty"] += 1
-                else:
-                    events["invalid_utf8"] += document.replaced_invalid_utf8
-                    pending.append((split.of(document.key), document.text))
-                    pending_chars += len(document.text)
-                    if pending_chars >= ENCODE_BATCH_CHARS:
-                        flush()
-                        pending_chars = 0
-            bar.update(Path(file.path).stat().st_size)
-        flush()
-    if written["val"] == 0:
-        raise UserError(f"No document fell into the validation split; raise data.val_fraction ({split.val_fraction}).")
-    for writer in writers.values():
-        writer.done()
-        writer.merge()  # index.json, the split's table of contents
+    for number in numbers:
+        for ordinal, document in enumerate(_read_with_progress(units[number], text_field, bar)):
+            if document.text is None:
+                events["malformed"] += 1
+            elif not document.text:
+                events["empty"] += 1
+            else:
+                events["invalid_utf8"] += document.replaced_invalid_utf8
+                events["pieces"] += document.piece is not None
+                pending.append((split.of(document), document.text, number, ordinal))
+                pending_chars += len(document.text)
+                if pending_chars >= ENCODE_BATCH_CHARS:
+                    flush()
+                    pending_chars = 0
+    flush()
     return events
+
+
+def _write_bucket(bucket: Bucket, rows: np.ndarray, split_dir: Path, number: int, chunk_bytes: str) -> None:
+    """The bucket's documents, in the given row order, as chunks ``chunk-<bucket>-<n>.bin`` plus a part index."""
+    scratch = split_dir / f".bucket-{number}"
+    writer = BinaryWriter(str(scratch), chunk_bytes=chunk_bytes, item_loader=TokensLoader())
+    write_as_single_process(writer)  # its own folder and names: nothing shared with other processes' writers
+    for item, row in enumerate(rows):
+        writer.add_item(item, bucket.document(row))
+    writer.done()
+    index = json.loads(next(scratch.glob("*.index.json")).read_text())
+    for n, chunk in enumerate(index["chunks"]):
+        name = f"chunk-{number}-{n}.bin"
+        os.replace(scratch / chunk["filename"], split_dir / name)
+        chunk["filename"] = name
+    write_json_atomic(split_dir / f".bucket-{number}.json", index)
+    shutil.rmtree(scratch)
+
+
+def _join_bucket_indexes(split_dir: Path) -> None:
+    """``index.json``: every bucket's chunks, in bucket order (litdata shuffles chunk order itself)."""
+    parts = sorted(split_dir.glob(".bucket-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    indexes = [json.loads(part.read_text()) for part in parts]
+    chunks = [chunk for index in indexes for chunk in index["chunks"]]
+    write_json_atomic(split_dir / "index.json", {"chunks": chunks, "config": indexes[0]["config"]})
+    for part in parts:
+        part.unlink()
+
+
+def build_shards(
+    units: list[Unit], split: DocumentSplit, text_field: str, tokenizer: Tokenizer, root: Path, scratch: Path,
+    chunk_bytes: str, ranks: Ranks, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Encode, deal to buckets, write: ``root/train`` and ``root/val``. Returns the counts for the manifest."""
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    buckets = max(1, math.ceil(sum(unit.size for unit in units) / BUCKET_SOURCE_BYTES))
+    mine = share_out(units, ranks.world_size)[ranks.rank]
+    folders = [scratch / f"rank-{rank}" for rank in range(ranks.world_size)]
+
+    def encode() -> Counter:
+        with _progress(units, mine, ranks, "Tokenizing", progress) as bar:
+            return _encode_units(units, mine, split, text_field, tokenizer,
+                                 BucketFiles(folders[ranks.rank], buckets, dtype), bar)  # fmt: skip
+
+    events = sum(ranks.gather(ranks.everywhere(encode)), Counter())
+
+    def write() -> int:
+        dropped = 0
+        jobs = [(name, number) for name in SPLITS for number in range(buckets)]
+        for name, number in jobs[ranks.rank :: ranks.world_size]:
+            (root / name).mkdir(parents=True, exist_ok=True)
+            bucket = Bucket(folders, name, number, dtype)
+            rows, repeats = bucket.order(held_out_rows(folders, number) if name == "train" else None)
+            dropped += repeats
+            if len(rows):
+                _write_bucket(bucket, rows, root / name, number, chunk_bytes)
+        return dropped
+
+    duplicates = sum(ranks.gather(ranks.everywhere(write)))
+    written = ranks.on_first(lambda: [name for name in SPLITS if any((root / name).glob(".bucket-*.json"))])
+    if "val" not in written:
+        raise UserError(f"No document fell into the validation split; raise data.val_fraction ({split.val_fraction}).")
+    if "train" not in written:
+        raise UserError(f"data.val_fraction={split.val_fraction} leaves no document for training; lower it.")
+
+    def finish() -> dict[str, Any]:
+        for name in SPLITS:
+            _join_bucket_indexes(root / name)
+        counts = {name: _shard_counts(root / name) for name in SPLITS}
+        tokens = sum(c["tokens"] for c in counts.values())
+        for name in SPLITS:
+            counts[name]["share"] = round(counts[name]["tokens"] / tokens, 6)
+        return {"splits": counts, "events": events, "duplicates": duplicates, "buckets": buckets}
+
+    return ranks.on_first(finish)
+
+
+def warn_on_val_share(root: Path, splits: dict, val_fraction: float) -> None:
+    share = splits["val"]["share"]
+    if not val_fraction / 2 <= share <= 2 * val_fraction:
+        log.warning(
+            "%s: validation holds %.2f%% of the tokens, far from data.val_fraction=%s (whole documents go to "
+            "one split; a few large ones decide the share).", root, 100 * share, val_fraction,
+        )  # fmt: skip
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def clear_build(root: Path) -> None:
+    """Whatever is there is stale or half-built: without the manifest it is never served."""
+    (root / "manifest.json").unlink(missing_ok=True)
+    for name in (*SPLITS, ".build"):
+        shutil.rmtree(root / name, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
 
 
 def prepare(
@@ -213,6 +399,9 @@ def prepare(
     text_field: str = "text",
     overwrite: bool = False,
     progress: bool = False,
+    chunk_bytes: str = CHUNK_BYTES,
+    tokenizer_sample_bytes: int | str = TOKENIZER_SAMPLE_BYTES,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """Build tokenizer and shards in ``data_dir`` unless an identical build is already there.
 
@@ -224,53 +413,89 @@ def prepare(
         val_fraction: Share of documents held out for validation.
         text_field: The JSONL field / Parquet column that holds each document's text.
         overwrite: Rebuild even if ``data_dir`` holds shards built from something else.
-        progress: Show a progress bar while tokenizing.
+        progress: Show progress bars (bytes read).
+        chunk_bytes: Size of each litdata chunk.
+        tokenizer_sample_bytes: About how much training text the tokenizer is trained on.
+        ranks: The processes building together (default: this one alone).
 
     Returns:
         The manifest.
     """
-    root = Path(data_dir)
-    request = build_request(sources, vocab_size, tokenizer, val_fraction, text_field)
-    if manifest := existing_build(root, request, overwrite):
-        return manifest
-    started = time.perf_counter()
-    corpus = resolve_sources(sources, text_field)
-    split, split_files = plan_split(corpus.files, val_fraction)
-    # Whatever is there is stale or half-built: without the manifest it is never served.
-    (root / "manifest.json").unlink(missing_ok=True)
-    for name in SPLITS:
-        shutil.rmtree(root / name, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
+    ranks, root = ranks or Ranks(), Path(data_dir)
+    byte_count(chunk_bytes, "chunk_bytes")  # a typo fails before anything is read
+    request = {
+        "sources": list(sources),
+        "tokenizer": tokenizer_request(tokenizer, vocab_size, tokenizer_sample_bytes),
+        "val_fraction": val_fraction,
+        "text_field": text_field,
+        "chunk_bytes": chunk_bytes,
+    }
 
-    tokenizer_path = root / "tokenizer.json"
-    if tokenizer:
-        if Path(tokenizer).resolve() != tokenizer_path.resolve():
-            shutil.copyfile(tokenizer, tokenizer_path)
-        tok = load_tokenizer(tokenizer_path)
-    else:
-        log.info("Training a %d-token BPE tokenizer on the training split", vocab_size)
-        tok = train_tokenizer(training_texts(split_files["train"], split, text_field), vocab_size)
-        tok.save(str(tokenizer_path))
+    def check() -> tuple[dict | None, Corpus | None]:
+        try:
+            corpus = resolve_sources(sources, text_field)
+        except UserError:
+            if served := build_of_absent_sources(root, request):
+                return served, None
+            raise
+        request["files"] = listing_digest(corpus.listing())
+        if manifest := existing_build(root, request, corpus.listing(), overwrite):
+            return manifest, None
+        clear_build(root)
+        return None, corpus
+
+    started = time.perf_counter()
+    manifest, corpus = ranks.on_first(check)
+    if manifest is not None:
+        return manifest
+    request["files"] = listing_digest(corpus.listing())
+    units, split = plan_units(corpus.files, val_fraction), DocumentSplit(val_fraction)
+    scratch = root / ".build"
+    sample = None
+    if not tokenizer:
+        sample_bytes = byte_count(tokenizer_sample_bytes, "tokenizer_sample_bytes")
+        sample = sample_for_tokenizer([(units, split)], text_field, sample_bytes, scratch, ranks, progress)
+    tok = make_tokenizer(root, tokenizer, vocab_size, sample, ranks)
     log.info("Tokenizing %d files into %s", len(corpus.files), root)
-    events = _write_shards(corpus.files, split, text_field, tok, root, progress)
-    counts = {name: _shard_counts(root / name) for name in SPLITS}
-    manifest = {
+    built = build_shards(units, split, text_field, tok, root, scratch, chunk_bytes, ranks, progress)
+    rss = ranks.gather(peak_rss_mb())
+
+    def finish() -> dict[str, Any]:
+        manifest = manifest_of(request, tok, root, built, corpus, len(units), ranks.world_size, rss,
+                               time.perf_counter() - started)  # fmt: skip
+        write_json_atomic(root / "files.json", corpus.listing())
+        shutil.rmtree(scratch, ignore_errors=True)
+        write_json_atomic(root / "manifest.json", manifest)
+        warn_on_val_share(root, manifest["splits"], val_fraction)
+        log.info("Prepared %s: %s", root, json.dumps(manifest["splits"]))
+        return manifest
+
+    return ranks.on_first(finish)
+
+
+def manifest_of(
+    request: dict, tokenizer: Tokenizer, root: Path, built: dict, corpus: Corpus, units: int, processes: int,
+    rss: list[float], seconds: float,
+) -> dict[str, Any]:  # fmt: skip
+    events = built["events"]
+    return {
         "version": MANIFEST_VERSION,
         "request": request,
         "tokenizer": {
             "path": "tokenizer.json",
-            "sha256": file_sha256(tokenizer_path),
-            "vocab_size": tok.get_vocab_size(),
-            "eos_id": eos_id(tok),
-            "dtype": token_dtype(tok.get_vocab_size()),
+            "sha256": file_sha256(root / "tokenizer.json"),
+            "vocab_size": tokenizer.get_vocab_size(),
+            "eos_id": eos_id(tokenizer),
+            "dtype": token_dtype(tokenizer.get_vocab_size()),
         },
-        "splits": counts,
-        "source_bytes": sum(Path(f.path).stat().st_size for f in corpus.files),
+        "splits": built["splits"],  # documents, tokens and share of the tokens per split
+        "source_bytes": corpus.bytes,
         "skipped_files": corpus.skipped,  # left out: empty, binary, or not a supported format
         "skipped_records": {"malformed": events["malformed"], "empty": events["empty"]},  # JSONL/Parquet
         "invalid_utf8_documents": events["invalid_utf8"],  # kept, undecodable bytes replaced by U+FFFD
-        "seconds": round(time.perf_counter() - started, 2),
+        "duplicate_documents": built["duplicates"],  # exact copies dropped (of a training or validation text)
+        "pieces": events["pieces"],  # documents that are pieces of a text file cut at line breaks
+        "layout": {"units": units, "buckets": built["buckets"], "processes": processes},
+        "peak_rss_mb": rss,  # per process
+        "seconds": round(seconds, 2),
     }
-    write_json_atomic(root / "manifest.json", manifest)
-    log.info("Prepared %s: %s", root, json.dumps(counts))
-    return manifest

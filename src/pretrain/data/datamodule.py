@@ -10,10 +10,11 @@ import torch
 from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
 from litdata.streaming.item_loader import TokensLoader
 
-from pretrain.data.build import prepare, read_manifest
+from pretrain.data.build import CHUNK_BYTES, TOKENIZER_SAMPLE_BYTES, prepare, read_manifest
 from pretrain.data.loader_workers import leave_stopping_to_the_trainer
 from pretrain.data.mixture import check_mixture, prepare_mixture
 from pretrain.data.mixture_loader import MixtureLoader
+from pretrain.data.ranks import Ranks
 from pretrain.data.remote import default_cache_dir, fetch_build_files, is_remote, join
 from pretrain.data.shards import verify_split
 from pretrain.data.tokenizer import load_tokenizer
@@ -39,7 +40,12 @@ class PretrainData(L.LightningDataModule):
         val_fraction: Share of documents held out for validation.
         text_field: The JSONL field / Parquet column holding each document's text.
         seed: Shuffling seed of the training stream.
-        overwrite: Rebuild ``data_dir`` even if it was built from other sources or another tokenizer.
+        overwrite: Rebuild ``data_dir`` even if it was built from other sources or another tokenizer,
+            or its source files changed since.
+        chunk_bytes: Size of each shard file (litdata's units: ``16MB``, ``512KB``). Smaller chunks start
+            streaming sooner from a bucket; litdata shuffles chunks and the blocks inside one.
+        tokenizer_sample_bytes: About how much training text the tokenizer is trained on, sampled over
+            every source (seeded); the rest of the corpus is only encoded.
     """
 
     def __init__(
@@ -57,6 +63,8 @@ class PretrainData(L.LightningDataModule):
         seed: int = 42,
         overwrite: bool = False,
         cache_dir: str | None = None,
+        chunk_bytes: str = CHUNK_BYTES,
+        tokenizer_sample_bytes: int | str = TOKENIZER_SAMPLE_BYTES,
     ) -> None:
         super().__init__()
         if mixture is not None and sources is not None:
@@ -75,6 +83,8 @@ class PretrainData(L.LightningDataModule):
         self.text_field = text_field
         self.seed = seed
         self.overwrite = overwrite
+        self.chunk_bytes = chunk_bytes
+        self.tokenizer_sample_bytes = tokenizer_sample_bytes
         # A given tokenizer fixes the vocabulary; the model reads it from here.
         self.vocab_size = load_tokenizer(tokenizer).get_vocab_size() if tokenizer else vocab_size
         self.remote = is_remote(data_dir)
@@ -91,30 +101,23 @@ class PretrainData(L.LightningDataModule):
         """Runs on one process per node, before any other: build the shards if they are missing."""
         self.build()
 
-    def build(self, progress: bool = False) -> dict:
+    def build(self, progress: bool = False, ranks: Ranks | None = None) -> dict:
         """Build tokenizer and shards unless an identical build exists; returns the manifest.
 
-        A remote ``data_dir`` is never built, only read: its manifest and tokenizer are fetched.
+        ``ranks``: the processes of a torchrun group sharing the work (``pretrain prepare``); default this
+        one alone. A remote ``data_dir`` is never built, only read: its manifest and tokenizer are fetched.
         """
         if self.remote:
             fetch_build_files(self.data_dir, self.cache_dir)
             return read_manifest(self.cache_dir)
+        options = {
+            "vocab_size": self.vocab_size, "tokenizer": self.tokenizer, "val_fraction": self.val_fraction,
+            "text_field": self.text_field, "overwrite": self.overwrite, "progress": progress,
+            "chunk_bytes": self.chunk_bytes, "tokenizer_sample_bytes": self.tokenizer_sample_bytes, "ranks": ranks,
+        }  # fmt: skip
         if self.mixture is not None:
-            return prepare_mixture(
-                self.mixture, self.data_dir, vocab_size=self.vocab_size, tokenizer=self.tokenizer,
-                val_fraction=self.val_fraction, text_field=self.text_field, overwrite=self.overwrite,
-                progress=progress,
-            )  # fmt: skip
-        return prepare(
-            self.sources,
-            self.data_dir,
-            vocab_size=self.vocab_size,
-            tokenizer=self.tokenizer,
-            val_fraction=self.val_fraction,
-            text_field=self.text_field,
-            overwrite=self.overwrite,
-            progress=progress,
-        )
+            return prepare_mixture(self.mixture, self.data_dir, **options)
+        return prepare(self.sources, self.data_dir, **options)
 
     def setup(self, stage: str) -> None:
         # Built here, after the process group exists, so each rank streams its own part of the data.

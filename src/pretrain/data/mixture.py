@@ -10,24 +10,36 @@ tokenizer, and sampled by weight during training.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer
+
 from pretrain.data.build import (
+    CHUNK_BYTES,
+    TOKENIZER_SAMPLE_BYTES,
+    build_of_absent_sources,
+    build_shards,
+    byte_count,
+    clear_build,
     existing_build,
-    plan_split,
-    prepare,
+    listing_digest,
+    make_tokenizer,
+    manifest_of,
+    peak_rss_mb,
+    sample_for_tokenizer,
     tokenizer_request,
-    training_texts,
+    warn_on_val_share,
     write_json_atomic,
 )
-from pretrain.data.sources import resolve_sources
-from pretrain.data.tokenizer import load_tokenizer, train_tokenizer
+from pretrain.data.plan import DocumentSplit, plan_units
+from pretrain.data.ranks import Ranks
+from pretrain.data.sources import Corpus, resolve_sources
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -65,43 +77,87 @@ def prepare_mixture(
     text_field: str = "text",
     overwrite: bool = False,
     progress: bool = False,
+    chunk_bytes: str = CHUNK_BYTES,
+    tokenizer_sample_bytes: int | str = TOKENIZER_SAMPLE_BYTES,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """Build each dataset of the mixture into ``data_dir/<name>`` with one tokenizer; returns the manifest.
 
-    The tokenizer, when not given, is trained on the training documents of every dataset together.
-    The manifest written last in ``data_dir`` lists each dataset's sources, weight, share of the
-    training samples and its own counts.
+    The tokenizer, when not given, is trained on a sample of the training documents of every dataset
+    together. The manifest written last in ``data_dir`` lists each dataset's sources, weight, share of
+    the training samples and its own counts.
     """
     components = check_mixture(mixture)
-    root = Path(data_dir)
+    ranks, root = ranks or Ranks(), Path(data_dir)
+    byte_count(chunk_bytes, "chunk_bytes")
     request = {  # what the shards depend on; the weights only act while training
         "mixture": {name: {"sources": c["sources"]} for name, c in components.items()},
-        "tokenizer": tokenizer_request(tokenizer, vocab_size),
+        "tokenizer": tokenizer_request(tokenizer, vocab_size, tokenizer_sample_bytes),
         "val_fraction": val_fraction,
         "text_field": text_field,
+        "chunk_bytes": chunk_bytes,
     }
-    if manifest := existing_build(root, request, overwrite):
-        return _record_weights(root, manifest, components)
-    started = time.perf_counter()
-    (root / "manifest.json").unlink(missing_ok=True)  # never served while half-built
-    root.mkdir(parents=True, exist_ok=True)
-    shared = root / "tokenizer.json"
-    if tokenizer:
-        load_tokenizer(tokenizer).save(str(shared))
-    else:
-        log.info("Training a %d-token BPE tokenizer on the training split of %s", vocab_size, ", ".join(components))
-        _train_shared_tokenizer(components, vocab_size, val_fraction, text_field).save(str(shared))
 
+    def check() -> tuple[dict | None, dict[str, Corpus] | None]:
+        try:
+            corpora = {name: resolve_sources(c["sources"], text_field) for name, c in components.items()}
+        except UserError:
+            if served := build_of_absent_sources(root, request):
+                return _record_weights(root, served, components), None
+            raise
+        listing = {name: corpus.listing() for name, corpus in corpora.items()}
+        for name, corpus in corpora.items():
+            request["mixture"][name]["files"] = listing_digest(corpus.listing())
+        if manifest := existing_build(root, request, listing, overwrite):
+            return _record_weights(root, manifest, components), None
+        clear_build(root)
+        for name in components:
+            clear_build(root / name)
+        return None, corpora
+
+    started = time.perf_counter()
+    manifest, corpora = ranks.on_first(check)
+    if manifest is not None:
+        return manifest
+    for name, corpus in corpora.items():
+        request["mixture"][name]["files"] = listing_digest(corpus.listing())
+    split = DocumentSplit(val_fraction)
+    plans = {name: plan_units(corpus.files, val_fraction) for name, corpus in corpora.items()}
+    sample = None
+    if not tokenizer:
+        sample_bytes = byte_count(tokenizer_sample_bytes, "tokenizer_sample_bytes")
+        plan_list = [(units, split) for units in plans.values()]
+        sample = sample_for_tokenizer(plan_list, text_field, sample_bytes, root / ".build", ranks, progress)
+    tok = make_tokenizer(root, tokenizer, vocab_size, sample, ranks)
     built = {}
-    for name, component in components.items():
+    for name, units in plans.items():
         log.info("Preparing mixture dataset %r", name)
-        built[name] = prepare(
-            component["sources"], str(root / name), tokenizer=str(shared), val_fraction=val_fraction,
-            text_field=text_field, overwrite=True, progress=progress,
-        )  # fmt: skip
-    manifest = _mixture_manifest(request, components, built, time.perf_counter() - started)
-    write_json_atomic(root / "manifest.json", manifest)
-    log.info("Prepared mixture %s: %s", root, json.dumps(manifest["splits"]))
+        shards = build_shards(units, split, text_field, tok, root / name, root / ".build" / name, chunk_bytes,
+                              ranks, progress)  # fmt: skip
+        built[name] = ranks.on_first(lambda name=name, shards=shards: _dataset_manifest(
+            root / name, {"sources": components[name]["sources"]}, tok, root, shards, corpora[name],
+            len(plans[name]), ranks.world_size))  # fmt: skip
+    rss = ranks.gather(peak_rss_mb())
+
+    def finish() -> dict[str, Any]:
+        manifest = _mixture_manifest(request, components, built, time.perf_counter() - started)
+        manifest["peak_rss_mb"] = rss
+        write_json_atomic(root / "files.json", {name: corpus.listing() for name, corpus in corpora.items()})
+        shutil.rmtree(root / ".build", ignore_errors=True)
+        write_json_atomic(root / "manifest.json", manifest)
+        for name in components:
+            warn_on_val_share(root / name, built[name]["splits"], val_fraction)
+        log.info("Prepared mixture %s: %s", root, json.dumps(manifest["splits"]))
+        return manifest
+
+    return ranks.on_first(finish)
+
+
+def _dataset_manifest(folder: Path, request: dict, tokenizer: Tokenizer, root: Path, shards: dict, corpus: Corpus,
+                      units: int, processes: int) -> dict[str, Any]:  # fmt: skip
+    """One dataset's own manifest, in its folder, for reading it alone (the mixture's manifest holds them all)."""
+    manifest = manifest_of(request, tokenizer, root, shards, corpus, units, processes, [], 0.0)
+    write_json_atomic(folder / "manifest.json", manifest)
     return manifest
 
 
@@ -113,14 +169,6 @@ def _record_weights(root: Path, manifest: dict[str, Any], components: dict) -> d
             manifest["mixture"][name].update(weight=weight, share=share)
         write_json_atomic(root / "manifest.json", manifest)
     return manifest
-
-
-def _train_shared_tokenizer(components: dict, vocab_size: int, val_fraction: float, text_field: str):
-    texts = []
-    for component in components.values():
-        split, split_files = plan_split(resolve_sources(component["sources"], text_field).files, val_fraction)
-        texts.append(training_texts(split_files["train"], split, text_field))
-    return train_tokenizer(itertools.chain(*texts), vocab_size)
 
 
 def _mixture_manifest(request: dict, components: dict, built: dict, seconds: float) -> dict[str, Any]:
@@ -147,13 +195,23 @@ def _mixture_manifest(request: dict, components: dict, built: dict, seconds: flo
         "sampling": "sample i of the training stream comes from the dataset furthest behind its share "
         "(share * i - samples taken so far); each dataset reshuffles (data.seed) and restarts on its own "
         "when it runs out",
-        "splits": {
-            split: {key: sum(m["splits"][split][key] for m in built.values()) for key in ("documents", "tokens")}
-            for split in ("train", "val")
-        },
+        "splits": _total_splits(built),
         "source_bytes": sum(m["source_bytes"] for m in built.values()),
         "skipped_files": total("skipped_files"),
         "skipped_records": total("skipped_records"),
         "invalid_utf8_documents": sum(m["invalid_utf8_documents"] for m in built.values()),
+        "duplicate_documents": sum(m["duplicate_documents"] for m in built.values()),
+        "pieces": sum(m["pieces"] for m in built.values()),
         "seconds": round(seconds, 2),
     }
+
+
+def _total_splits(built: dict) -> dict[str, dict[str, Any]]:
+    splits = {
+        split: {key: sum(m["splits"][split][key] for m in built.values()) for key in ("documents", "tokens")}
+        for split in ("train", "val")
+    }
+    tokens = sum(split["tokens"] for split in splits.values())
+    for split in splits.values():
+        split["share"] = round(split["tokens"] / tokens, 6)
+    return splits

@@ -30,6 +30,8 @@ class SourceFile:
 
     path: str
     key: str
+    size: int = 0
+    mtime_ns: int = 0
 
     @property
     def format(self) -> str:
@@ -91,6 +93,14 @@ class Corpus:
     files: list[SourceFile]
     skipped: dict[str, int] = field(default_factory=lambda: {"empty": 0, "binary": 0, "unsupported": 0})
 
+    @property
+    def bytes(self) -> int:
+        return sum(file.size for file in self.files)
+
+    def listing(self) -> list[list[str | int]]:
+        """``[path, size, modification time]`` of every file: what a build is checked against for staleness."""
+        return [[file.path, file.size, file.mtime_ns] for file in self.files]
+
 
 def resolve_sources(sources: list[str], text_field: str = "text") -> Corpus:
     """Every file of every source, in a fixed order, each once; empty, binary and unsupported files left out."""
@@ -107,14 +117,15 @@ def resolve_sources(sources: list[str], text_field: str = "text") -> Corpus:
             if real in seen:
                 continue
             seen.add(real)
-            if real.stat().st_size == 0:
+            stat = real.stat()
+            if stat.st_size == 0:
                 corpus.skipped["empty"] += 1
             elif file.format == "text" and is_binary(file.path):
                 corpus.skipped["binary"] += 1
             else:
                 if file.format == "parquet":
                     check_parquet_column(file.path, text_field)
-                corpus.files.append(file)
+                corpus.files.append(SourceFile(file.path, file.key, stat.st_size, stat.st_mtime_ns))
     if not corpus.files:
         raise UserError(
             f"The sources {sources} hold no text (skipped: {corpus.skipped}); point data.sources at text files."
