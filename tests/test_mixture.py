@@ -166,6 +166,20 @@ def test_a_mixture_run_resumes_exactly(mixture: dict, built: Path, tmp_path: Pat
     assert multiprocessing.active_children() == []  # each run stopped its loader workers at its end
 
 
+def test_validation_reports_each_dataset_and_all_together(mixture: dict, built: Path, tmp_path: Path, run_cli) -> None:
+    extra = ("--data.sources", "null", "--data.mixture", json.dumps(mixture), "--data.batch_size", "2",
+             "--trainer.max_steps", "6", "--trainer.val_check_interval", "3")  # fmt: skip
+    result = run_cli(*tiny_fit_args(Path("unused"), built, tmp_path, *extra))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "quickstart" / "version_0"
+    total = scalars_by_step(run_dir, "val/loss")
+    per_dataset = {name: scalars_by_step(run_dir, f"val/{name}/loss") for name in mixture}
+    assert list(per_dataset["letters"]) == list(per_dataset["digits"]) == list(total) == [2, 5]
+    for step, loss in total.items():  # the total weighs each dataset's loss by its held-out tokens
+        losses = [per_dataset[name][step] for name in mixture]
+        assert min(losses) < loss < max(losses)
+
+
 @pytest.mark.parametrize(
     ("mixture", "message"),
     [

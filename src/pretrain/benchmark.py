@@ -240,9 +240,13 @@ def main(argv: list[str] | None = None) -> None:
     data_parser.add_argument("--batch_size", type=int, default=32, help="loader micro-batch")
     data_parser.add_argument("--seq_len", type=int, default=1024, help="loader blocks hold seq_len + 1 tokens")
     data_parser.add_argument("--batches", type=int, default=300, help="loader batches timed")
+    data_parser.add_argument("--processes", type=int, nargs="+", default=None,
+                             help="instead: time whole preparations by so many processes each, e.g. 1 2")  # fmt: skip
     options, rest = parser.parse_known_args(argv)  # the rest goes to the config's CLI, e.g. --data.batch_size 16
     if options.command == "train":
         result = train(options.config, options.warmup, options.steps, rest, options.bare)
+    elif options.processes:
+        result = benchmark_data.preparation_by_processes(config_args(options.config) + rest, options.processes)
     else:  # --config and --data.* describe the data, as for `pretrain prepare`
         result = benchmark_data.data(
             config_args(options.config) + rest, options.batch_size, options.seq_len, options.batches

@@ -1,10 +1,15 @@
-"""Data-side speed: preparation against the tokenizer's own throughput, and the training loader.
+"""Data-side speed: preparation against the tokenizer's own throughput, and the training loader; or whole
+preparations of a large corpus by several processes.
 
-``python -m pretrain.benchmark data --config configs/quickstart.yaml``
+``pretrain benchmark data --config configs/quickstart.yaml``
+``pretrain benchmark data --config configs/quickstart.yaml --data.sources "[/big/corpus]" --processes 1 2``
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -12,7 +17,7 @@ from tokenizers import Tokenizer
 
 from pretrain.cli import data_module_from_args
 from pretrain.data import PretrainData
-from pretrain.data.build import prepare
+from pretrain.data.build import prepare, read_manifest
 from pretrain.data.plan import plan_units
 from pretrain.data.readers import read_unit
 from pretrain.data.sources import resolve_sources
@@ -79,3 +84,30 @@ def data(argv: list[str], batch_size: int = 32, seq_len: int = 1024, batches: in
     print(f"  encode_batch     {tokenizer_tps:>14,.0f} tokens/s   (ratio {result['prepare_ratio']})")
     print(f"  loader {batch_size}x{seq_len + 1} {loader_tps:>14,.0f} tokens/s")
     return result
+
+
+def preparation_by_processes(argv: list[str], counts: list[int]) -> dict:
+    """Whole preparations (tokenizer training included) of the config's sources, by each number of processes
+    under torchrun, into a scratch folder: seconds, tokens/s and every process's peak memory."""
+    results = []
+    for processes in counts:
+        with tempfile.TemporaryDirectory(prefix="benchmark-prepare-") as scratch:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                       str(processes), "-m", "pretrain.prepare", *argv, f"--data.data_dir={scratch}/data"]  # fmt: skip
+            started = time.perf_counter()
+            finished = subprocess.run(
+                command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+            )
+            wall = time.perf_counter() - started
+            if finished.returncode != 0:
+                raise UserError(f"Preparation by {processes} process(es) failed:\n{finished.stderr[-3000:]}")
+            manifest = read_manifest(f"{scratch}/data")
+        tokens = sum(split["tokens"] for split in manifest["splits"].values())
+        results.append({"processes": processes, "seconds": round(wall, 1), "tokens": tokens,
+                        "source_bytes": manifest["source_bytes"], "tokens_per_sec": round(tokens / wall),
+                        "peak_rss_mb": manifest["peak_rss_mb"]})  # fmt: skip
+    print(f"\n{results[0]['source_bytes']:,} bytes of sources, {results[0]['tokens']:,} tokens")
+    print("processes  seconds  tokens/s    peak RSS per process (MB)")
+    for row in results:
+        print(f"{row['processes']:>9}  {row['seconds']:>7}  {row['tokens_per_sec']:>10,}  {row['peak_rss_mb']}")
+    return {"preparations": results}

@@ -70,6 +70,7 @@ class PretrainModule(L.LightningModule):
         self.model: Llama | None = None
         self.loss_fn = next_token_loss  # replaced by its compiled version in configure_model
         self.val_loss = HeldOutLoss()
+        self.dataset_losses = torch.nn.ModuleList()  # per dataset of a mixture, made as their loaders appear
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
 
     def configure_model(self) -> None:
@@ -113,8 +114,14 @@ class PretrainModule(L.LightningModule):
         """Whether the trainer writes this step's logs (every 50 steps where logging is off)."""
         return (self.global_step + 1) % (self.trainer.log_every_n_steps or 50) == 0
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
-        self.val_loss.update(self.loss_fn(self.model, batch), batch.size(0))
+    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """One held-out loader per dataset of a mixture (``dataloader_idx``), each also counted in the total."""
+        loss = self.loss_fn(self.model, batch)
+        self.val_loss.update(loss, batch.size(0))
+        if self._dataset_names():
+            while len(self.dataset_losses) <= dataloader_idx:
+                self.dataset_losses.append(HeldOutLoss().to(self.device))
+            self.dataset_losses[dataloader_idx].update(loss, batch.size(0))
 
     def on_validation_epoch_end(self) -> None:
         self._log_held_out("val")
@@ -128,6 +135,13 @@ class PretrainModule(L.LightningModule):
         loss = self.val_loss.compute()  # torchmetrics reduces across ranks
         self.val_loss.reset()
         self.log_dict({f"{stage}/loss": loss, f"{stage}/ppl": loss.exp()}, prog_bar=True)
+        for name, metric in zip(self._dataset_names(), self.dataset_losses, strict=False):
+            self.log(f"{stage}/{name}/loss", metric.compute())  # what mixture weights are tuned by
+            metric.reset()
+
+    def _dataset_names(self) -> list[str]:
+        """A mixture's datasets, in the order of their held-out loaders; none for a single corpus."""
+        return getattr(self.trainer.datamodule, "held_out_names", [])
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(param_groups(self.model))

@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     share_the_cores()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     data = data_module_from_args(argv)
-    ranks = Ranks.from_launcher()
-    manifest = data.build(progress=True, ranks=ranks)
-    if ranks.first:
-        print(f"\n{data.data_dir}\n{summary(manifest)}")
+    with Ranks.from_launcher() as ranks:
+        manifest = data.build(progress=True, ranks=ranks)
+        if ranks.first:
+            print(f"\n{data.data_dir}\n{summary(manifest)}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from litdata import CombinedStreamingDataset, StreamingDataLoader, StreamingDataset
+from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.item_loader import TokensLoader
 
 from pretrain.data.build import CHUNK_BYTES, TOKENIZER_SAMPLE_BYTES, prepare, read_manifest
@@ -95,7 +95,7 @@ class PretrainData(L.LightningDataModule):
         self.train_set: StreamingDataset | None = None
         self.train_sets: dict[str, StreamingDataset] = {}  # a mixture's, by name
         self.shares: dict[str, float] = {}  # ... and the share of samples each gets
-        self.val_set: StreamingDataset | CombinedStreamingDataset | None = None
+        self.val_sets: dict[str, StreamingDataset] = {}  # one held-out set per dataset ("" for a single corpus)
 
     def prepare_data(self) -> None:
         """Runs on one process per node, before any other: build the shards if they are missing."""
@@ -143,17 +143,20 @@ class PretrainData(L.LightningDataModule):
             for split in ("train", "val"):
                 self._verify(split)
             self.train_set = self._dataset("train", shuffle=True)
-            self.val_set = self._dataset("val", shuffle=False)
+            self.val_sets = {"": self._dataset("val", shuffle=False)}
             return
         self.shares = {name: spec["share"] for name, spec in check_mixture(self.mixture).items()}
         for name in self.shares:
             for split in ("train", "val"):
                 self._verify(f"{name}/{split}")
         self.train_sets = {name: self._dataset(f"{name}/train", shuffle=True) for name in self.shares}
-        # Validation reads every dataset whole, one after the other.
-        self.val_set = CombinedStreamingDataset(
-            [self._dataset(f"{name}/val", shuffle=False) for name in self.shares], iterate_over_all=True
-        )
+        # Validation reads every dataset whole, each through its own loader: a loss per dataset and in all.
+        self.val_sets = {name: self._dataset(f"{name}/val", shuffle=False) for name in self.shares}
+
+    @property
+    def held_out_names(self) -> list[str]:
+        """The datasets validation reports on one by one (a mixture's names; none for a single corpus)."""
+        return [name for name in self.val_sets if name]
 
     def state_dict(self) -> dict[str, str]:
         """Saved in every checkpoint, so generation and export need nothing but the checkpoint."""
@@ -174,9 +177,7 @@ class PretrainData(L.LightningDataModule):
             seed=self.seed,
         )
 
-    def _loader(
-        self, dataset: StreamingDataset | CombinedStreamingDataset, workers: int | None = None
-    ) -> StreamingDataLoader:
+    def _loader(self, dataset: StreamingDataset, workers: int | None = None) -> StreamingDataLoader:
         return StreamingDataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -201,9 +202,10 @@ class PretrainData(L.LightningDataModule):
         if self.mixture_loader is not None:
             self.mixture_loader.close()
 
-    def val_dataloader(self) -> StreamingDataLoader:
-        return self._loader(self.val_set)
+    def val_dataloader(self) -> StreamingDataLoader | list[StreamingDataLoader]:
+        loaders = [self._loader(dataset) for dataset in self.val_sets.values()]
+        return loaders if len(loaders) > 1 else loaders[0]
 
-    def test_dataloader(self) -> StreamingDataLoader:
-        """``main.py test`` reports on the held-out split too."""
-        return self._loader(self.val_set)
+    def test_dataloader(self) -> StreamingDataLoader | list[StreamingDataLoader]:
+        """``pretrain test`` reports on the held-out split too."""
+        return self.val_dataloader()

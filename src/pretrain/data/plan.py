@@ -15,7 +15,8 @@ from pretrain.data.readers import RawDocument, Unit, parquet_row_groups
 from pretrain.data.sources import SourceFile
 
 UNIT_BYTES = 64 * 2**20  # a share of a large file that one process reads: enough work to be worth a hand-off
-PIECE_BYTES = 16 * 2**20  # a text file above this is a corpus in one file: cut into pieces at line breaks
+PIECE_BYTES = 2**20  # a text file above this is cut into pieces at line breaks: the tokenizer encodes one
+# document on one core, so a corpus in one file would be encoded on one core
 
 
 def unit_hash(key: str) -> float:
@@ -36,7 +37,7 @@ class DocumentSplit:
         if document.piece is None:
             return "val" if unit_hash(document.key) < self.val_fraction else "train"
         number, fraction = document.piece, self.val_fraction
-        return "val" if math.floor((number + 1) * fraction) > math.floor(number * fraction) or number == 0 else "train"
+        return "val" if math.floor(number * fraction) > math.floor((number - 1) * fraction) else "train"
 
 
 def must_cut_for_the_split(files: list[SourceFile], val_fraction: float) -> bool:

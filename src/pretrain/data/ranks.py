@@ -37,6 +37,17 @@ class Ranks:
             dist.init_process_group("gloo", timeout=STEP_TIMEOUT)
         return cls(dist.get_rank(), dist.get_world_size())
 
+    def __enter__(self) -> Ranks:
+        return self
+
+    def __exit__(self, kind: type | None, *_: object) -> None:
+        """Leave the group: after every rank is done (a rank leaving first would abort the others' last step),
+        or at once after a failure, which the others have been told of."""
+        if self.world_size > 1 and dist.is_initialized():
+            if kind is None:
+                dist.barrier()
+            dist.destroy_process_group()
+
     @property
     def first(self) -> bool:
         return self.rank == 0

@@ -194,6 +194,9 @@ def parquet_row_groups(path: str) -> int:
 
 def check_parquet_column(path: str, text_field: str) -> None:
     """Fail before tokenizing, naming the file and its columns, when the text column is missing."""
-    columns = pq.read_schema(path).names
+    try:
+        columns = pq.read_schema(path).names
+    except (pa.ArrowException, OSError) as error:
+        raise UserError(f"{path} is not a readable Parquet file ({error}); remove it or fix it.") from None
     if text_field not in columns:
         raise UserError(f"{path} has no column {text_field!r} (columns: {columns}); set data.text_field.")

@@ -46,13 +46,18 @@ def verify_split(split_dir: str | Path) -> None:
             raise UserError(f"Shard {path} is corrupted (its header does not match index.json). {rebuild}")
 
 
-def iter_documents(split_dir: str | Path) -> Iterator[np.ndarray]:
-    """Every document's token ids (end-of-text included), chunk by chunk, in stored order."""
+def iter_chunks(split_dir: str | Path) -> Iterator[list[np.ndarray]]:
+    """Every chunk's documents (token ids, end-of-text included), in stored order."""
     split_dir = Path(split_dir)
     dtype = split_dtype(split_dir)
     for chunk in json.loads((split_dir / "index.json").read_text())["chunks"]:
         raw = np.fromfile(split_dir / chunk["filename"], dtype=np.uint8)
         count = int(raw[:4].view(_HEADER_DTYPE)[0])
         offsets = raw[4 : 4 * (count + 2)].view(_HEADER_DTYPE)
-        for start, end in itertools.pairwise(offsets):
-            yield raw[start:end].view(dtype)
+        yield [raw[start:end].view(dtype) for start, end in itertools.pairwise(offsets)]
+
+
+def iter_documents(split_dir: str | Path) -> Iterator[np.ndarray]:
+    """Every document's token ids (end-of-text included), chunk by chunk, in stored order."""
+    for documents in iter_chunks(split_dir):
+        yield from documents

@@ -1,0 +1,217 @@
+"""Building shards from corpora as teams have them: several sources mixed into every chunk, large files
+shared out in units, a one-file corpus, changed files noticed, duplicates dropped, a bounded tokenizer
+sample."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer
+
+from pretrain.data import PretrainData
+from pretrain.data import plan as plan_module
+from pretrain.data.build import _read_with_progress, prepare, sample_for_tokenizer
+from pretrain.data.plan import DocumentSplit, plan_units
+from pretrain.data.ranks import Ranks
+from pretrain.data.shards import iter_chunks
+from pretrain.data.sources import resolve_sources
+from pretrain.errors import UserError
+from tests.conftest import WORDS, make_corpus
+from tests.helpers import TINY_VOCAB
+from tests.test_data import decoded_documents
+
+# Three sources, each written in its own letters, so any stretch of tokens tells which sources it holds.
+ALPHABETS = {"books": "bcdfg", "code": "hjklm", "web": "pqrst"}
+
+
+def source_text(rng: random.Random, letters: str, words: int) -> str:
+    return " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 6))) for _ in range(words)) + "\n"
+
+
+def write_sources(root: Path, documents: dict[str, int], seed: int = 0) -> dict[str, int]:
+    """``documents[name]`` JSONL documents per source, in its own folder; returns the letters each holds."""
+    rng, letters = random.Random(seed), Counter()
+    for name, count in documents.items():
+        (root / name).mkdir(parents=True)
+        texts = [source_text(rng, ALPHABETS[name], rng.randint(20, 60)) for _ in range(count)]
+        (root / name / "part.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        letters[name] = sum(len(t) for t in texts)
+    return letters
+
+
+def source_shares(text: str) -> dict[str, float]:
+    counts = {name: sum(text.count(c) for c in alphabet) for name, alphabet in ALPHABETS.items()}
+    total = sum(counts.values())
+    return {name: count / total for name, count in counts.items()}
+
+
+def test_every_chunk_and_the_first_batches_hold_every_source_in_proportion(tmp_path: Path) -> None:
+    letters = write_sources(tmp_path / "corpus", {"books": 1500, "code": 1000, "web": 500})
+    expected = {name: count / sum(letters.values()) for name, count in letters.items()}
+    data_dir = tmp_path / "data"
+    sources = [str(tmp_path / "corpus" / name) for name in ALPHABETS]  # in file order: books, then code, then web
+    prepare(sources, str(data_dir), vocab_size=TINY_VOCAB, val_fraction=0.05, chunk_bytes="32KB")
+    tokenizer = Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+    chunks = list(iter_chunks(data_dir / "train"))
+    assert len(chunks) >= 10
+    for documents in chunks:
+        shares = source_shares(tokenizer.decode([int(t) for ids in documents for t in ids]))
+        assert all(abs(shares[name] - expected[name]) < 0.15 for name in ALPHABETS), shares
+
+    data = PretrainData(data_dir=str(data_dir), seq_len=255, batch_size=8, num_workers=0, vocab_size=TINY_VOCAB)
+    data.setup("fit")
+    loader = iter(data.train_dataloader())
+    early = [next(loader) for _ in range(8)]  # 16K tokens: the first of litdata's shuffled chunks
+    shares = source_shares(tokenizer.decode([int(t) for batch in early for t in batch.flatten()]))
+    assert all(abs(shares[name] - expected[name]) < 0.1 for name in ALPHABETS), shares
+
+
+def test_large_files_read_in_units_give_the_same_documents_and_splits(tmp_path: Path, monkeypatch) -> None:
+    write_sources(tmp_path / "corpus", {"books": 120, "code": 80, "web": 60})
+    whole = tmp_path / "whole"
+    prepare([str(tmp_path / "corpus")], str(whole), vocab_size=TINY_VOCAB, val_fraction=0.1)
+    monkeypatch.setattr(plan_module, "UNIT_BYTES", 3000)  # every file read in many byte ranges
+    units = plan_units(resolve_sources([str(tmp_path / "corpus")]).files, 0.1)
+    assert len(units) >= 20
+    in_units = tmp_path / "units"
+    prepare([str(tmp_path / "corpus")], str(in_units), tokenizer=str(whole / "tokenizer.json"), val_fraction=0.1)
+    for split in ("train", "val"):
+        assert sorted(decoded_documents(in_units, split)) == sorted(decoded_documents(whole, split))
+
+
+def test_progress_moves_inside_one_large_file(tmp_path: Path, monkeypatch) -> None:
+    write_sources(tmp_path / "corpus", {"web": 200})
+    monkeypatch.setattr(plan_module, "UNIT_BYTES", 10_000)
+    unit, *_ = plan_units(resolve_sources([str(tmp_path / "corpus")]).files, 0.1)
+
+    class Bar:
+        def __init__(self) -> None:
+            self.updates: list[int] = []
+
+        def update(self, n: int) -> None:
+            self.updates.append(n)
+
+    bar = Bar()
+    documents = list(_read_with_progress(unit, "text", bar))
+    assert len([n for n in bar.updates if n > 0]) == len(documents) > 10  # a step per document, not per file
+    assert sum(bar.updates) == unit.size
+
+
+def one_file_text(rng: random.Random, lines: int) -> str:
+    return "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15))) + ".\n" for _ in range(lines))
+
+
+def test_a_one_file_corpus_is_cut_at_line_breaks_and_holds_out_its_share(tmp_path: Path) -> None:
+    text = one_file_text(random.Random(1), 4000)
+    (tmp_path / "input.txt").write_text(text)
+    manifest = prepare([str(tmp_path / "input.txt")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.1)
+    pieces = decoded_documents(tmp_path / "data", "train") + decoded_documents(tmp_path / "data", "val")
+    assert manifest["pieces"] == len(pieces) >= 10
+    assert all(piece.endswith("\n") for piece in pieces)  # cut at line breaks only
+    assert "".join(sorted(pieces, key=text.index)) == text  # nothing lost, nothing repeated
+    assert 0.07 <= manifest["splits"]["val"]["share"] <= 0.13
+
+
+@pytest.mark.parametrize("names", [("big.txt", "small.txt"), ("a.txt", "b.txt"), ("input.txt", "notes.md")])
+def test_a_big_and_a_small_file_split_by_size_not_by_name(tmp_path: Path, names: tuple[str, str]) -> None:
+    rng = random.Random(2)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / names[0]).write_text(one_file_text(rng, 3000))
+    (tmp_path / "corpus" / names[1]).write_text(one_file_text(rng, 300))
+    manifest = prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.1)
+    assert 0.05 <= manifest["splits"]["val"]["share"] <= 0.2
+
+
+def test_a_share_far_from_val_fraction_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rng = random.Random(3)
+    texts = [one_file_text(rng, 500), *(one_file_text(rng, 10) for _ in range(19))]  # one document holds most text
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    with caplog.at_level(logging.WARNING):
+        manifest = prepare([str(tmp_path / "c.jsonl")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.1)
+    share = manifest["splits"]["val"]["share"]
+    assert not 0.05 <= share <= 0.2
+    assert f"validation holds {100 * share:.2f}% of the tokens, far from data.val_fraction=0.1" in caplog.text
+
+
+def test_added_changed_and_removed_files_are_noticed(tmp_path: Path) -> None:
+    make_corpus(tmp_path / "corpus", n_docs=30)
+    args = ([str(tmp_path / "corpus")], str(tmp_path / "data"))
+    prepare(*args, vocab_size=TINY_VOCAB, val_fraction=0.2)
+    (tmp_path / "corpus" / "notes" / "new.txt").write_text("A new document.\n")
+    with pytest.raises(UserError, match=r"changed since it was built: added 1 \(.*new\.txt\).*overwrite true"):
+        prepare(*args, vocab_size=TINY_VOCAB, val_fraction=0.2)
+    manifest = prepare(*args, vocab_size=TINY_VOCAB, val_fraction=0.2, overwrite=True)
+    assert "A new document.\n" in decoded_documents(tmp_path / "data", "train") + decoded_documents(
+        tmp_path / "data", "val"
+    )
+    assert manifest == prepare(*args, vocab_size=TINY_VOCAB, val_fraction=0.2)  # unchanged: reused
+    changed = tmp_path / "corpus" / "notes" / "doc001.txt"
+    changed.write_text(changed.read_text() + "More.\n")
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    (tmp_path / "corpus" / "notes" / "doc002.txt").unlink()
+    with pytest.raises(UserError, match=r"removed 1 \(.*doc002\.txt\); changed 1 \(.*doc001\.txt\)"):
+        prepare(*args, vocab_size=TINY_VOCAB, val_fraction=0.2)
+
+
+def test_a_build_is_served_where_its_sources_are_absent(tmp_path: Path) -> None:
+    make_corpus(tmp_path / "corpus", n_docs=20)
+    built = prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.2)
+    (tmp_path / "corpus").rename(tmp_path / "elsewhere")  # a training node without the raw corpus
+    assert prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.2) == built
+    with pytest.raises(UserError, match="does not exist"):  # another request still needs its sources
+        prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.3)
+
+
+def test_exact_duplicates_are_kept_once_and_counted(tmp_path: Path) -> None:
+    rng = random.Random(4)
+    unique = [one_file_text(rng, rng.randint(1, 5)) for _ in range(60)]
+    copies = [unique[i % 10] for i in range(25)]  # some copies may fall into the other split than the first
+    texts = unique + copies
+    rng.shuffle(texts)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    manifest = prepare([str(tmp_path / "c.jsonl")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.3)
+    kept = decoded_documents(tmp_path / "data", "train") + decoded_documents(tmp_path / "data", "val")
+    assert sorted(kept) == sorted(unique)  # every text once, in one split: no copy in train of a val text
+    assert manifest["duplicate_documents"] == len(copies)
+
+
+def test_the_tokenizer_sample_is_bounded_and_from_training_documents(tmp_path: Path) -> None:
+    write_sources(tmp_path / "corpus", {"books": 300, "code": 300, "web": 300})
+    units = plan_units(resolve_sources([str(tmp_path / "corpus")]).files, 0.1)
+    total = sum(unit.size for unit in units)
+    sample = list(sample_for_tokenizer([(units, DocumentSplit(0.1))], "text", total // 10, tmp_path / "s", Ranks(),
+                                       progress=False))  # fmt: skip
+    sampled = sum(len(text) for text in sample)
+    assert 0.05 * total <= sampled <= 0.15 * total
+    assert {max(source_shares(text), key=source_shares(text).get) for text in sample} == set(ALPHABETS)
+    manifest = prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB,
+                       tokenizer_sample_bytes="20KB")  # fmt: skip
+    assert manifest["request"]["tokenizer"] == {"train_vocab_size": TINY_VOCAB, "sample_bytes": 20_000}
+
+
+@pytest.mark.parametrize("option", ["chunk_bytes", "tokenizer_sample_bytes"])
+def test_a_size_that_is_not_one_is_refused(tmp_path: Path, option: str) -> None:
+    make_corpus(tmp_path / "corpus", n_docs=5)
+    with pytest.raises(UserError, match=rf"data\.{option}='16 MiB' is not a positive size; write it like 16MB"):
+        prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), **{option: "16 MiB"})
+    assert not (tmp_path / "data").exists()
+
+
+def test_invalid_utf8_in_a_parquet_string_column_is_repaired(tmp_path: Path) -> None:
+    rows = pa.array([b"caf\xe9 cr\xe8me", *(f"good text {i}".encode() for i in range(9))], pa.binary()).view(
+        pa.string()
+    )
+    pq.write_table(pa.table({"text": rows}), tmp_path / "rows.parquet")
+    manifest = prepare([str(tmp_path / "rows.parquet")], str(tmp_path / "data"), vocab_size=TINY_VOCAB,
+                       val_fraction=0.3)  # fmt: skip
+    assert manifest["invalid_utf8_documents"] == 1
+    kept = decoded_documents(tmp_path / "data", "train") + decoded_documents(tmp_path / "data", "val")
+    assert "caf\ufffd cr\ufffdme" in kept
