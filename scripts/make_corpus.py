@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 from pretrain.data.sources import stdlib_files
@@ -26,7 +27,7 @@ def stdlib_text() -> str:
     return "".join(Path(file.path).read_text(errors="replace") for file in stdlib_files())
 
 
-def documents(text: str, rng: random.Random):  # noqa: ANN201
+def documents(text: str, rng: random.Random) -> Iterator[str]:
     """Endless slices of ``text``."""
     while True:
         length = min(int(rng.lognormvariate(7.6, 1.0)) + 16, len(text) // 2)
@@ -34,7 +35,7 @@ def documents(text: str, rng: random.Random):  # noqa: ANN201
         yield text[start : start + length]
 
 
-def write_jsonl(path: Path, budget: int, stream) -> int:  # noqa: ANN001
+def write_jsonl(path: Path, budget: int, stream: Iterator[str]) -> int:
     written = 0
     with open(path, "w") as out:
         while written < budget:

@@ -4,6 +4,7 @@ sample."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -215,3 +217,27 @@ def test_invalid_utf8_in_a_parquet_string_column_is_repaired(tmp_path: Path) -> 
     assert manifest["invalid_utf8_documents"] == 1
     kept = decoded_documents(tmp_path / "data", "train") + decoded_documents(tmp_path / "data", "val")
     assert "caf\ufffd cr\ufffdme" in kept
+
+
+def test_sources_in_a_bucket_are_read_through_fsspec(tmp_path: Path) -> None:
+    """fsspec's in-memory filesystem stands in for s3:// or hf://: the same listing, range reads and checks."""
+    rng, fs, root = random.Random(6), fsspec.filesystem("memory"), f"/corpus-{tmp_path.name}"
+    web = [source_text(rng, "pqrst", 30) for _ in range(40)]
+    fs.pipe(f"{root}/web/a.jsonl.gz", gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in web).encode()))
+    books = [one_file_text(rng, 30) for _ in range(3)]
+    for i, text in enumerate(books):
+        fs.pipe(f"{root}/books/b{i}.txt", text.encode())
+    rows = [source_text(rng, "hjklm", 20) for _ in range(30)]
+    with fs.open(f"{root}/rows.parquet", "wb") as out:
+        pq.write_table(pa.table({"text": rows}), out, row_group_size=10)
+    sources = [f"memory://{root}/web/*.jsonl.gz", f"memory://{root}/books", f"memory://{root}/rows.parquet"]
+    manifest = prepare(sources, str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.2)
+    kept = decoded_documents(tmp_path / "data", "train") + decoded_documents(tmp_path / "data", "val")
+    assert sorted(kept) == sorted(web + books + rows)
+    assert manifest["layout"]["units"] == 1 + 3 + 3  # the gzipped file whole, each book, each row group
+    listing = json.loads((tmp_path / "data" / "files.json").read_text())
+    assert [path for path, _, _ in listing][:1] == [f"memory://{root}/web/a.jsonl.gz"]
+    fs.pipe(f"{root}/books/new.txt", b"A new book.\n")
+    with pytest.raises(UserError, match=r"added 1 \(memory://.*/books/new\.txt\)"):
+        prepare(sources, str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.2)
+    fs.rm(root, recursive=True)

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from pretrain.cli import data_module_from_args
 from pretrain.data import PretrainData
-from pretrain.data.build import prepare, read_manifest
+from pretrain.data.build import ENCODE_BATCH_CHARS, prepare, read_manifest
 from pretrain.data.plan import plan_units
 from pretrain.data.readers import read_unit
 from pretrain.data.sources import resolve_sources
@@ -25,18 +25,31 @@ from pretrain.errors import UserError
 
 
 def tokenizer_speed(data: PretrainData) -> tuple[float, int]:
-    """Tokens/s of HF tokenizers' ``encode_batch`` over every document, on all cores: the practical limit."""
+    """Tokens/s of HF tokenizers' ``encode_batch_fast`` alone over every document, in the batches preparation
+    uses, on all cores: the practical limit. Only the encoding is timed, not the reading."""
     tokenizer = Tokenizer.from_file(str(data.tokenizer_path))
+    tokenizer.encode_special_tokens = True
     files = resolve_sources(data.sources, data.text_field).files
-    texts = [
-        document.text
-        for unit in plan_units(files, data.val_fraction)
-        for document in read_unit(unit, data.text_field)
-        if document.text
-    ]
-    start = time.perf_counter()
-    tokens = sum(len(encoding.ids) + 1 for encoding in tokenizer.encode_batch(texts, add_special_tokens=False))
-    return tokens / (time.perf_counter() - start), tokens  # + 1: the end-of-text each document gets
+    seconds, tokens, batch, batch_chars = 0.0, 0, [], 0
+
+    def encode() -> None:
+        nonlocal seconds, tokens, batch_chars
+        start = time.perf_counter()
+        encodings = tokenizer.encode_batch_fast(batch, add_special_tokens=False)
+        seconds += time.perf_counter() - start
+        tokens += sum(len(encoding.ids) + 1 for encoding in encodings)  # + 1: the end-of-text each document gets
+        batch.clear()
+        batch_chars = 0
+
+    for unit in plan_units(files, data.val_fraction):
+        for document in read_unit(unit, data.text_field):
+            if document.text:
+                batch.append(document.text)
+                batch_chars += len(document.text)
+                if batch_chars >= ENCODE_BATCH_CHARS:
+                    encode()
+    encode()
+    return tokens / seconds, tokens
 
 
 def preparation_speed(data: PretrainData) -> float:

@@ -19,6 +19,7 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pretrain.data.url_sources import is_url, open_url, url_size
 from pretrain.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -93,6 +94,15 @@ def decode_text(data: bytes) -> tuple[str, bool]:
         return data.decode("utf-8", errors="replace"), True
 
 
+def open_binary(path: str) -> BinaryIO:
+    """A local file, or a remote one (``s3://...``) through fsspec."""
+    return open_url(path) if is_url(path) else open(path, "rb")
+
+
+def file_size(path: str) -> int:
+    return url_size(path) if is_url(path) else Path(path).stat().st_size
+
+
 def read_unit(unit: Unit, text_field: str, wanted: Callable[[str], bool] | None = None) -> Iterator[RawDocument]:
     """Every document of the share, in file order; with ``wanted``, only those whose key it accepts (JSONL
     lines that are not wanted are not even parsed)."""
@@ -103,7 +113,8 @@ def read_unit(unit: Unit, text_field: str, wanted: Callable[[str], bool] | None 
     elif unit.piece_bytes:
         documents = _text_pieces(unit)
     else:
-        documents = iter([RawDocument(unit.key, *decode_text(Path(unit.path).read_bytes()), read=unit.size)])
+        with open_binary(unit.path) as file:
+            documents = iter([RawDocument(unit.key, *decode_text(file.read()), read=unit.size)])
     for document in documents:
         if wanted is None or wanted(document.key):
             yield document
@@ -130,8 +141,8 @@ def piece_start(file: BinaryIO, position: int, size: int, search: int) -> int:
 
 
 def _text_pieces(unit: Unit) -> Iterator[RawDocument]:
-    size, step = Path(unit.path).stat().st_size, unit.piece_bytes
-    with open(unit.path, "rb") as file:
+    size, step = file_size(unit.path), unit.piece_bytes
+    with open_binary(unit.path) as file:
         begin = piece_start(file, unit.start * step, size, LONGEST_LINE)
         first = begin
         for number in range(unit.start, unit.stop):
@@ -145,7 +156,7 @@ def _text_pieces(unit: Unit) -> Iterator[RawDocument]:
 
 def _jsonl_documents(unit: Unit, text_field: str, wanted: Callable[[str], bool] | None) -> Iterator[RawDocument]:
     compressed = unit.path.lower().endswith(".gz")
-    with open(unit.path, "rb") as raw, gzip.open(raw) if compressed else raw as lines:
+    with open_binary(unit.path) as raw, gzip.open(raw) if compressed else raw as lines:
         position = unit.start
         if position > 0:  # the line running across the start belongs to the share before
             lines.seek(position - 1)
@@ -172,7 +183,7 @@ def _jsonl_documents(unit: Unit, text_field: str, wanted: Callable[[str], bool] 
 
 
 def _parquet_documents(unit: Unit, text_field: str) -> Iterator[RawDocument]:
-    file = pq.ParquetFile(unit.path)
+    file = pq.ParquetFile(open_binary(unit.path))
     row = sum(file.metadata.row_group(group).num_rows for group in range(unit.start))
     for group in range(unit.start, unit.stop):
         column = file.read_row_group(group, columns=[text_field]).column(0)
@@ -189,13 +200,15 @@ def _parquet_documents(unit: Unit, text_field: str) -> Iterator[RawDocument]:
 
 
 def parquet_row_groups(path: str) -> int:
-    return pq.ParquetFile(path).metadata.num_row_groups
+    with open_binary(path) as file:
+        return pq.ParquetFile(file).metadata.num_row_groups
 
 
 def check_parquet_column(path: str, text_field: str) -> None:
     """Fail before tokenizing, naming the file and its columns, when the text column is missing."""
     try:
-        columns = pq.read_schema(path).names
+        with open_binary(path) as file:
+            columns = pq.read_schema(file).names
     except (pa.ArrowException, OSError) as error:
         raise UserError(f"{path} is not a readable Parquet file ({error}); remove it or fix it.") from None
     if text_field not in columns:

@@ -6,7 +6,8 @@ A source is one of:
 - a file: ``.txt``/``.md`` (one document), ``.jsonl``/``.jsonl.gz`` (one per line), ``.parquet``
   (one per row); any other file named explicitly is read as one text document;
 - a directory: every supported file below it (others are skipped and counted);
-- a glob such as ``corpus/**/*.jsonl.gz``.
+- a glob such as ``corpus/**/*.jsonl.gz``;
+- any of these as a URL read through fsspec: ``s3://bucket/web/*.jsonl.gz``, ``hf://datasets/...``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pretrain.data.readers import SUPPORTED_SUFFIXES, check_parquet_column, file_format, has_supported_suffix
+from pretrain.data.readers import (
+    SUPPORTED_SUFFIXES,
+    check_parquet_column,
+    file_format,
+    has_supported_suffix,
+    open_binary,
+)
+from pretrain.data.url_sources import is_url, list_url
 from pretrain.errors import UserError
 
 BINARY_SNIFF_BYTES = 8192
@@ -31,7 +39,7 @@ class SourceFile:
     path: str
     key: str
     size: int = 0
-    mtime_ns: int = 0
+    modified: int | str = 0  # modification time (ns) of a local file; what its filesystem reports of a remote one
 
     @property
     def format(self) -> str:
@@ -61,9 +69,17 @@ def _glob_root(pattern: str) -> Path:
     return Path(*parts[:fixed]) if fixed else Path()
 
 
+def _url_files(source: str) -> tuple[list[SourceFile], int]:
+    everything = [SourceFile(url, key, size, modified) for url, key, size, modified in list_url(source)]
+    files = [file for file in everything if has_supported_suffix(Path(file.key)) or len(everything) == 1]
+    return files, len(everything) - len(files)
+
+
 def _source_files(source: str) -> tuple[list[SourceFile], int]:
     if source == "stdlib":
         return stdlib_files(), 0
+    if is_url(source):
+        return _url_files(source)
     if Path(source).is_dir():
         return _directory_files(source)
     if Path(source).is_file():
@@ -80,9 +96,14 @@ def _source_files(source: str) -> tuple[list[SourceFile], int]:
     )
 
 
+def _with_stat(file: SourceFile) -> SourceFile:
+    stat = Path(file.path).stat()
+    return SourceFile(file.path, file.key, stat.st_size, stat.st_mtime_ns)
+
+
 def is_binary(path: str) -> bool:
     """Text files hold no NUL bytes; binary formats almost always do, early on."""
-    with open(path, "rb") as file:
+    with open_binary(path) as file:
         return b"\0" in file.read(BINARY_SNIFF_BYTES)
 
 
@@ -99,7 +120,7 @@ class Corpus:
 
     def listing(self) -> list[list[str | int]]:
         """``[path, size, modification time]`` of every file: what a build is checked against for staleness."""
-        return [[file.path, file.size, file.mtime_ns] for file in self.files]
+        return [[file.path, file.size, file.modified] for file in self.files]
 
 
 def resolve_sources(sources: list[str], text_field: str = "text") -> Corpus:
@@ -112,20 +133,20 @@ def resolve_sources(sources: list[str], text_field: str = "text") -> Corpus:
         corpus.skipped["unsupported"] += unsupported
         if not found:
             raise UserError(f"Source {source!r} holds no {'/'.join(SUPPORTED_SUFFIXES)} files.")
-        for file in found:
-            real = Path(file.path).resolve()
-            if real in seen:
+        for found_file in found:
+            file = found_file if is_url(found_file.path) else _with_stat(found_file)
+            identity = file.path if is_url(file.path) else str(Path(file.path).resolve())
+            if identity in seen:
                 continue
-            seen.add(real)
-            stat = real.stat()
-            if stat.st_size == 0:
+            seen.add(identity)
+            if file.size == 0:
                 corpus.skipped["empty"] += 1
             elif file.format == "text" and is_binary(file.path):
                 corpus.skipped["binary"] += 1
             else:
                 if file.format == "parquet":
                     check_parquet_column(file.path, text_field)
-                corpus.files.append(SourceFile(file.path, file.key, stat.st_size, stat.st_mtime_ns))
+                corpus.files.append(file)
     if not corpus.files:
         raise UserError(
             f"The sources {sources} hold no text (skipped: {corpus.skipped}); point data.sources at text files."
