@@ -28,7 +28,7 @@ import resource
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from pretrain._compat import write_as_single_process
 from pretrain.data.buckets import Bucket, BucketFiles, held_out_rows
 from pretrain.data.plan import DocumentSplit, plan_units, share_out, unit_hash
 from pretrain.data.ranks import Ranks
-from pretrain.data.readers import Unit, read_unit
+from pretrain.data.readers import RawDocument, Unit, read_unit
 from pretrain.data.sources import Corpus, resolve_sources
 from pretrain.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
 from pretrain.errors import UserError
@@ -193,7 +193,10 @@ def _progress(units: list[Unit], numbers: list[int], ranks: Ranks, desc: str, sh
     return tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=not (show and ranks.first))
 
 
-def _read_with_progress(unit: Unit, text_field: str, bar: tqdm, wanted=None) -> Iterator:
+def _read_with_progress(
+    unit: Unit, text_field: str, bar: tqdm, wanted: Callable[[str], bool] | None = None
+) -> Iterator[RawDocument]:
+    """The unit's documents, moving ``bar`` by the bytes read (inside a file, not file by file)."""
     read = 0
     for document in read_unit(unit, text_field, wanted):
         now = min(document.read, unit.size)  # the last line of a byte range may run past its end
@@ -237,7 +240,8 @@ def sample_for_tokenizer(
     return texts()
 
 
-def _sampled(rate: float):
+def _sampled(rate: float) -> Callable[[str], bool]:
+    """Whether a document's key is in the tokenizer's sample: a share ``rate`` of keys, the same on every run."""
     return lambda key: unit_hash(f"tokenizer-sample:{key}") < rate
 
 
