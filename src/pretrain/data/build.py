@@ -29,6 +29,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -267,36 +268,51 @@ def _encode_units(
     units: list[Unit], numbers: list[int], split: DocumentSplit, text_field: str, tokenizer: Tokenizer,
     buckets: BucketFiles, bar: tqdm,
 ) -> Counter:  # fmt: skip
-    """Encode this process's units into its part of every bucket; returns the noted events."""
+    """Encode this process's units into its part of every bucket; returns the noted events.
+
+    A batch is encoded on a thread of its own (the tokenizer's cores, without the GIL) while this one
+    reads the next batch and files the one before into the buckets.
+    """
     eos, dtype = eos_id(tokenizer), token_dtype(tokenizer.get_vocab_size())
     tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not a document break
     events, pending, pending_chars = Counter(), [], 0
 
-    def flush() -> None:
-        # Ids alone, without the character offsets training never reads.
-        encodings = tokenizer.encode_batch_fast([text for _, text, _, _ in pending], add_special_tokens=False)
-        for (name, text, unit, ordinal), encoding in zip(pending, encodings, strict=True):
+    def file_away(batch: list[tuple], encodings: Future) -> None:
+        for (name, text, unit, ordinal), encoding in zip(batch, encodings.result(), strict=True):
             ids = np.empty(len(encoding.ids) + 1, dtype=dtype)
             ids[:-1], ids[-1] = encoding.ids, eos
             buckets.add(name, text, unit, ordinal, ids)
         buckets.flush()
-        pending.clear()
 
-    for number in numbers:
-        for ordinal, document in enumerate(_read_with_progress(units[number], text_field, bar)):
-            if document.text is None:
-                events["malformed"] += 1
-            elif not document.text:
-                events["empty"] += 1
-            else:
-                events["invalid_utf8"] += document.replaced_invalid_utf8
-                events["pieces"] += document.piece is not None
-                pending.append((split.of(document), document.text, number, ordinal))
-                pending_chars += len(document.text)
-                if pending_chars >= ENCODE_BATCH_CHARS:
-                    flush()
-                    pending_chars = 0
-    flush()
+    with ThreadPoolExecutor(max_workers=1) as encoder:
+        in_flight: tuple[list[tuple], Future] | None = None
+
+        def flush() -> None:
+            nonlocal in_flight, pending
+            batch, pending = pending, []
+            # Ids alone, without the character offsets training never reads.
+            encodings = encoder.submit(tokenizer.encode_batch_fast, [text for _, text, _, _ in batch],
+                                       add_special_tokens=False)  # fmt: skip
+            if in_flight is not None:
+                file_away(*in_flight)
+            in_flight = (batch, encodings)
+
+        for number in numbers:
+            for ordinal, document in enumerate(_read_with_progress(units[number], text_field, bar)):
+                if document.text is None:
+                    events["malformed"] += 1
+                elif not document.text:
+                    events["empty"] += 1
+                else:
+                    events["invalid_utf8"] += document.replaced_invalid_utf8
+                    events["pieces"] += document.piece is not None
+                    pending.append((split.of(document), document.text, number, ordinal))
+                    pending_chars += len(document.text)
+                    if pending_chars >= ENCODE_BATCH_CHARS:
+                        flush()
+                        pending_chars = 0
+        flush()
+        file_away(*in_flight)
     return events
 
 

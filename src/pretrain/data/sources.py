@@ -13,6 +13,7 @@ A source is one of:
 from __future__ import annotations
 
 import glob
+import os
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,9 +49,10 @@ class SourceFile:
 
 def stdlib_files() -> list[SourceFile]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = (
-        path for path in root.rglob("*.py") if not STDLIB_EXCLUDED_DIRS.intersection(path.relative_to(root).parts[:-1])
-    )
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [name for name in subfolders if name not in STDLIB_EXCLUDED_DIRS]  # never entered
+        files += [Path(folder) / name for name in names if name.endswith(".py")]
     return [SourceFile(str(path), f"stdlib/{path.relative_to(root).as_posix()}") for path in sorted(files)]
 
 
