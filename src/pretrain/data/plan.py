@@ -76,7 +76,7 @@ def plan_units(files: list[SourceFile], val_fraction: float) -> list[Unit]:
                     file.key,
                     first,
                     min(first + per_unit, pieces),
-                    min(per_unit * step, file.size),
+                    min((first + per_unit) * step, file.size) - first * step,
                     step,
                     pieces_before,
                 )
