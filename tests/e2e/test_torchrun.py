@@ -4,6 +4,7 @@ forwarded to every rank; the ranks agree on a step, save once, and the run resum
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,12 +20,15 @@ from tests.test_resume import STEPS, fit_args
 TWO_RANKS = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.num_workers", "1")
 
 
-def torchrun(corpus, prepared: Path, logs: Path, *extra: str) -> subprocess.Popen:
+def torchrun(corpus, prepared: Path, logs: Path, *extra: str, restarts: int = 0) -> subprocess.Popen:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--max-restarts", str(restarts),
                str(ROOT / "main.py"), *fit_args(corpus[0], prepared, logs, STEPS, *TWO_RANKS, *extra)]  # fmt: skip
     logs.mkdir(exist_ok=True)
+    # A store of its own for the ranks of each restart (docs/checkpointing.md: a lost rank).
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     return subprocess.Popen(command, cwd=logs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+                            start_new_session=True, env=environment)  # fmt: skip
 
 
 def finished(process: subprocess.Popen, timeout: float = 300) -> str:
@@ -52,4 +56,22 @@ def test_sigterm_to_torchrun_saves_once_and_resumes_exactly(corpus, prepared: Pa
     stopped_at = torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"]
     assert 20 < stopped_at < STEPS and stopped_at % 10 == 0  # where the ranks agreed (signal_check_interval)
     finished(torchrun(corpus, prepared, tmp_path, "--ckpt_path", "last"))
+    assert scalars_by_step(tmp_path / "quickstart" / "version_0", "train/loss") == reference
+
+
+def test_a_rank_killed_under_max_restarts_resumes_from_the_newest_checkpoint(
+    corpus, prepared: Path, tmp_path: Path, reference: dict[int, float]
+) -> None:
+    """kill -9 of one rank: torchrun stops the other, starts both again, and --ckpt_path last (in the command
+    from the start, where it finds nothing yet) resumes them from the newest complete checkpoint."""
+    process = torchrun(corpus, prepared, tmp_path, "--ckpt_path", "last", restarts=1)
+    checkpoints = tmp_path / "quickstart" / "version_0" / "checkpoints"
+    wait_for_checkpoint(process, checkpoints, "step=0000020.ckpt")
+    ranks = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
+                                                text=True).stdout.split()]  # fmt: skip
+    assert len(ranks) == 2
+    os.kill(ranks[-1], signal.SIGKILL)
+    stderr = finished(process)
+    resumed = re.findall(r"Resuming \S+ from \S+step=(\d+)\.ckpt", stderr)
+    assert len(resumed) == 2 and int(resumed[0]) >= 20  # both restarted ranks, from a checkpoint after the kill's
     assert scalars_by_step(tmp_path / "quickstart" / "version_0", "train/loss") == reference
