@@ -90,6 +90,8 @@ def test_a_run_learns_validates_at_its_last_step_and_writes_logs_and_checkpoints
     # After steps 20 and 40, and after the last step although 50 is not a multiple of the interval (Lightning
     # writes validation metrics at the index of the batch that ran last).
     assert list(scalars_by_step(trained, "val/loss")) == list(scalars_by_step(trained, "val/ppl")) == [19, 39, 49]
+    bpb = scalars_by_step(trained, "val/bpb")  # bits per byte: below 8 (a byte) once anything is learnt
+    assert list(bpb) == [19, 39, 49] and 0 < bpb[49] < bpb[19] < 8
     assert text_steps(trained) == [20, 40, 50]  # text samples ran with each validation
     assert scalars(trained, "train/lr") and scalars(trained, "train/grad_norm")
     checkpoints = {p.name for p in (trained / "checkpoints").iterdir()}

@@ -16,6 +16,7 @@ from pretrain.data.plan import DocumentSplit
 from pretrain.data.readers import RawDocument
 from pretrain.data.shards import iter_documents
 from pretrain.data.sources import resolve_sources, stdlib_files
+from pretrain.data.tokenizer import eos_id, token_byte_lengths
 from pretrain.errors import UserError
 from tests.conftest import make_corpus
 from tests.helpers import QUICKSTART, TINY_VOCAB
@@ -183,3 +184,12 @@ def test_loader_workers_that_ignore_sigterm_are_killed_at_exit() -> None:
     kill_leftover_workers()
     worker.join(timeout=5)
     assert not worker.is_alive()
+
+
+def test_token_byte_lengths_add_up_to_the_bytes_of_the_text(prepared: Path) -> None:
+    tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    tokenizer.encode_special_tokens = True
+    lengths = token_byte_lengths(tokenizer)
+    text = "Plain words, café, 日本語, 🙂, tabs\tand\r\nlines, <|endoftext|> as text.\n" * 3
+    assert sum(lengths[i] for i in tokenizer.encode(text, add_special_tokens=False).ids) == len(text.encode())
+    assert lengths[eos_id(tokenizer)] == 0

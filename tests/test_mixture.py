@@ -178,6 +178,10 @@ def test_validation_reports_each_dataset_and_all_together(mixture: dict, built: 
     for step, loss in total.items():  # the total weighs each dataset's loss by its held-out tokens
         losses = [per_dataset[name][step] for name in mixture]
         assert min(losses) < loss < max(losses)
+    total_bpb = scalars_by_step(run_dir, "val/bpb")
+    for step, bpb in total_bpb.items():  # ... and its bits per byte by its held-out bytes
+        per_dataset_bpb = [scalars_by_step(run_dir, f"val/{name}/bpb")[step] for name in mixture]
+        assert min(per_dataset_bpb) < bpb < max(per_dataset_bpb)
 
 
 @pytest.mark.parametrize(

@@ -313,6 +313,16 @@ def next_token_loss(
     return (loss_of_logits or logits_cross_entropy)(logits, batch[:, 1:])
 
 
+def next_token_losses(model: Llama, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropy of every target, (B, T) in fp32, and the targets: held-out text is scored per token
+    (bits per byte leave the end-of-text targets out)."""
+    batch = batch.long()
+    targets = batch[:, 1:]
+    logits = model(batch[:, :-1])  # (B, T, V)
+    losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
+    return losses.view_as(targets), targets
+
+
 def logits_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy computed in fp32. Compiled, the upcast fuses into the softmax instead of
     filling memory with an fp32 copy of the logits, in the forward and the backward pass."""

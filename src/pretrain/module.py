@@ -12,8 +12,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from pretrain.checkpointing import random_states, restore_random_states
 from pretrain.errors import UserError
 from pretrain.loading import load_weights, raise_on_mismatch
-from pretrain.metrics import HeldOutLoss
-from pretrain.model import Llama, LlamaConfig, next_token_loss
+from pretrain.metrics import HeldOutMetrics
+from pretrain.model import Llama, LlamaConfig, next_token_loss, next_token_losses
 from pretrain.nonfinite import NonFiniteGuard
 from pretrain.optim import param_groups
 from pretrain.parallel import build_training_model, clip_global_grad_norm
@@ -69,8 +69,10 @@ class PretrainModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.model: Llama | None = None
         self.loss_fn = next_token_loss  # replaced by its compiled version in configure_model
-        self.val_loss = HeldOutLoss()
-        self.dataset_losses = torch.nn.ModuleList()  # per dataset of a mixture, made as their loaders appear
+        self.held_out = HeldOutMetrics()
+        self.dataset_held_out = torch.nn.ModuleList()  # per dataset of a mixture, made as their loaders appear
+        self.register_buffer("token_bytes", None, persistent=False)  # bytes per token id, from the data (setup)
+        self.eos_id = -1
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
 
     def configure_model(self) -> None:
@@ -114,14 +116,21 @@ class PretrainModule(L.LightningModule):
         """Whether the trainer writes this step's logs (every 50 steps where logging is off)."""
         return (self.global_step + 1) % (self.trainer.log_every_n_steps or 50) == 0
 
+    def setup(self, stage: str) -> None:
+        """The bytes each token stands for, from the data's tokenizer, for bits per byte (none without it)."""
+        table = getattr(self.trainer.datamodule, "token_byte_table", None)
+        if table is not None and self.token_bytes is None:
+            lengths, self.eos_id = table()
+            self.token_bytes = torch.tensor(lengths, dtype=torch.int64, device=self.device)
+
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         """One held-out loader per dataset of a mixture (``dataloader_idx``), each also counted in the total."""
-        loss = self.loss_fn(self.model, batch)
-        self.val_loss.update(loss, batch.size(0))
+        losses, targets = next_token_losses(self.model, batch)
+        self.held_out.update(losses, targets, self.token_bytes, self.eos_id)
         if self._dataset_names():
-            while len(self.dataset_losses) <= dataloader_idx:
-                self.dataset_losses.append(HeldOutLoss().to(self.device))
-            self.dataset_losses[dataloader_idx].update(loss, batch.size(0))
+            while len(self.dataset_held_out) <= dataloader_idx:
+                self.dataset_held_out.append(HeldOutMetrics().to(self.device))
+            self.dataset_held_out[dataloader_idx].update(losses, targets, self.token_bytes, self.eos_id)
 
     def on_validation_epoch_end(self) -> None:
         self._log_held_out("val")
@@ -132,12 +141,11 @@ class PretrainModule(L.LightningModule):
         self._log_held_out("test")
 
     def _log_held_out(self, stage: str) -> None:
-        loss = self.val_loss.compute()  # torchmetrics reduces across ranks
-        self.val_loss.reset()
-        self.log_dict({f"{stage}/loss": loss, f"{stage}/ppl": loss.exp()}, prog_bar=True)
-        for name, metric in zip(self._dataset_names(), self.dataset_losses, strict=False):
-            self.log(f"{stage}/{name}/loss", metric.compute())  # what mixture weights are tuned by
-            metric.reset()
+        with_bpb = self.token_bytes is not None
+        results = self.held_out.results(stage, with_bpb)  # torchmetrics reduces across ranks
+        self.log_dict({**results, f"{stage}/ppl": results[f"{stage}/loss"].exp()}, prog_bar=True)
+        for name, metrics in zip(self._dataset_names(), self.dataset_held_out, strict=False):
+            self.log_dict(metrics.results(f"{stage}/{name}", with_bpb))  # what mixture weights are tuned by
 
     def _dataset_names(self) -> list[str]:
         """A mixture's datasets, in the order of their held-out loaders; none for a single corpus."""

@@ -17,7 +17,7 @@ from pretrain.data.mixture_loader import MixtureLoader
 from pretrain.data.ranks import Ranks
 from pretrain.data.remote import default_cache_dir, fetch_build_files, is_remote, join
 from pretrain.data.shards import verify_split
-from pretrain.data.tokenizer import load_tokenizer
+from pretrain.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from pretrain.errors import UserError
 
 
@@ -157,6 +157,11 @@ class PretrainData(L.LightningDataModule):
     def held_out_names(self) -> list[str]:
         """The datasets validation reports on one by one (a mixture's names; none for a single corpus)."""
         return [name for name in self.val_sets if name]
+
+    def token_byte_table(self) -> tuple[list[int], int]:
+        """Bytes of text per token id and the end-of-text id, of the build's tokenizer (for bits per byte)."""
+        tokenizer = load_tokenizer(self.tokenizer_path)
+        return token_byte_lengths(tokenizer), eos_id(tokenizer)
 
     def state_dict(self) -> dict[str, str]:
         """Saved in every checkpoint, so generation and export need nothing but the checkpoint."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -53,3 +54,26 @@ def eos_id(tokenizer: Tokenizer) -> int:
         f"The tokenizer has none of the end-of-text tokens {list(KNOWN_EOS_TOKENS)}; "
         "add one of them as a special token."
     )
+
+
+BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> list[int]:
+    """How many bytes of UTF-8 text each token id stands for (0 for special tokens): the denominator of bits
+    per byte. Byte-level BPE writes one character per byte; SentencePiece-style vocabularies write a space
+    as "▁" and bytes without a token of their own as ``<0xAB>``."""
+    byte_level = '"ByteLevel"' in tokenizer.to_str()
+    special = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
+    lengths = []
+    for token_id in range(tokenizer.get_vocab_size()):
+        token = tokenizer.id_to_token(token_id)
+        if token is None or token in special:
+            lengths.append(0)
+        elif byte_level:
+            lengths.append(len(token))
+        elif BYTE_FALLBACK.fullmatch(token):
+            lengths.append(1)
+        else:
+            lengths.append(len(token.replace("\u2581", " ").encode()))
+    return lengths
