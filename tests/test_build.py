@@ -241,3 +241,48 @@ def test_sources_in_a_bucket_are_read_through_fsspec(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"added 1 \(memory://.*/books/new\.txt\)"):
         prepare(sources, str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.2)
     fs.rm(root, recursive=True)
+
+
+@pytest.mark.parametrize("with_jsonl", [False, True])
+def test_text_over_a_piece_holds_out_its_share_beside_other_sources(tmp_path: Path, with_jsonl: bool) -> None:
+    rng = random.Random(8)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "book.txt").write_text(one_file_text(rng, 30_000))  # ~1.5 MiB: cut for its size
+    if with_jsonl:
+        texts = [one_file_text(rng, 5) for _ in range(2000)]
+        (tmp_path / "corpus" / "web.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    manifest = prepare([str(tmp_path / "corpus")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.05)
+    assert manifest["pieces"] >= 10 / 0.05  # enough pieces for validation to get its share of them
+    assert 0.035 <= manifest["splits"]["val"]["share"] <= 0.07
+
+
+def test_a_source_present_but_changed_is_never_served_as_absent(tmp_path: Path) -> None:
+    make_corpus(tmp_path / "a", n_docs=10)
+    make_corpus(tmp_path / "b", n_docs=10, seed=1)
+    sources = [str(tmp_path / "a"), str(tmp_path / "b")]
+    prepare(sources, str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.2)
+    pq.write_table(pa.table({"content": ["no text column"]}), tmp_path / "a" / "new.parquet")
+    with pytest.raises(UserError, match=r"new\.parquet has no column 'text'"):
+        prepare(sources, str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.2)
+    (tmp_path / "a" / "new.parquet").unlink()
+    (tmp_path / "b").rename(tmp_path / "b-elsewhere")  # one source gone, the other here: not a training node
+    with pytest.raises(UserError, match="does not exist"):
+        prepare(sources, str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.2)
+
+
+def test_dictionary_encoded_parquet_text_a_byte_order_mark_and_gzip_sizes(tmp_path: Path) -> None:
+    rows = [f"row {i} text" for i in range(20)]
+    pq.write_table(pa.table({"text": pa.array(rows).dictionary_encode()}), tmp_path / "rows.parquet")
+    web = [f"line {i} text" for i in range(20)]
+    (tmp_path / "bom.jsonl").write_bytes(
+        b"\xef\xbb\xbf" + "".join(json.dumps({"text": t}) + "\n" for t in web).encode()
+    )
+    packed = "".join(json.dumps({"text": t * 50}) + "\n" for t in web).encode()
+    (tmp_path / "packed.jsonl.gz").write_bytes(gzip.compress(packed))
+    files = resolve_sources([str(tmp_path)]).files
+    gz_unit = next(unit for unit in plan_units(files, 0.2) if unit.path.endswith(".gz"))
+    assert gz_unit.text_size == len(packed) > gz_unit.size  # sampling and buckets count the text, not the gzip
+    manifest = prepare([str(tmp_path)], str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.2)
+    kept = decoded_documents(tmp_path / "data", "train") + decoded_documents(tmp_path / "data", "val")
+    assert sorted(kept) == sorted(rows + web + [t * 50 for t in web])
+    assert manifest["skipped_records"] == {"malformed": 0, "empty": 0}

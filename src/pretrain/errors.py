@@ -18,6 +18,10 @@ class UserError(ReportedError):
     """Bad input or configuration. The message names the problem and how to fix it."""
 
 
+class SourcesNotFound(UserError):
+    """A data source names nothing present here (a finished build of it may still be served)."""
+
+
 class TrainingDiverged(ReportedError):
     """The run stopped itself because its loss stayed non-finite; its last good state is saved."""
 

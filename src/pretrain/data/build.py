@@ -44,9 +44,9 @@ from pretrain.data.buckets import Bucket, BucketFiles, held_out_rows
 from pretrain.data.plan import DocumentSplit, plan_units, share_out, unit_hash
 from pretrain.data.ranks import Ranks
 from pretrain.data.readers import RawDocument, Unit, read_unit
-from pretrain.data.sources import Corpus, resolve_sources
+from pretrain.data.sources import Corpus, any_source_found, resolve_sources
 from pretrain.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
-from pretrain.errors import UserError
+from pretrain.errors import SourcesNotFound, UserError
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ def sample_for_tokenizer(
 
     Every rank draws its units' part into ``scratch``; rank 0 then reads the parts back in unit order.
     """
-    total = sum(unit.size for units, _ in plans for unit in units)
+    total = sum(unit.text_size for units, _ in plans for unit in units)
     rate = min(1.0, sample_bytes / max(total, 1))
     numbered = [(p, n) for p, (units, _) in enumerate(plans) for n in range(len(units))]
     mine = [numbered[i] for i in share_out([plans[p][0][n] for p, n in numbered], ranks.world_size)[ranks.rank]]
@@ -349,7 +349,7 @@ def build_shards(
 ) -> dict[str, Any]:  # fmt: skip
     """Encode, deal to buckets, write: ``root/train`` and ``root/val``. Returns the counts for the manifest."""
     dtype = token_dtype(tokenizer.get_vocab_size())
-    buckets = max(1, math.ceil(sum(unit.size for unit in units) / BUCKET_SOURCE_BYTES))
+    buckets = max(1, math.ceil(sum(unit.text_size for unit in units) / BUCKET_SOURCE_BYTES))
     mine = share_out(units, ranks.world_size)[ranks.rank]
     folders = [scratch / f"rank-{rank}" for rank in range(ranks.world_size)]
 
@@ -457,8 +457,8 @@ def prepare(
     def check() -> tuple[dict | None, Corpus | None]:
         try:
             corpus = resolve_sources(sources, text_field)
-        except UserError:
-            if served := build_of_absent_sources(root, request):
+        except SourcesNotFound:
+            if not any_source_found(sources) and (served := build_of_absent_sources(root, request)):
                 return served, None
             raise
         request["files"] = listing_digest(corpus.listing())
@@ -472,7 +472,7 @@ def prepare(
     if manifest is not None:
         return manifest
     request["files"] = listing_digest(corpus.listing())
-    units, split = plan_units(corpus.files, val_fraction), DocumentSplit(val_fraction)
+    units, split = ranks.everywhere(lambda: plan_units(corpus.files, val_fraction)), DocumentSplit(val_fraction)
     scratch = root / ".build"
     sample = None
     if not tokenizer:

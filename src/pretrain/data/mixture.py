@@ -39,8 +39,8 @@ from pretrain.data.build import (
 )
 from pretrain.data.plan import DocumentSplit, plan_units
 from pretrain.data.ranks import Ranks
-from pretrain.data.sources import Corpus, resolve_sources
-from pretrain.errors import UserError
+from pretrain.data.sources import Corpus, any_source_found, resolve_sources
+from pretrain.errors import SourcesNotFound, UserError
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
@@ -101,8 +101,9 @@ def prepare_mixture(
     def check() -> tuple[dict | None, dict[str, Corpus] | None]:
         try:
             corpora = {name: resolve_sources(c["sources"], text_field) for name, c in components.items()}
-        except UserError:
-            if served := build_of_absent_sources(root, request):
+        except SourcesNotFound:
+            every_source = [source for c in components.values() for source in c["sources"]]
+            if not any_source_found(every_source) and (served := build_of_absent_sources(root, request)):
                 return _record_weights(root, served, components), None
             raise
         listing = {name: corpus.listing() for name, corpus in corpora.items()}
@@ -122,7 +123,7 @@ def prepare_mixture(
     for name, corpus in corpora.items():
         request["mixture"][name]["files"] = listing_digest(corpus.listing())
     split = DocumentSplit(val_fraction)
-    plans = {name: plan_units(corpus.files, val_fraction) for name, corpus in corpora.items()}
+    plans = ranks.everywhere(lambda: {name: plan_units(corpus.files, val_fraction) for name, corpus in corpora.items()})
     sample = None
     if not tokenizer:
         sample_bytes = byte_count(tokenizer_sample_bytes, "tokenizer_sample_bytes")

@@ -27,6 +27,7 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 PARQUET_SUFFIXES = (".parquet",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 SCAN_BYTES = 65536
+UTF8_BOM = b"\xef\xbb\xbf"  # some editors start a file with it; not part of the first record
 LONGEST_LINE = 16 * 2**20  # a piece ends at a line break unless the line is longer than this
 
 
@@ -60,6 +61,11 @@ class Unit:
     size: int
     piece_bytes: int = 0
     first_piece: int = 0  # the corpus-wide number of this file's first piece
+    text_bytes: int = 0  # the text it holds, uncompressed (0: ``size``); sampling and buckets count it
+
+    @property
+    def text_size(self) -> int:
+        return self.text_bytes or self.size
 
     @property
     def format(self) -> str:
@@ -172,7 +178,7 @@ def _jsonl_documents(unit: Unit, text_field: str, wanted: Callable[[str], bool] 
             if wanted is not None and not wanted(key):
                 yield RawDocument(key, None, read=read)  # dropped by read_unit, unparsed
                 continue
-            text, replaced = decode_text(line)
+            text, replaced = decode_text(line.removeprefix(UTF8_BOM) if key.endswith("@0") else line)
             try:
                 value = json.loads(text)[text_field]
             except (ValueError, KeyError, TypeError):
@@ -183,25 +189,36 @@ def _jsonl_documents(unit: Unit, text_field: str, wanted: Callable[[str], bool] 
 
 
 def _parquet_documents(unit: Unit, text_field: str) -> Iterator[RawDocument]:
-    file = pq.ParquetFile(open_binary(unit.path))
-    row = sum(file.metadata.row_group(group).num_rows for group in range(unit.start))
-    for group in range(unit.start, unit.stop):
-        column = file.read_row_group(group, columns=[text_field]).column(0)
-        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            # As bytes: invalid UTF-8 inside a string column is repaired like any other, not raised on.
-            column = column.cast(pa.large_binary())
-        for value in column.to_pylist():
-            if isinstance(value, bytes):
-                yield RawDocument(f"{unit.key}#{row}", *decode_text(value))
-            else:
-                yield RawDocument(f"{unit.key}#{row}", None)
-            row += 1
-    # Progress for a row group is counted once it is done (see the unit's size).
+    with open_binary(unit.path) as raw, pq.ParquetFile(raw) as file:
+        row = sum(file.metadata.row_group(group).num_rows for group in range(unit.start))
+        for group in range(unit.start, unit.stop):
+            column = file.read_row_group(group, columns=[text_field]).column(0)
+            if pa.types.is_dictionary(column.type):
+                column = column.cast(column.type.value_type)
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                # As bytes: invalid UTF-8 inside a string column is repaired like any other, not raised on.
+                column = column.cast(pa.large_binary())
+            for value in column.to_pylist():
+                if isinstance(value, bytes):
+                    yield RawDocument(f"{unit.key}#{row}", *decode_text(value))
+                else:
+                    yield RawDocument(f"{unit.key}#{row}", value if isinstance(value, str) else None)
+                row += 1
+        # Progress for a row group is counted once it is done (see the unit's size).
 
 
-def parquet_row_groups(path: str) -> int:
+def parquet_row_group_bytes(path: str) -> list[int]:
+    """Uncompressed bytes of each row group (from the file's footer)."""
+    with open_binary(path) as raw, pq.ParquetFile(raw) as file:
+        return [file.metadata.row_group(g).total_byte_size for g in range(file.metadata.num_row_groups)]
+
+
+def gzip_text_bytes(path: str, size: int) -> int:
+    """The uncompressed size a gzip file records in its last 4 bytes (modulo 4 GiB: never less than
+    ``size``, which larger files are taken to hold at least)."""
     with open_binary(path) as file:
-        return pq.ParquetFile(file).metadata.num_row_groups
+        file.seek(max(size - 4, 0))
+        return max(int.from_bytes(file.read(4), "little"), size)
 
 
 def check_parquet_column(path: str, text_field: str) -> None:

@@ -26,7 +26,7 @@ from pretrain.data.readers import (
     open_binary,
 )
 from pretrain.data.url_sources import is_url, list_url
-from pretrain.errors import UserError
+from pretrain.errors import SourcesNotFound, UserError
 
 BINARY_SNIFF_BYTES = 8192
 STDLIB_EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
@@ -89,10 +89,12 @@ def _source_files(source: str) -> tuple[list[SourceFile], int]:
     if glob.has_magic(source):
         matches = sorted(Path(m) for m in glob.glob(source, recursive=True) if Path(m).is_file())
         if not matches:
-            raise UserError(f"Source glob {source!r} matches no files; check the pattern and the working directory.")
+            raise SourcesNotFound(
+                f"Source glob {source!r} matches no files; check the pattern and the working directory."
+            )
         root = _glob_root(source)
         return [SourceFile(str(m), m.relative_to(root).as_posix()) for m in matches], 0
-    raise UserError(
+    raise SourcesNotFound(
         f"Source {source!r} does not exist. Give a file, a directory, a glob, or 'stdlib' "
         f"(paths are relative to {Path.cwd()})."
     )
@@ -101,6 +103,17 @@ def _source_files(source: str) -> tuple[list[SourceFile], int]:
 def _with_stat(file: SourceFile) -> SourceFile:
     stat = Path(file.path).stat()
     return SourceFile(file.path, file.key, stat.st_size, stat.st_mtime_ns)
+
+
+def any_source_found(sources: list[str]) -> bool:
+    """Whether any of the sources names something present here (else a build of them is served as it is)."""
+    for source in sources:
+        try:
+            _source_files(source)
+        except SourcesNotFound:
+            continue
+        return True
+    return False
 
 
 def is_binary(path: str) -> bool:

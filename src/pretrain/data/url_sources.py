@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import fsspec
 
-from pretrain.errors import UserError
+from pretrain.errors import SourcesNotFound, UserError
 
 
 def is_url(source: str) -> bool:
@@ -28,8 +28,10 @@ def _filesystem(url: str) -> tuple[Any, str]:
 
 
 def _modified(info: dict) -> str:
-    """A file's version as its filesystem reports it (modification time, or an ETag where there is none)."""
-    for key in ("mtime", "LastModified", "last_modified", "updated", "created", "ETag", "last_commit"):
+    """A file's version as its filesystem reports it: a content id where there is one (ETag, checksum, the
+    hub's blob id), else its modification time."""
+    for key in ("ETag", "etag", "md5", "blob_id", "xet_hash", "sha256", "generation", "mtime", "LastModified",
+                "last_modified", "updated", "created"):  # fmt: skip
         if info.get(key) is not None:
             return str(info[key])
     return ""
@@ -47,7 +49,7 @@ def list_url(source: str) -> list[tuple[str, str, int, str]]:
     elif fs.exists(path):
         root, found = path.rsplit("/", 1)[0], {path: fs.info(path)}
     else:
-        raise UserError(f"Source {source!r} does not exist (or the credentials do not allow listing it).")
+        raise SourcesNotFound(f"Source {source!r} does not exist (or the credentials do not allow listing it).")
     files = [(name, info) for name, info in sorted(found.items()) if info.get("type") != "directory"]
     return [
         (fs.unstrip_protocol(name), name[len(root) :].lstrip("/"), int(info.get("size") or 0), _modified(info))
