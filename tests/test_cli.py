@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +14,15 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader
 
 from pretrain.callbacks import LossProgressBar
-from pretrain.cli import TOOLS, TRAINING, WORKER_DIED, DataOnlyCLI, PretrainCLI, main
+from pretrain.cli import (
+    TOOLS,
+    TRAINING,
+    WORKER_DIED,
+    DataOnlyCLI,
+    PretrainCLI,
+    main,
+    warn_if_restarts_share_the_store,
+)
 from pretrain.data import PretrainData
 from pretrain.module import PretrainModule
 from pretrain.parallel import FSDP2Strategy
@@ -165,3 +174,15 @@ def test_model_overfits_one_batch(prepared: Path, monkeypatch: pytest.MonkeyPatc
 def test_only_a_dead_loader_worker_is_reported_as_one(message: str, died: bool) -> None:
     """An error raised by the data inside a worker keeps its traceback: it is a bug to read, not a lost worker."""
     assert bool(WORKER_DIED.match(message)) is died
+
+
+@pytest.mark.parametrize(("shared", "warned"), [("True", True), ("False", False)])
+def test_restarts_over_a_shared_store_are_warned_about_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, shared: str, warned: bool
+) -> None:
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", shared)  # what torchrun tells its workers
+    monkeypatch.setenv("RANK", "0")
+    with caplog.at_level(logging.WARNING):
+        warn_if_restarts_share_the_store()
+    assert ("Start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text) is warned

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import pickle
 import re
 import signal
@@ -188,8 +189,21 @@ def data_module_from_args(argv: list[str] | None) -> PretrainData:
     return cli.datamodule
 
 
+def warn_if_restarts_share_the_store() -> None:
+    """Under ``torchrun --max-restarts``, a store shared between torchrun and the training processes can hand a
+    restarted group the previous attempt's addresses, and the group then fails to form (pytorch/pytorch#135712)."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("RANK") == "0":
+        log.warning(
+            "torchrun --max-restarts %d shares its store with the training processes: after a lost rank the "
+            "restarted group can fail to form (pytorch/pytorch#135712). Start torchrun with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/checkpointing.md, a lost rank).", restarts,
+        )  # fmt: skip
+
+
 def train(argv: list[str] | None = None) -> None:
     """``fit``, ``validate`` or ``test``: LightningCLI with this project's module and data."""
+    warn_if_restarts_share_the_store()
     PretrainCLI(
         PretrainModule,
         PretrainData,
