@@ -39,7 +39,13 @@ def start_training(corpus, prepared: Path, logs: Path) -> subprocess.Popen:
     """The run in a process group of its own (so a group signal reaches it and its loader workers only)."""
     args = [sys.executable, str(ROOT / "main.py"), *fit_args(corpus[0], prepared, logs, STEPS)]
     return subprocess.Popen(args, cwd=logs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, preexec_fn=as_from_a_terminal)  # fmt: skip
+
+
+def as_from_a_terminal() -> None:
+    """Ctrl-C as a terminal's foreground job gets it: a suite started in the background passes SIGINT on
+    ignored, and a run started that way rightly ignores it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def send(process: subprocess.Popen, signum: signal.Signals, to_group: bool) -> None:
