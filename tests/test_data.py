@@ -1,5 +1,7 @@
 import json
 import multiprocessing
+import os
+import signal
 import sys
 import time
 from collections import Counter
@@ -184,6 +186,39 @@ def test_loader_workers_that_ignore_sigterm_are_killed_at_exit() -> None:
     kill_leftover_workers()
     worker.join(timeout=5)
     assert not worker.is_alive()
+
+
+def _trainer_with_a_worker(pids: multiprocessing.Queue) -> None:
+    worker = multiprocessing.get_context("fork").Process(target=_ignore_sigterm_and_wait, daemon=True)
+    worker.start()
+    time.sleep(0.5)  # the worker has run its init
+    pids.put(worker.pid)
+    time.sleep(60)
+
+
+def running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_a_loader_worker_dies_with_a_trainer_killed_outright() -> None:
+    """kill -9 of the training process (a lost rank, the out-of-memory killer) takes its loader workers too."""
+    context = multiprocessing.get_context("fork")
+    pids = context.Queue()
+    trainer = context.Process(target=_trainer_with_a_worker, args=(pids,))
+    trainer.start()
+    worker = pids.get(timeout=20)
+    assert running(worker)
+    os.kill(trainer.pid, signal.SIGKILL)
+    trainer.join(timeout=10)
+    deadline = time.monotonic() + 10
+    while running(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not running(worker)
 
 
 def test_token_byte_lengths_add_up_to_the_bytes_of_the_text(prepared: Path) -> None:

@@ -4,6 +4,7 @@ schedulers, torchrun and terminals send them (tests/e2e/test_torchrun.py: severa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -115,7 +116,8 @@ def test_a_loader_worker_that_dies_fails_the_run_with_one_clear_line(corpus, pre
     while process.poll() is None and time.monotonic() < deadline:  # until one dies while it is being read from
         workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
         for worker in workers:
-            os.kill(int(worker), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+            with contextlib.suppress(ProcessLookupError):  # one that ended since it was listed
+                os.kill(int(worker), signal.SIGKILL)  # as the kernel's out-of-memory killer would
         time.sleep(0.2)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 1, stderr[-3000:]
