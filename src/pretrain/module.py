@@ -69,6 +69,7 @@ class PretrainModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.model: Llama | None = None
         self.loss_fn = next_token_loss  # replaced by its compiled version in configure_model
+        self.held_out_losses_fn = next_token_losses  # likewise
         self.held_out = HeldOutMetrics()
         self.dataset_held_out = torch.nn.ModuleList()  # per dataset of a mixture, made as their loaders appear
         self.register_buffer("token_bytes", None, persistent=False)  # bytes per token id, from the data (setup)
@@ -89,6 +90,9 @@ class PretrainModule(L.LightningModule):
         self.model, self.loss_fn = build_training_model(
             self.config, seed, device, mesh, torch.bfloat16 if bf16 else None, compile_mode, weights
         )
+        # Held-out text is scored token by token (bits per byte); compiled like the loss where it is compiled whole.
+        whole = compile_mode is not None and mesh is None
+        self.held_out_losses_fn = torch.compile(next_token_losses, mode=compile_mode) if whole else next_token_losses
         self.model.activation_checkpointing = self.hparams.activation_checkpointing
         self.model.use_attention_kernel(self.hparams.attention_kernel)
 
@@ -125,7 +129,7 @@ class PretrainModule(L.LightningModule):
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         """One held-out loader per dataset of a mixture (``dataloader_idx``), each also counted in the total."""
-        losses, targets = next_token_losses(self.model, batch)
+        losses, targets = self.held_out_losses_fn(self.model, batch)
         self.held_out.update(losses, targets, self.token_bytes, self.eos_id)
         if self._dataset_names():
             while len(self.dataset_held_out) <= dataloader_idx:
