@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -413,24 +414,11 @@ def clear_build(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
 
 
-def prepare(
-    sources: list[str],
-    data_dir: str,
-    vocab_size: int = 4096,
-    tokenizer: str | None = None,
-    val_fraction: float = 0.02,
-    text_field: str = "text",
-    overwrite: bool = False,
-    progress: bool = False,
-    chunk_bytes: str = CHUNK_BYTES,
-    tokenizer_sample_bytes: int | str = TOKENIZER_SAMPLE_BYTES,
-    ranks: Ranks | None = None,
-) -> dict[str, Any]:
-    """Build tokenizer and shards in ``data_dir`` unless an identical build is already there.
+@dataclass(frozen=True)
+class BuildOptions:
+    """How a build is made, whatever is built and wherever (a single corpus or a mixture).
 
     Args:
-        sources: Files, directories, globs or ``stdlib``.
-        data_dir: Where the shards, tokenizer and manifest go.
         vocab_size: Size of the tokenizer trained when none is given.
         tokenizer: Path of a ``tokenizer.json`` to use instead of training one.
         val_fraction: Share of documents held out for validation.
@@ -440,54 +428,81 @@ def prepare(
         chunk_bytes: Size of each litdata chunk.
         tokenizer_sample_bytes: About how much training text the tokenizer is trained on.
         ranks: The processes building together (default: this one alone).
+    """
+
+    vocab_size: int = 4096
+    tokenizer: str | None = None
+    val_fraction: float = 0.02
+    text_field: str = "text"
+    overwrite: bool = False
+    progress: bool = False
+    chunk_bytes: str = CHUNK_BYTES
+    tokenizer_sample_bytes: int | str = TOKENIZER_SAMPLE_BYTES
+    ranks: Ranks = field(default_factory=Ranks)
+
+    def request(self) -> dict[str, Any]:
+        """What the shards depend on besides the sources; a typo in a size fails here, before anything is read."""
+        byte_count(self.chunk_bytes, "chunk_bytes")
+        return {
+            "tokenizer": tokenizer_request(self.tokenizer, self.vocab_size, self.tokenizer_sample_bytes),
+            "val_fraction": self.val_fraction,
+            "text_field": self.text_field,
+            "chunk_bytes": self.chunk_bytes,
+        }
+
+
+def build_tokenizer(root: Path, plans: list[list[Unit]], options: BuildOptions) -> Tokenizer:
+    """The given tokenizer, or one trained on a sample of the training documents of every plan."""
+    sample = None
+    if not options.tokenizer:
+        split = DocumentSplit(options.val_fraction)
+        sample_bytes = byte_count(options.tokenizer_sample_bytes, "tokenizer_sample_bytes")
+        sample = sample_for_tokenizer([(units, split) for units in plans], options.text_field, sample_bytes,
+                                      root / ".build", options.ranks, options.progress)  # fmt: skip
+    return make_tokenizer(root, options.tokenizer, options.vocab_size, sample, options.ranks)
+
+
+def prepare(sources: list[str], data_dir: str, **options: Any) -> dict[str, Any]:
+    """Build tokenizer and shards in ``data_dir`` from ``sources`` (files, directories, globs, URLs or
+    ``stdlib``) unless an identical build is already there; ``options``: ``BuildOptions``' fields.
 
     Returns:
         The manifest.
     """
-    ranks, root = ranks or Ranks(), Path(data_dir)
-    byte_count(chunk_bytes, "chunk_bytes")  # a typo fails before anything is read
-    request = {
-        "sources": list(sources),
-        "tokenizer": tokenizer_request(tokenizer, vocab_size, tokenizer_sample_bytes),
-        "val_fraction": val_fraction,
-        "text_field": text_field,
-        "chunk_bytes": chunk_bytes,
-    }
+    built_with = BuildOptions(**options)
+    ranks, root = built_with.ranks, Path(data_dir)
+    val_fraction, text_field = built_with.val_fraction, built_with.text_field
+    request = {"sources": list(sources), **built_with.request()}
 
-    def check() -> tuple[dict | None, Corpus | None]:
+    def check() -> tuple[dict | None, Corpus | None, dict]:
         try:
             corpus = resolve_sources(sources, text_field)
         except SourcesNotFound:
             if not any_source_found(sources) and (served := build_of_absent_sources(root, request)):
-                return served, None
+                return served, None, request
             raise
         request["files"] = listing_digest(corpus.listing())
-        if manifest := existing_build(root, request, corpus.listing(), overwrite):
-            return manifest, None
+        if manifest := existing_build(root, request, corpus.listing(), built_with.overwrite):
+            return manifest, None, request
         clear_build(root)
-        return None, corpus
+        return None, corpus, request
 
     started = time.perf_counter()
-    manifest, corpus = ranks.on_first(check)
+    manifest, corpus, request = ranks.on_first(check)
     if manifest is not None:
         return manifest
-    request["files"] = listing_digest(corpus.listing())
     units, split = ranks.everywhere(lambda: plan_units(corpus.files, val_fraction)), DocumentSplit(val_fraction)
-    scratch = root / ".build"
-    sample = None
-    if not tokenizer:
-        sample_bytes = byte_count(tokenizer_sample_bytes, "tokenizer_sample_bytes")
-        sample = sample_for_tokenizer([(units, split)], text_field, sample_bytes, scratch, ranks, progress)
-    tok = make_tokenizer(root, tokenizer, vocab_size, sample, ranks)
+    tok = build_tokenizer(root, [units], built_with)
     log.info("Tokenizing %d files into %s", len(corpus.files), root)
-    built = build_shards(units, split, text_field, tok, root, scratch, chunk_bytes, ranks, progress)
+    built = build_shards(units, split, text_field, tok, root, root / ".build", built_with.chunk_bytes, ranks,
+                         built_with.progress)  # fmt: skip
     rss = ranks.gather(peak_rss_mb())
 
     def finish() -> dict[str, Any]:
         manifest = manifest_of(request, tok, root, built, corpus, len(units), ranks.world_size, rss,
                                time.perf_counter() - started)  # fmt: skip
         write_json_atomic(root / "files.json", corpus.listing())
-        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(root / ".build", ignore_errors=True)
         write_json_atomic(root / "manifest.json", manifest)
         warn_on_val_share(root, manifest["splits"], val_fraction)
         log.info("Prepared %s: %s", root, json.dumps(manifest["splits"]))

@@ -113,7 +113,8 @@ class PretrainData(L.LightningDataModule):
         options = {
             "vocab_size": self.vocab_size, "tokenizer": self.tokenizer, "val_fraction": self.val_fraction,
             "text_field": self.text_field, "overwrite": self.overwrite, "progress": progress,
-            "chunk_bytes": self.chunk_bytes, "tokenizer_sample_bytes": self.tokenizer_sample_bytes, "ranks": ranks,
+            "chunk_bytes": self.chunk_bytes, "tokenizer_sample_bytes": self.tokenizer_sample_bytes,
+            "ranks": ranks or Ranks(),
         }  # fmt: skip
         if self.mixture is not None:
             return prepare_mixture(self.mixture, self.data_dir, **options)

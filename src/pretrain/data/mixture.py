@@ -21,24 +21,19 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from pretrain.data.build import (
-    CHUNK_BYTES,
-    TOKENIZER_SAMPLE_BYTES,
+    BuildOptions,
     build_of_absent_sources,
     build_shards,
-    byte_count,
+    build_tokenizer,
     clear_build,
     existing_build,
     listing_digest,
-    make_tokenizer,
     manifest_of,
     peak_rss_mb,
-    sample_for_tokenizer,
-    tokenizer_request,
     warn_on_val_share,
     write_json_atomic,
 )
 from pretrain.data.plan import DocumentSplit, plan_units
-from pretrain.data.ranks import Ranks
 from pretrain.data.sources import Corpus, any_source_found, resolve_sources
 from pretrain.errors import SourcesNotFound, UserError
 
@@ -68,73 +63,52 @@ def check_mixture(mixture: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return checked
 
 
-def prepare_mixture(
-    mixture: dict[str, Any],
-    data_dir: str,
-    vocab_size: int = 4096,
-    tokenizer: str | None = None,
-    val_fraction: float = 0.02,
-    text_field: str = "text",
-    overwrite: bool = False,
-    progress: bool = False,
-    chunk_bytes: str = CHUNK_BYTES,
-    tokenizer_sample_bytes: int | str = TOKENIZER_SAMPLE_BYTES,
-    ranks: Ranks | None = None,
-) -> dict[str, Any]:
+def prepare_mixture(mixture: dict[str, Any], data_dir: str, **options: Any) -> dict[str, Any]:
     """Build each dataset of the mixture into ``data_dir/<name>`` with one tokenizer; returns the manifest.
+    ``options``: ``BuildOptions``' fields.
 
     The tokenizer, when not given, is trained on a sample of the training documents of every dataset
     together. The manifest written last in ``data_dir`` lists each dataset's sources, weight, share of
     the training samples and its own counts.
     """
     components = check_mixture(mixture)
-    ranks, root = ranks or Ranks(), Path(data_dir)
-    byte_count(chunk_bytes, "chunk_bytes")
+    built_with = BuildOptions(**options)
+    ranks, root, val_fraction = built_with.ranks, Path(data_dir), built_with.val_fraction
     request = {  # what the shards depend on; the weights only act while training
         "mixture": {name: {"sources": c["sources"]} for name, c in components.items()},
-        "tokenizer": tokenizer_request(tokenizer, vocab_size, tokenizer_sample_bytes),
-        "val_fraction": val_fraction,
-        "text_field": text_field,
-        "chunk_bytes": chunk_bytes,
+        **built_with.request(),
     }
 
-    def check() -> tuple[dict | None, dict[str, Corpus] | None]:
+    def check() -> tuple[dict | None, dict[str, Corpus] | None, dict]:
         try:
-            corpora = {name: resolve_sources(c["sources"], text_field) for name, c in components.items()}
+            corpora = {name: resolve_sources(c["sources"], built_with.text_field) for name, c in components.items()}
         except SourcesNotFound:
             every_source = [source for c in components.values() for source in c["sources"]]
             if not any_source_found(every_source) and (served := build_of_absent_sources(root, request)):
-                return _record_weights(root, served, components), None
+                return _record_weights(root, served, components), None, request
             raise
         listing = {name: corpus.listing() for name, corpus in corpora.items()}
         for name, corpus in corpora.items():
             request["mixture"][name]["files"] = listing_digest(corpus.listing())
-        if manifest := existing_build(root, request, listing, overwrite):
-            return _record_weights(root, manifest, components), None
+        if manifest := existing_build(root, request, listing, built_with.overwrite):
+            return _record_weights(root, manifest, components), None, request
         clear_build(root)
         for name in components:
             clear_build(root / name)
-        return None, corpora
+        return None, corpora, request
 
     started = time.perf_counter()
-    manifest, corpora = ranks.on_first(check)
+    manifest, corpora, request = ranks.on_first(check)
     if manifest is not None:
         return manifest
-    for name, corpus in corpora.items():
-        request["mixture"][name]["files"] = listing_digest(corpus.listing())
     split = DocumentSplit(val_fraction)
     plans = ranks.everywhere(lambda: {name: plan_units(corpus.files, val_fraction) for name, corpus in corpora.items()})
-    sample = None
-    if not tokenizer:
-        sample_bytes = byte_count(tokenizer_sample_bytes, "tokenizer_sample_bytes")
-        plan_list = [(units, split) for units in plans.values()]
-        sample = sample_for_tokenizer(plan_list, text_field, sample_bytes, root / ".build", ranks, progress)
-    tok = make_tokenizer(root, tokenizer, vocab_size, sample, ranks)
+    tok = build_tokenizer(root, list(plans.values()), built_with)
     built = {}
     for name, units in plans.items():
         log.info("Preparing mixture dataset %r", name)
-        shards = build_shards(units, split, text_field, tok, root / name, root / ".build" / name, chunk_bytes,
-                              ranks, progress)  # fmt: skip
+        shards = build_shards(units, split, built_with.text_field, tok, root / name, root / ".build" / name,
+                              built_with.chunk_bytes, ranks, built_with.progress)  # fmt: skip
         built[name] = ranks.on_first(lambda name=name, shards=shards: _dataset_manifest(
             root / name, {"sources": components[name]["sources"]}, tok, root, shards, corpora[name],
             len(plans[name]), ranks.world_size))  # fmt: skip
