@@ -188,11 +188,11 @@ def _shard_counts(split_dir: Path) -> dict[str, int]:
     return {"documents": sum(c["chunk_size"] for c in chunks), "tokens": sum(c["dim"] for c in chunks)}
 
 
-def _progress(units: list[Unit], numbers: list[int], ranks: Ranks, desc: str, show: bool) -> tqdm:
-    """Bytes read by this process (rank 0 shows its own; the others share the work alike)."""
+def _progress(units: list[Unit], ranks: Ranks, desc: str, show: bool) -> tqdm:
+    """Bytes read by this process of its ``units`` (rank 0 shows its own; the others share the work alike)."""
     label = desc if ranks.world_size == 1 else f"{desc} (rank 0 of {ranks.world_size})"
-    total = sum(units[n].size for n in numbers)
-    return tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=not (show and ranks.first))
+    return tqdm(total=sum(unit.size for unit in units), unit="B", unit_scale=True, desc=label,
+                disable=not (show and ranks.first))  # fmt: skip
 
 
 def _read_with_progress(
@@ -223,8 +223,7 @@ def sample_for_tokenizer(
 
     def draw() -> None:
         scratch.mkdir(parents=True, exist_ok=True)
-        every_unit = [plans[p][0][n] for p, n in mine]
-        with _progress(every_unit, list(range(len(mine))), ranks, "Sampling for the tokenizer", progress) as bar:
+        with _progress([plans[p][0][n] for p, n in mine], ranks, "Sampling for the tokenizer", progress) as bar:
             for p, n in mine:
                 units, split = plans[p]
                 with open(scratch / f"sample-{p}-{n}.jsonl", "w") as out:
@@ -355,7 +354,7 @@ def build_shards(
     folders = [scratch / f"rank-{rank}" for rank in range(ranks.world_size)]
 
     def encode() -> Counter:
-        with _progress(units, mine, ranks, "Tokenizing", progress) as bar:
+        with _progress([units[n] for n in mine], ranks, "Tokenizing", progress) as bar:
             return _encode_units(units, mine, split, text_field, tokenizer,
                                  BucketFiles(folders[ranks.rank], buckets, dtype), bar)  # fmt: skip
 
