@@ -5,6 +5,7 @@ Output, under ``data_dir``:
 - ``train/`` and ``val/``: litdata chunks of token ids. Each document is followed by exactly one
   end-of-text token and goes wholly to one split (``plan.DocumentSplit``); documents are written in a
   pseudo-random order over the whole corpus (``buckets``), exact duplicates once;
+- ``evals/next_line.jsonl``: a multiple-choice task from the validation documents (``next_line``);
 - ``files.json``: every source file's path, size and modification time, to notice a changed corpus;
 - ``manifest.json``: what was asked for and what was built. Written last, so a build that was
   interrupted has none and is redone on the next run instead of being served.
@@ -42,6 +43,7 @@ from tqdm import tqdm
 
 from pretrain._compat import write_as_single_process
 from pretrain.data.buckets import Bucket, BucketFiles, held_out_rows
+from pretrain.data.next_line import TASK_PATH, write_mixture_task, write_next_line_task
 from pretrain.data.plan import DocumentSplit, plan_units, share_out, unit_hash
 from pretrain.data.ranks import Ranks
 from pretrain.data.readers import RawDocument, Unit, read_unit
@@ -400,6 +402,19 @@ def warn_on_val_share(root: Path, splits: dict, val_fraction: float) -> None:
         )  # fmt: skip
 
 
+def ensure_next_line_task(root: Path, datasets: list[str] | None = None) -> None:
+    """A build made before the next-line task existed (a mixture's ``datasets`` each) gets it when next served:
+    it needs only the build."""
+    if (root / TASK_PATH).is_file() or not (root / "tokenizer.json").is_file():
+        return
+    tokenizer = load_tokenizer(root / "tokenizer.json")
+    for folder in [root / name for name in datasets] if datasets else [root]:
+        if not (folder / TASK_PATH).is_file():
+            write_next_line_task(folder, tokenizer)
+    if datasets:
+        write_mixture_task(root, [root / name for name in datasets])
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -489,6 +504,7 @@ def prepare(sources: list[str], data_dir: str, **options: Any) -> dict[str, Any]
     started = time.perf_counter()
     manifest, corpus, request = ranks.on_first(check)
     if manifest is not None:
+        ranks.on_first(lambda: ensure_next_line_task(root))
         return manifest
     units, split = ranks.everywhere(lambda: plan_units(corpus.files, val_fraction)), DocumentSplit(val_fraction)
     tok = build_tokenizer(root, [units], built_with)
@@ -501,6 +517,7 @@ def prepare(sources: list[str], data_dir: str, **options: Any) -> dict[str, Any]
         manifest = manifest_of(request, tok, root, built, corpus, len(units), ranks.world_size, rss,
                                time.perf_counter() - started)  # fmt: skip
         write_json_atomic(root / "files.json", corpus.listing())
+        write_next_line_task(root, tok)
         shutil.rmtree(root / ".build", ignore_errors=True)
         write_json_atomic(root / "manifest.json", manifest)
         warn_on_val_share(root, manifest["splits"], val_fraction)

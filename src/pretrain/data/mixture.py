@@ -26,6 +26,7 @@ from pretrain.data.build import (
     build_shards,
     build_tokenizer,
     clear_build,
+    ensure_next_line_task,
     existing_build,
     listing_digest,
     manifest_of,
@@ -33,6 +34,7 @@ from pretrain.data.build import (
     warn_on_val_share,
     write_json_atomic,
 )
+from pretrain.data.next_line import write_mixture_task, write_next_line_task
 from pretrain.data.plan import DocumentSplit, plan_units
 from pretrain.data.sources import Corpus, any_source_found, resolve_sources
 from pretrain.errors import SourcesNotFound, UserError
@@ -69,7 +71,8 @@ def prepare_mixture(mixture: dict[str, Any], data_dir: str, **options: Any) -> d
 
     The tokenizer, when not given, is trained on a sample of the training documents of every dataset
     together. The manifest written last in ``data_dir`` lists each dataset's sources, weight, share of
-    the training samples and its own counts.
+    the training samples and its own counts. Each dataset's next-line task is in ``data_dir/<name>/evals/``,
+    and ``data_dir/evals/next_line.jsonl`` takes their questions in turn.
     """
     components = check_mixture(mixture)
     built_with = BuildOptions(**options)
@@ -100,6 +103,7 @@ def prepare_mixture(mixture: dict[str, Any], data_dir: str, **options: Any) -> d
     started = time.perf_counter()
     manifest, corpora, request = ranks.on_first(check)
     if manifest is not None:
+        ranks.on_first(lambda: ensure_next_line_task(root, list(components)))
         return manifest
     split = DocumentSplit(val_fraction)
     plans = ranks.everywhere(lambda: {name: plan_units(corpus.files, val_fraction) for name, corpus in corpora.items()})
@@ -118,6 +122,7 @@ def prepare_mixture(mixture: dict[str, Any], data_dir: str, **options: Any) -> d
         manifest = _mixture_manifest(request, components, built, time.perf_counter() - started)
         manifest["peak_rss_mb"] = rss
         write_json_atomic(root / "files.json", {name: corpus.listing() for name, corpus in corpora.items()})
+        write_mixture_task(root, [root / name for name in components])
         shutil.rmtree(root / ".build", ignore_errors=True)
         write_json_atomic(root / "manifest.json", manifest)
         for name in components:
@@ -132,6 +137,7 @@ def _dataset_manifest(folder: Path, request: dict, tokenizer: Tokenizer, root: P
                       units: int, processes: int) -> dict[str, Any]:  # fmt: skip
     """One dataset's own manifest, in its folder, for reading it alone (the mixture's manifest holds them all)."""
     manifest = manifest_of(request, tokenizer, root, shards, corpus, units, processes, [], 0.0)
+    write_next_line_task(folder, tokenizer)
     write_json_atomic(folder / "manifest.json", manifest)
     return manifest
 

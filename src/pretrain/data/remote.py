@@ -1,15 +1,17 @@
 """Shards in object storage (``s3://``, ``gs://``, ``azure://``, ``r2://``, ``hf://``): litdata streams the
-chunks into a local cache as training reads them; the two small files the project reads itself, the
-manifest and the tokenizer, are fetched into the same cache first. ``local:/path`` takes the same
-road from a local folder (litdata's own stand-in for a bucket)."""
+chunks into a local cache as training reads them; the small files the project reads itself, the manifest,
+the tokenizer and the built-in eval task, are fetched into the same cache first. ``local:/path`` takes the
+same road from a local folder (litdata's own stand-in for a bucket)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from litdata.streaming.downloader import get_downloader
 
+from pretrain.data.next_line import TASK_PATH
 from pretrain.errors import UserError
 
 REMOTE_PREFIXES = ("s3://", "gs://", "azure://", "r2://", "hf://", "local:")
@@ -46,3 +48,15 @@ def fetch_build_files(url: str, cache_dir: Path) -> None:
             ) from error
         if not target.is_file():
             raise UserError(f"{join(url, name)} could not be fetched into {cache_dir}.")
+    _fetch_if_there(downloader, url, cache_dir, TASK_PATH.as_posix())  # a build made before it has none
+
+
+def _fetch_if_there(downloader: Any, url: str, cache_dir: Path, name: str) -> None:
+    """A file a build may lack (one made before it existed): fetched when there, else left out."""
+    target = cache_dir / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True)
+    try:
+        downloader.download_file(join(url, name), str(target))
+    except Exception:  # absent from the build, in whichever way the storage backend says it
+        target.unlink(missing_ok=True)

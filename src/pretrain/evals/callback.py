@@ -1,0 +1,143 @@
+"""Multiple-choice accuracy in the training loop, scored as lm-evaluation-harness scores the exported model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from tokenizers import Tokenizer
+
+from pretrain.callbacks import gathered_weights
+from pretrain.data.tokenizer import eos_id, load_tokenizer
+from pretrain.errors import UserError
+from pretrain.evals.scoring import Row, batch_tensors, continuation_loglikelihoods, count_correct, scoring_rows
+from pretrain.evals.tasks import Question, read_task
+
+DATA_DIR = "{data_dir}"  # in a task path: the run's data.data_dir, where preparation writes the built-in task
+
+
+@dataclass
+class RankShare:
+    """What one rank scores of one task: its questions' rows in batches, and what the counts need."""
+
+    name: str
+    questions: int  # in the whole task, over all ranks
+    batches: list[list[Row]]
+    calls: int  # forward calls every rank makes (the most any rank needs): sharded models gather in each
+    lengths: torch.Tensor  # (Q, C) characters per choice of this rank's questions
+    answers: torch.Tensor  # (Q,)
+
+
+class MultipleChoice(L.Callback):
+    """Accuracy on multiple-choice tasks at every ``every_n_validations``-th validation, and in ``validate``:
+    logs ``eval/NAME/acc`` and ``eval/NAME/acc_norm``.
+
+    Questions are shared out across ranks and scored in batches on the device; each rank's correct answers
+    are counted there and summed across ranks once per task. Task files are read and checked before
+    training starts (``pretrain.evals.tasks`` describes the formats).
+
+    Args:
+        tasks: ``{NAME: PATH}``; ``{data_dir}`` in a path stands for ``data.data_dir``, e.g.
+            ``{data_dir}/evals/next_line.jsonl``, the task preparation writes from the validation documents.
+        limit: Score only each file's first ``limit`` questions (lm-evaluation-harness's ``--limit``).
+        every_n_validations: Score at every n-th validation of a training run (always in ``validate``).
+        batch_size: Choices scored per forward pass.
+    """
+
+    def __init__(
+        self, tasks: dict[str, str], limit: int | None = None, every_n_validations: int = 1, batch_size: int = 32
+    ) -> None:
+        if not tasks:
+            raise UserError("MultipleChoice needs at least one task: tasks: {NAME: PATH}.")
+        if every_n_validations < 1 or batch_size < 1 or (limit is not None and limit < 1):
+            raise UserError("MultipleChoice: every_n_validations, batch_size and limit must be at least 1.")
+        self.tasks = tasks
+        self.limit = limit
+        self.every_n_validations = every_n_validations
+        self.batch_size = batch_size
+        self.validations = 0  # of the training run, across restarts (saved in checkpoints)
+        self.shares: list[RankShare] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Read, check and tokenize every task (after ``prepare_data``, which writes the built-in one)."""
+        datamodule = trainer.datamodule
+        tokenizer = load_tokenizer(datamodule.tokenizer_path)
+        prefix = eos_id(tokenizer)  # an exported folder's beginning-of-text token
+        seq_len = pl_module.config.seq_len
+        tasks = {name: read_task(self._path(name, path, datamodule), self.limit) for name, path in self.tasks.items()}
+        self.shares = [self._share(name, task, tokenizer, prefix, seq_len, trainer) for name, task in tasks.items()]
+
+    @staticmethod
+    def _path(name: str, path: str, datamodule: Any) -> Path:
+        """``{data_dir}`` replaced by the folder that holds the build here (a remote one's local cache)."""
+        if DATA_DIR in path:
+            build_dir = getattr(datamodule, "build_dir", None)
+            if build_dir is None:
+                raise UserError(f"Task {name}: {DATA_DIR} in {path} needs this project's data module; give a path.")
+            path = path.replace(DATA_DIR, str(build_dir))
+            if not Path(path).is_file():
+                raise UserError(
+                    f"Task {name}: {path} is not in the build. Preparation writes evals/next_line.jsonl into "
+                    "data.data_dir (a remote build needs it uploaded with the rest); name a file that is there."
+                )
+        return Path(path)
+
+    def _share(self, name: str, questions: list[Question], tokenizer: Tokenizer, prefix: int, max_length: int,
+               trainer: L.Trainer) -> RankShare:  # fmt: skip
+        world, rank = trainer.world_size, trainer.global_rank
+        mine = questions[rank::world]
+        rows = scoring_rows(mine, tokenizer, max_length, prefix)
+        most_rows = max(sum(len(q.continuations) for q in questions[r::world]) for r in range(world))
+        widest = max(len(q.continuations) for q in questions)
+        lengths = torch.ones(len(mine), widest)
+        for number, question in enumerate(mine):
+            lengths[number, : len(question.lengths)] = torch.tensor(question.lengths, dtype=torch.float)
+        return RankShare(
+            name=name,
+            questions=len(questions),
+            batches=[rows[start : start + self.batch_size] for start in range(0, len(rows), self.batch_size)],
+            calls=math.ceil(most_rows / self.batch_size),
+            lengths=lengths,
+            answers=torch.tensor([q.answer for q in mine], dtype=torch.long),
+        )
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "fit":
+            self.validations += 1
+            if self.validations % self.every_n_validations:
+                return
+        for share in self.shares:
+            counts = trainer.strategy.reduce(self.correct(share, trainer, pl_module), reduce_op="sum")
+            accuracy = counts.double() / share.questions
+            pl_module.log_dict({f"eval/{share.name}/acc": accuracy[0], f"eval/{share.name}/acc_norm": accuracy[1]})
+
+    def correct(self, share: RankShare, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
+        """``[acc, acc_norm]`` counts of this rank's questions, on the device (nothing read back here)."""
+        device = pl_module.device
+        scores = torch.full(tuple(share.lengths.shape), float("-inf"), device=device)
+        model = pl_module.model
+        # Shapes change with every batch: run eagerly rather than compile each one.
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"), gathered_weights(trainer.strategy.model):
+            for call in range(share.calls):
+                rows = share.batches[call] if call < len(share.batches) else None
+                if rows is None:  # this rank has run out: a token through the model, for the ranks that gather
+                    model(torch.zeros(1, 1, dtype=torch.long, device=device))
+                    continue
+                inputs, targets = batch_tensors(rows, device)
+                with trainer.precision_plugin.forward_context():
+                    logits = model(inputs)
+                places = torch.tensor([[row.question, row.choice] for row in rows]).to(device, non_blocking=True)
+                scores[places[:, 0], places[:, 1]] = continuation_loglikelihoods(logits, targets)
+        return count_correct(scores, share.lengths.to(device), share.answers.to(device))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.validations = state_dict.get("validations", 0)

@@ -1,0 +1,117 @@
+"""Multiple-choice task files, read into questions exactly as lm-evaluation-harness would pose them.
+
+Two formats, told apart by their fields:
+
+- the generic one, a JSON object a line: ``{"context": str, "choices": [str, ...], "answer": int}``; each
+  choice is scored as the continuation of the context exactly as written (the file carries any separator);
+- HellaSwag's published JSONL (``activity_label``, ``ctx_a``, ``ctx_b``, ``endings``, ``label``), cleaned and
+  joined as lm-evaluation-harness's ``hellaswag`` task does, each ending scored after a space.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pretrain.errors import UserError
+
+GENERIC_FIELDS = ("context", "choices", "answer")
+HELLASWAG_FIELDS = ("activity_label", "ctx_a", "ctx_b", "endings", "label")
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question as scored: each continuation's log-likelihood after ``context``.
+
+    ``lengths`` are lm-evaluation-harness's ``acc_norm`` denominators: the characters of each choice as the
+    file gives it, without the separator the task puts before it.
+    """
+
+    context: str
+    continuations: tuple[str, ...]
+    lengths: tuple[int, ...]
+    answer: int
+
+
+def read_task(path: str | Path, limit: int | None = None) -> list[Question]:
+    """The file's first ``limit`` questions (all without one), each checked; a bad line fails the whole file
+    with its path and line number, before any scoring."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"Task file {path} does not exist; give the path of a JSONL file of questions.")
+    questions = []
+    for number, record in _records(path):
+        if limit is not None and len(questions) >= limit:
+            break
+        try:
+            questions.append(_hellaswag(record) if "endings" in record else _generic(record))
+        except ValueError as error:
+            raise UserError(f"{path}, line {number}: {error}.") from None
+    if not questions:
+        raise UserError(f"Task file {path} holds no questions.")
+    return questions
+
+
+def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8-sig") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{path}, line {number} is not JSON ({error.msg}).") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}, line {number} is not a JSON object with {', '.join(GENERIC_FIELDS)}.")
+            yield number, record
+
+
+def _generic(record: dict[str, Any]) -> Question:
+    _require(record, GENERIC_FIELDS, "the generic format")
+    context, choices = record["context"], _choices(record["choices"], "choices")
+    if not isinstance(context, str):
+        raise ValueError(f'"context" is {type(context).__name__}, not a string')
+    return Question(context, choices, tuple(len(c) for c in choices), _answer(record["answer"], choices, "answer"))
+
+
+def _hellaswag(record: dict[str, Any]) -> Question:
+    """lm-evaluation-harness's ``hellaswag`` task: its ``process_docs`` and ``target_delimiter`` (a space)."""
+    _require(record, HELLASWAG_FIELDS, "HellaSwag's format")
+    endings = tuple(_clean(ending) for ending in _choices(record["endings"], "endings"))
+    context = _clean(f"{record['activity_label']}: {record['ctx_a']} {record['ctx_b'].capitalize()}")
+    return Question(context, tuple(" " + e for e in endings), tuple(map(len, endings)),
+                    _answer(record["label"], endings, "label"))  # fmt: skip
+
+
+def _clean(text: str) -> str:
+    """HellaSwag's WikiHow texts carry bracketed markers; removed as lm-evaluation-harness removes them."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def _require(record: dict[str, Any], fields: tuple[str, ...], form: str) -> None:
+    missing = [name for name in fields if name not in record]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} missing ({form} needs {', '.join(fields)})")
+
+
+def _choices(choices: Any, field: str) -> tuple[str, ...]:
+    if not isinstance(choices, list) or len(choices) < 2:
+        raise ValueError(f'"{field}" must be a list of at least two strings')
+    for index, choice in enumerate(choices):
+        if not isinstance(choice, str) or not choice:
+            raise ValueError(f'"{field}"[{index}] is not a non-empty string')
+    return tuple(choices)
+
+
+def _answer(answer: Any, choices: tuple[str, ...], field: str) -> int:
+    """An index into ``choices``; HellaSwag's files give it as an integer or a string of digits."""
+    if isinstance(answer, str) and answer.isdigit():
+        answer = int(answer)
+    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+        raise ValueError(f'"{field}" is {answer!r}, not the index of one of the {len(choices)} choices')
+    return answer
