@@ -1,8 +1,9 @@
-"""Draw a run's loss curves from its TensorBoard events into a PNG (the picture in the README).
+"""Draw a run's loss and accuracy curves from its TensorBoard events into a PNG (the picture in the README).
 
     python scripts/plot_curves.py logs/quickstart/version_0 docs/quickstart-curves.png
 
-Reads ``train/loss``, ``val/loss`` and ``train/lr`` from the run folder; needs matplotlib (the ``dev`` extra).
+Reads ``train/loss``, ``val/loss``, every ``eval/<task>/acc`` and ``acc_norm``, and ``train/lr`` from the run
+folder; needs matplotlib (the ``dev`` extra).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ def series(events: EventAccumulator, tag: str) -> tuple[list[int], list[float]]:
 def plot(run_dir: Path, out: Path) -> None:
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    figure, (loss_axis, lr_axis) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=[3, 1])
+    figure, (loss_axis, eval_axis, lr_axis) = plt.subplots(
+        3, 1, figsize=(8, 7.5), sharex=True, height_ratios=[3, 1.6, 1]
+    )
     loss_axis.plot(*series(events, "train/loss"), label="train/loss (per step)", linewidth=0.8, alpha=0.8)
     val_steps, val_losses = series(events, "val/loss")
     loss_axis.plot(val_steps, val_losses, "o-", label="val/loss (held-out documents)", linewidth=2)
@@ -36,6 +39,7 @@ def plot(run_dir: Path, out: Path) -> None:
     loss_axis.set_title(f"{run_dir.parent.name}/{run_dir.name}")
     loss_axis.grid(alpha=0.3)
     loss_axis.legend()
+    plot_accuracies(events, eval_axis)
     lr_axis.plot(*series(events, "train/lr"), color="tab:gray")
     lr_axis.set_ylabel("learning rate")
     lr_axis.set_xlabel("optimizer step")
@@ -43,6 +47,20 @@ def plot(run_dir: Path, out: Path) -> None:
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
+
+
+def plot_accuracies(events: EventAccumulator, axis: plt.Axes) -> None:
+    """Each multiple-choice task's accuracies at the validations, against chance with four choices."""
+    for tag in sorted(t for t in events.Tags()["scalars"] if t.startswith("eval/")):
+        steps, values = series(events, tag)
+        axis.plot(steps, values, "o-" if tag.endswith("/acc") else "s--", label=tag)
+        for step, value in zip(steps, values, strict=True):
+            axis.annotate(f"{value:.3f}", (step, value), textcoords="offset points", xytext=(-14, 6), fontsize=8)
+    axis.axhline(0.25, color="tab:red", linewidth=0.8, linestyle=":", label="chance (4 choices)")
+    axis.set_ylim(bottom=0.2, top=max(0.3, axis.get_ylim()[1] + 0.02))
+    axis.set_ylabel("accuracy")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ def test_the_pretrain_command_lists_its_subcommands(capsys) -> None:
         assert exit_info.value.code == 2 and "usage: pretrain" in err
         assert [line for line in err.splitlines() if line.startswith("error: ")] == [
             f"error: {'unknown command ' + repr(mistake[0]) if mistake else 'a command is missing'}; choose one of "
-            "fit, validate, test, prepare, generate, export, benchmark."
+            "fit, validate, test, prepare, generate, export, benchmark, compare."
         ]
 
 

@@ -24,6 +24,7 @@ from pretrain.evals.scoring import (
     scoring_rows,
 )
 from pretrain.evals.tasks import Question, read_task
+from tests.conftest import TRAINED_STEPS
 from tests.helpers import scalars_by_step, tiny_fit_args
 
 
@@ -224,3 +225,28 @@ def test_scoring_every_n_validations_on_the_first_questions(corpus, prepared: Pa
     assert result.returncode == 0, result.stderr[-3000:]
     acc = scalars_by_step(tmp_path / "quickstart" / "version_0", "eval/first/acc")
     assert list(acc) == [39] and acc[39] * 4 == pytest.approx(round(acc[39] * 4), abs=1e-6)
+
+
+def test_compare_validates_checkpoints_as_their_run_was_configured(trained: Path, run_cli) -> None:
+    checkpoints = trained / "checkpoints"
+    newest, last = str(checkpoints / f"step={TRAINED_STEPS:07d}.ckpt"), str(checkpoints / "last.ckpt")
+    result = run_cli("compare", newest, last)
+    assert result.returncode == 0, result.stderr[-3000:]
+    header, _, *rows = result.stdout.strip().splitlines()[-4:]
+    assert header == "| checkpoint | step | val/loss | val/bpb | eval/next_line/acc | eval/next_line/acc_norm |"
+    logged = [scalars_by_step(trained, tag) for tag in ("val/loss", "val/bpb", "eval/next_line/acc")]
+    for row, path in zip(rows, (newest, last), strict=True):
+        step = TRAINED_STEPS
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[:2] == [path, str(step)]
+        # The same weights and held-out batches as the run's own validation at that step.
+        assert [float(cell) for cell in cells[2:5]] == pytest.approx([m[step - 1] for m in logged], abs=1e-4)
+    assert sorted(p.name for p in trained.iterdir() if p.is_dir()) == ["checkpoints"]  # nothing written
+
+
+def test_compare_names_a_checkpoint_without_its_run(tmp_path: Path, run_cli) -> None:
+    (tmp_path / "loose.ckpt").write_bytes(b"")
+    result = run_cli("compare", str(tmp_path / "loose.ckpt"))
+    assert result.returncode == 2 and "No config.yaml of the run beside" in result.stderr
+    result = run_cli("compare", str(tmp_path / "absent.ckpt"))
+    assert result.returncode == 2 and "absent.ckpt does not exist" in result.stderr

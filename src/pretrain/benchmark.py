@@ -17,7 +17,6 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import NoReturn
 
 import lightning as L
 import torch
@@ -26,7 +25,7 @@ import yaml
 from pretrain import benchmark_data
 from pretrain.cli import PretrainCLI
 from pretrain.data import PretrainData
-from pretrain.errors import UserError, run_command
+from pretrain.errors import CommandParser, UserError, run_command
 from pretrain.module import PretrainModule
 from pretrain.optim import param_groups
 from pretrain.parallel import build_training_model
@@ -211,15 +210,8 @@ def _print_table(result: dict) -> None:
         print(f"  steps that waited for the GPU: {result['gpu_sync_steps']}")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse reporting a mistake as this project does: one ``error: ...`` line, status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message}; `{self.prog} --help` lists the options.")
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(prog="pretrain benchmark", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="pretrain benchmark", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train_parser = commands.add_parser("train", help="the training step against a bare loop")
     train_parser.add_argument(

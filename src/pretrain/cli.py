@@ -1,4 +1,5 @@
-"""The command line: ``pretrain fit|validate|test|prepare|generate|export|benchmark`` (also ``python main.py ...``).
+"""The command line: ``pretrain fit|validate|test|prepare|generate|export|benchmark|compare``
+(also ``python main.py ...``).
 
 ``fit``, ``validate`` and ``test`` are LightningCLI's, wired for pretraining; the others are this project's
 tools, each also runnable as ``python -m pretrain.<tool>``. Every command reports a user mistake in one
@@ -219,14 +220,15 @@ TOOLS = {  # subcommand -> (module with a main(argv), what it does)
     "generate": ("pretrain.generate", "continue a prompt with a trained checkpoint"),
     "export": ("pretrain.export", "write a checkpoint as a Hugging Face Llama folder"),
     "benchmark": ("pretrain.benchmark", "time the training step against a bare loop, or the data path"),
+    "compare": ("pretrain.compare", "validate checkpoints and print their held-out figures side by side"),
 }
 TRAINING = {
     "fit": "train (or resume with --ckpt_path last) from a config",
-    "validate": "held-out loss of a checkpoint",
+    "validate": "held-out loss, bits per byte and eval tasks of a checkpoint",
     "test": "the same, logged as test/*",
 }
 USAGE = (
-    "usage: pretrain {fit,validate,test,prepare,generate,export,benchmark} ...\n\ncommands:\n"
+    "usage: pretrain {fit,validate,test,prepare,generate,export,benchmark,compare} ...\n\ncommands:\n"
     + "\n".join(f"  {name:<10} {what}" for name, what in {**TRAINING, **{k: v[1] for k, v in TOOLS.items()}}.items())
     + "\n\n`pretrain COMMAND --help` shows a command's options."
 )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 
 class ReportedError(Exception):
@@ -39,6 +41,13 @@ class Interrupted(ReportedError):
 
     exit_status = 130
     label = "interrupted"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse reporting a mistake as this project does: one ``error: ...`` line, status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}; `{self.prog} --help` lists the options.")
 
 
 def run_command(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
