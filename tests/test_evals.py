@@ -3,6 +3,7 @@ them, the next-line task preparation writes, and the callback in a training run 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -14,6 +15,7 @@ from tokenizers import Tokenizer
 from pretrain.data.next_line import PIECE_CHARS, TASK_PATH, next_line_questions, segments, validation_texts
 from pretrain.data.shards import iter_documents
 from pretrain.errors import UserError
+from pretrain.evals.callback import MultipleChoice
 from pretrain.evals.scoring import (
     IGNORED,
     Row,
@@ -25,7 +27,7 @@ from pretrain.evals.scoring import (
 )
 from pretrain.evals.tasks import Question, read_task
 from tests.conftest import TRAINED_STEPS
-from tests.helpers import scalars_by_step, tiny_fit_args
+from tests.helpers import HostReads, scalars_by_step, tiny_fit_args
 
 
 def write_lines(path: Path, *lines: str) -> Path:
@@ -41,8 +43,8 @@ def test_generic_questions_are_read_as_written(tmp_path: Path) -> None:
         json.dumps({"context": "", "choices": ["yes", "no", "maybe"], "answer": 2}),
     )
     assert read_task(task) == [
-        Question("Q: 2+2?\nA:", (" 4", " 5"), (2, 2), 0),
-        Question("", ("yes", "no", "maybe"), (3, 2, 5), 2),
+        Question("Q: 2+2?\nA:", (" 4", " 5"), (2, 2), 0, line=1),
+        Question("", ("yes", "no", "maybe"), (3, 2, 5), 2, line=3),
     ]
     assert len(read_task(task, limit=1)) == 1
 
@@ -69,6 +71,12 @@ def test_hellaswag_records_are_read_as_lm_evaluation_harness_reads_them(tmp_path
         ('{"context": "a", "choices": ["x", ""], "answer": 0}', r"line 2: \"choices\"\[1\] is not a non-empty"),
         ('{"context": 3, "choices": ["x", "y"], "answer": 0}', r"line 2: \"context\" is int"),
         ('{"endings": ["x", "y"], "label": 0}', r"line 2: activity_label, ctx_a, ctx_b missing"),
+        (
+            '{"activity_label": "a", "ctx_a": "b", "ctx_b": null, "endings": ["x", "y"], "label": 0}',
+            r"line 2: \"ctx_b\" is NoneType, not a string",
+        ),
+        ('{"context": "a", "choices": ["x", "y"], "answer": "1"}', r"line 2: \"answer\" is the string '1'"),
+        ('{"context": " \\n ", "choices": ["x", "y"], "answer": 0}', r"line 2: \"context\" is only whitespace"),
     ],
 )
 def test_a_bad_line_is_named_with_its_file_and_number(tmp_path: Path, line: str, message: str) -> None:
@@ -77,11 +85,16 @@ def test_a_bad_line_is_named_with_its_file_and_number(tmp_path: Path, line: str,
         read_task(task)
 
 
-def test_a_missing_or_empty_task_file_is_refused(tmp_path: Path) -> None:
+def test_a_missing_empty_or_undecodable_task_file_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         read_task(tmp_path / "absent.jsonl")
     with pytest.raises(UserError, match="holds no questions"):
         read_task(write_lines(tmp_path / "empty.jsonl", ""))
+    (tmp_path / "latin1.jsonl").write_bytes(
+        '{"context": "caf\u00e9", "choices": ["x", "y"], "answer": 0}'.encode("latin-1")
+    )
+    with pytest.raises(UserError, match=r"latin1.jsonl is not UTF-8 text"):
+        read_task(tmp_path / "latin1.jsonl")
 
 
 def test_pairs_split_as_lm_evaluation_harness_splits_them(prepared: Path) -> None:
@@ -102,13 +115,13 @@ def test_rows_keep_the_continuation_and_cut_the_context_from_the_left(prepared: 
         assert len(row.inputs) == 16  # max_length + 1 tokens, the last one dropped
         whole = tokenizer.encode(question.context.rstrip() + " " + question.continuations[row.choice]).ids
         assert row.inputs + whole[-1:] == whole[-17:] and row.targets == whole[len(whole) - len(row.targets) :]
-    with pytest.raises(UserError, match="each must be 1 to 2 tokens"):
-        scoring_rows([question], tokenizer, 2, 0)
+    with pytest.raises(UserError, match=r"^mine.jsonl, line 7: choice 1 is \d+ tokens .* each must be 1 to 2 tokens"):
+        scoring_rows([dataclasses.replace(question, line=7)], tokenizer, 2, 0, "mine.jsonl")
 
 
 def test_scores_sum_each_continuations_log_probabilities() -> None:
     batch = [Row(0, 0, [5, 6, 7], [8, 9]), Row(0, 1, [5], [4])]
-    inputs, targets = batch_tensors(batch, torch.device("cpu"))
+    inputs, targets = batch_tensors(batch)
     assert inputs.tolist() == [[5, 6, 7], [5, 0, 0]]
     assert targets.tolist() == [[IGNORED, 8, 9], [4, IGNORED, IGNORED]]
     logits = torch.randn(2, 3, 12)
@@ -250,3 +263,42 @@ def test_compare_names_a_checkpoint_without_its_run(tmp_path: Path, run_cli) -> 
     assert result.returncode == 2 and "No config.yaml of the run beside" in result.stderr
     result = run_cli("compare", str(tmp_path / "absent.ckpt"))
     assert result.returncode == 2 and "absent.ckpt does not exist" in result.stderr
+
+
+def test_scoring_reads_nothing_back_until_the_counts_are_logged(
+    corpus, prepared: Path, trained: Path, tmp_path: Path, run_cli, monkeypatch
+) -> None:
+    """On a GPU each read (or a number made into a tensor) waits for every queued kernel."""
+    reads, scored = HostReads(), []
+    score = MultipleChoice.correct
+
+    def recorded(self, *args):
+        reads.step = "eval"
+        with reads:
+            scored.append(score(self, *args))
+        reads.step = None
+        return scored[-1]
+
+    monkeypatch.setattr(MultipleChoice, "correct", recorded)
+    args = tiny_fit_args(corpus[0], prepared, tmp_path)
+    args[0] = "validate"
+    result = run_cli(*args, "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(scored) == 1 and reads.by_step == {}
+
+
+def test_test_scores_every_configured_task(corpus, prepared: Path, trained: Path, tmp_path: Path, run_cli) -> None:
+    config = tmp_path / "two.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n"
+        + "".join(
+            f"    - class_path: pretrain.evals.MultipleChoice\n      init_args:\n        tasks: {{{name}: "
+            f'"{{data_dir}}/evals/next_line.jsonl"}}\n        limit: {limit}\n'
+            for name, limit in (("first", 5), ("more", 20))
+        )
+    )  # two callbacks: each keeps its own state in checkpoints
+    args = tiny_fit_args(corpus[0], prepared, tmp_path, "--config", str(config))
+    args[0] = "test"
+    result = run_cli(*args, "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "eval/first/acc_norm" in result.stdout and "eval/more/acc_norm" in result.stdout

@@ -225,7 +225,7 @@ TOOLS = {  # subcommand -> (module with a main(argv), what it does)
 TRAINING = {
     "fit": "train (or resume with --ckpt_path last) from a config",
     "validate": "held-out loss, bits per byte and eval tasks of a checkpoint",
-    "test": "the same, logged as test/*",
+    "test": "the same, the held-out figures logged as test/*",
 }
 USAGE = (
     "usage: pretrain {fit,validate,test,prepare,generate,export,benchmark,compare} ...\n\ncommands:\n"

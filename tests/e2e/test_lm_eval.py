@@ -99,7 +99,7 @@ def test_callback_accuracy_equals_lm_evaluation_harness_on_the_exported_model(
         # Each choice's score as well, not only the winners: the same tokens, the same log-likelihoods.
         rows = scoring_rows(questions, tokenizer, loaded["hyper_parameters"]["seq_len"], tokenizer.token_to_id(
             "<|endoftext|>"))  # fmt: skip
-        inputs, targets = batch_tensors(rows, torch.device("cpu"))
+        inputs, targets = batch_tensors(rows)
         with torch.no_grad():
             scores = continuation_loglikelihoods(model(inputs), targets)
         for row, score in zip(rows, scores.tolist(), strict=True):

@@ -72,6 +72,8 @@ def next_line_questions(documents: Iterator[str], questions: int = QUESTIONS, se
         rng.shuffle(choices)
         before = parts[index - CONTEXT_LINES : index + 1]  # the context's lines, then the answer's separator
         context = "".join(separator + line for separator, line in before[:-1]).removeprefix(before[0][0])
+        if not context.strip():
+            continue  # blank lines alone: nothing to go on (and lm-evaluation-harness refuses such a context)
         made.append({"context": context + before[-1][0], "choices": choices, "answer": choices.index(answer_line)})
     return made
 

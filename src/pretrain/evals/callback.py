@@ -14,10 +14,20 @@ from tokenizers import Tokenizer
 from pretrain.callbacks import gathered_weights
 from pretrain.data.tokenizer import eos_id, load_tokenizer
 from pretrain.errors import UserError
-from pretrain.evals.scoring import Row, batch_tensors, continuation_loglikelihoods, count_correct, scoring_rows
+from pretrain.evals.scoring import batch_tensors, continuation_loglikelihoods, count_correct, scoring_rows
 from pretrain.evals.tasks import Question, read_task
 
 DATA_DIR = "{data_dir}"  # in a task path: the run's data.data_dir, where preparation writes the built-in task
+
+
+@dataclass
+class Batch:
+    """Rows of one forward pass, made once on the host: token ids, continuation targets, and the (question,
+    choice) each row scores."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    places: torch.Tensor
 
 
 @dataclass
@@ -26,15 +36,15 @@ class RankShare:
 
     name: str
     questions: int  # in the whole task, over all ranks
-    batches: list[list[Row]]
+    batches: list[Batch]
     calls: int  # forward calls every rank makes (the most any rank needs): sharded models gather in each
     lengths: torch.Tensor  # (Q, C) characters per choice of this rank's questions
     answers: torch.Tensor  # (Q,)
 
 
 class MultipleChoice(L.Callback):
-    """Accuracy on multiple-choice tasks at every ``every_n_validations``-th validation, and in ``validate``:
-    logs ``eval/NAME/acc`` and ``eval/NAME/acc_norm``.
+    """Accuracy on multiple-choice tasks at every ``every_n_validations``-th validation, and in ``validate``
+    and ``test``: logs ``eval/NAME/acc`` and ``eval/NAME/acc_norm``.
 
     Questions are shared out across ranks and scored in batches on the device; each rank's correct answers
     are counted there and summed across ranks once per task. Task files are read and checked before
@@ -62,14 +72,23 @@ class MultipleChoice(L.Callback):
         self.validations = 0  # of the training run, across restarts (saved in checkpoints)
         self.shares: list[RankShare] = []
 
+    @property
+    def state_key(self) -> str:
+        """Told apart by their tasks: a config may hold more than one (each with its own interval)."""
+        return self._generate_state_key(tasks=sorted(self.tasks))
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Read, check and tokenize every task (after ``prepare_data``, which writes the built-in one)."""
         datamodule = trainer.datamodule
         tokenizer = load_tokenizer(datamodule.tokenizer_path)
         prefix = eos_id(tokenizer)  # an exported folder's beginning-of-text token
-        seq_len = pl_module.config.seq_len
-        tasks = {name: read_task(self._path(name, path, datamodule), self.limit) for name, path in self.tasks.items()}
-        self.shares = [self._share(name, task, tokenizer, prefix, seq_len, trainer) for name, task in tasks.items()]
+        pinned = trainer.strategy.root_device.type == "cuda"  # copied to the GPU without waiting for it
+        self.shares = []
+        for name, path in self.tasks.items():
+            path = self._path(name, path, datamodule)
+            questions = read_task(path, self.limit)
+            share = self._share(name, str(path), questions, tokenizer, prefix, pl_module.config.seq_len, trainer)
+            self.shares.append(share if not pinned else _pinned(share))
 
     @staticmethod
     def _path(name: str, path: str, datamodule: Any) -> Path:
@@ -86,24 +105,26 @@ class MultipleChoice(L.Callback):
                 )
         return Path(path)
 
-    def _share(self, name: str, questions: list[Question], tokenizer: Tokenizer, prefix: int, max_length: int,
-               trainer: L.Trainer) -> RankShare:  # fmt: skip
+    def _share(self, name: str, source: str, questions: list[Question], tokenizer: Tokenizer, prefix: int,
+               max_length: int, trainer: L.Trainer) -> RankShare:  # fmt: skip
+        """This rank's questions (every ``world``-th), tokenized with all the others so that a bad one stops
+        every rank alike."""
         world, rank = trainer.world_size, trainer.global_rank
-        mine = questions[rank::world]
-        rows = scoring_rows(mine, tokenizer, max_length, prefix)
+        rows = [row for row in scoring_rows(questions, tokenizer, max_length, prefix, source)
+                if row.question % world == rank]  # fmt: skip
+        mine = questions[rank::world]  # question q is this rank's (q // world)-th
         most_rows = max(sum(len(q.continuations) for q in questions[r::world]) for r in range(world))
         widest = max(len(q.continuations) for q in questions)
-        lengths = torch.ones(len(mine), widest)
+        lengths = torch.ones(len(mine), widest, dtype=torch.float64)
         for number, question in enumerate(mine):
-            lengths[number, : len(question.lengths)] = torch.tensor(question.lengths, dtype=torch.float)
-        return RankShare(
-            name=name,
-            questions=len(questions),
-            batches=[rows[start : start + self.batch_size] for start in range(0, len(rows), self.batch_size)],
-            calls=math.ceil(most_rows / self.batch_size),
-            lengths=lengths,
-            answers=torch.tensor([q.answer for q in mine], dtype=torch.long),
-        )
+            lengths[number, : len(question.lengths)] = torch.tensor(question.lengths, dtype=torch.float64)
+        batches = []
+        for start in range(0, len(rows), self.batch_size):
+            part = rows[start : start + self.batch_size]
+            places = torch.tensor([[row.question // world, row.choice] for row in part])
+            batches.append(Batch(*batch_tensors(part), places))
+        answers = torch.tensor([q.answer for q in mine], dtype=torch.long)
+        return RankShare(name, len(questions), batches, math.ceil(most_rows / self.batch_size), lengths, answers)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -112,6 +133,13 @@ class MultipleChoice(L.Callback):
             self.validations += 1
             if self.validations % self.every_n_validations:
                 return
+        self.score(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.score(trainer, pl_module)
+
+    def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log every task's accuracies, summed across ranks (one reduction per task)."""
         for share in self.shares:
             counts = trainer.strategy.reduce(self.correct(share, trainer, pl_module), reduce_op="sum")
             accuracy = counts.double() / share.questions
@@ -125,19 +153,28 @@ class MultipleChoice(L.Callback):
         # Shapes change with every batch: run eagerly rather than compile each one.
         with torch.no_grad(), torch.compiler.set_stance("force_eager"), gathered_weights(trainer.strategy.model):
             for call in range(share.calls):
-                rows = share.batches[call] if call < len(share.batches) else None
-                if rows is None:  # this rank has run out: a token through the model, for the ranks that gather
+                if call >= len(share.batches):  # this rank has run out: a token through, for the ranks that gather
                     model(torch.zeros(1, 1, dtype=torch.long, device=device))
                     continue
-                inputs, targets = batch_tensors(rows, device)
+                batch = share.batches[call]
+                inputs, targets, places = (
+                    t.to(device, non_blocking=True) for t in (batch.inputs, batch.targets, batch.places)
+                )
                 with trainer.precision_plugin.forward_context():
                     logits = model(inputs)
-                places = torch.tensor([[row.question, row.choice] for row in rows]).to(device, non_blocking=True)
                 scores[places[:, 0], places[:, 1]] = continuation_loglikelihoods(logits, targets)
-        return count_correct(scores, share.lengths.to(device), share.answers.to(device))
+        lengths, answers = share.lengths.to(device, non_blocking=True), share.answers.to(device, non_blocking=True)
+        return count_correct(scores, lengths, answers)
 
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self.validations}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.validations = state_dict.get("validations", 0)
+
+
+def _pinned(share: RankShare) -> RankShare:
+    """The share's host tensors in page-locked memory: a copy from it to the GPU does not wait for the GPU."""
+    batches = [Batch(b.inputs.pin_memory(), b.targets.pin_memory(), b.places.pin_memory()) for b in share.batches]
+    return RankShare(share.name, share.questions, batches, share.calls, share.lengths.pin_memory(),
+                     share.answers.pin_memory())  # fmt: skip

@@ -53,9 +53,10 @@ def encode_pairs(tokenizer: Tokenizer, pairs: list[tuple[str, str]], prefix_id: 
     return encoded
 
 
-def scoring_rows(questions: list[Question], tokenizer: Tokenizer, max_length: int, prefix_id: int) -> list[Row]:
-    """Every choice of ``questions`` as model rows, at most ``max_length`` tokens each, longest first (little
-    padding in a batch)."""
+def scoring_rows(questions: list[Question], tokenizer: Tokenizer, max_length: int, prefix_id: int,
+                 source: str = "task") -> list[Row]:  # fmt: skip
+    """Every choice of ``questions`` (read from ``source``) as model rows, at most ``max_length`` tokens each,
+    longest first (little padding in a batch)."""
     pairs = [(q.context, c) for q in questions for c in q.continuations]
     encoded = iter(encode_pairs(tokenizer, pairs, prefix_id))
     rows = []
@@ -64,17 +65,17 @@ def scoring_rows(questions: list[Question], tokenizer: Tokenizer, max_length: in
             context, continuation = next(encoded)
             if not 0 < len(continuation) <= max_length:
                 raise UserError(
-                    f"Question {number + 1}, choice {choice}: its continuation is {len(continuation)} tokens; "
-                    f"each must be 1 to {max_length} tokens (the model's data.seq_len)."
+                    f"{source}, line {question.line}: choice {choice} is {len(continuation)} tokens as the "
+                    f"continuation of its context; each must be 1 to {max_length} tokens (the model's seq_len)."
                 )
             whole = (context + continuation)[-(max_length + 1) :]
             rows.append(Row(number, choice, whole[:-1], continuation))
     return sorted(rows, key=lambda row: -len(row.inputs))
 
 
-def batch_tensors(rows: list[Row], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_tensors(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs padded on the right (a causal model's earlier positions never see the padding) and targets that
-    are ``IGNORED`` everywhere but under each continuation."""
+    are ``IGNORED`` everywhere but under each continuation; made once, on the host."""
     width = max(len(row.inputs) for row in rows)
     inputs = torch.zeros(len(rows), width, dtype=torch.long)
     targets = torch.full((len(rows), width), IGNORED, dtype=torch.long)
@@ -82,7 +83,7 @@ def batch_tensors(rows: list[Row], device: torch.device) -> tuple[torch.Tensor, 
         end = len(row.inputs)
         inputs[index, :end] = torch.tensor(row.inputs)
         targets[index, end - len(row.targets) : end] = torch.tensor(row.targets)
-    return inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    return inputs, targets
 
 
 def continuation_loglikelihoods(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -96,5 +97,5 @@ def count_correct(scores: torch.Tensor, lengths: torch.Tensor, answers: torch.Te
     choices, ``lengths`` (Q, C) characters per choice, ``answers`` (Q,). Ties go to the first choice, as
     ``numpy.argmax`` gives them."""
     acc = (scores.argmax(dim=1) == answers).sum()
-    acc_norm = ((scores / lengths).argmax(dim=1) == answers).sum()
+    acc_norm = ((scores.double() / lengths.double()).argmax(dim=1) == answers).sum()  # as numpy divides
     return torch.stack([acc, acc_norm])

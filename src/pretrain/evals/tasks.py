@@ -10,6 +10,7 @@ Two formats, told apart by their fields:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ class Question:
     continuations: tuple[str, ...]
     lengths: tuple[int, ...]
     answer: int
+    line: int = 0  # in its file, for messages
 
 
 def read_task(path: str | Path, limit: int | None = None) -> list[Question]:
@@ -48,7 +50,8 @@ def read_task(path: str | Path, limit: int | None = None) -> list[Question]:
         if limit is not None and len(questions) >= limit:
             break
         try:
-            questions.append(_hellaswag(record) if "endings" in record else _generic(record))
+            question = _hellaswag(record) if "endings" in record else _generic(record)
+            questions.append(dataclasses.replace(question, line=number))
         except ValueError as error:
             raise UserError(f"{path}, line {number}: {error}.") from None
     if not questions:
@@ -57,32 +60,39 @@ def read_task(path: str | Path, limit: int | None = None) -> list[Question]:
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8-sig") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{path}, line {number} is not JSON ({error.msg}).") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}, line {number} is not a JSON object with {', '.join(GENERIC_FIELDS)}.")
-            yield number, record
+    try:
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # not splitlines(): U+2028 may sit in a string
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}).") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}, line {number} is not JSON ({error.msg}).") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}, line {number} is not a JSON object with {', '.join(GENERIC_FIELDS)}.")
+        yield number, record
 
 
 def _generic(record: dict[str, Any]) -> Question:
     _require(record, GENERIC_FIELDS, "the generic format")
-    context, choices = record["context"], _choices(record["choices"], "choices")
-    if not isinstance(context, str):
-        raise ValueError(f'"context" is {type(context).__name__}, not a string')
-    return Question(context, choices, tuple(len(c) for c in choices), _answer(record["answer"], choices, "answer"))
+    context, choices = _text(record, "context"), _choices(record["choices"], "choices")
+    if context and not context.strip():
+        raise ValueError('"context" is only whitespace, which lm-evaluation-harness cannot score; make it empty')
+    answer = record["answer"]
+    if isinstance(answer, str):
+        raise ValueError(f'"answer" is the string {answer!r}; give the index of the right choice, a number')
+    return Question(context, choices, tuple(len(c) for c in choices), _answer(answer, choices, "answer"))
 
 
 def _hellaswag(record: dict[str, Any]) -> Question:
     """lm-evaluation-harness's ``hellaswag`` task: its ``process_docs`` and ``target_delimiter`` (a space)."""
     _require(record, HELLASWAG_FIELDS, "HellaSwag's format")
     endings = tuple(_clean(ending) for ending in _choices(record["endings"], "endings"))
-    context = _clean(f"{record['activity_label']}: {record['ctx_a']} {record['ctx_b'].capitalize()}")
+    label, first, second = (_text(record, name) for name in ("activity_label", "ctx_a", "ctx_b"))
+    context = _clean(f"{label}: {first} {second.capitalize()}")
     return Question(context, tuple(" " + e for e in endings), tuple(map(len, endings)),
                     _answer(record["label"], endings, "label"))  # fmt: skip
 
@@ -99,6 +109,12 @@ def _require(record: dict[str, Any], fields: tuple[str, ...], form: str) -> None
         raise ValueError(f"{', '.join(missing)} missing ({form} needs {', '.join(fields)})")
 
 
+def _text(record: dict[str, Any], field: str) -> str:
+    if not isinstance(record[field], str):
+        raise ValueError(f'"{field}" is {type(record[field]).__name__}, not a string')
+    return record[field]
+
+
 def _choices(choices: Any, field: str) -> tuple[str, ...]:
     if not isinstance(choices, list) or len(choices) < 2:
         raise ValueError(f'"{field}" must be a list of at least two strings')
@@ -109,7 +125,7 @@ def _choices(choices: Any, field: str) -> tuple[str, ...]:
 
 
 def _answer(answer: Any, choices: tuple[str, ...], field: str) -> int:
-    """An index into ``choices``; HellaSwag's files give it as an integer or a string of digits."""
+    """An index into ``choices`` (HellaSwag's files give it as an integer or a string of digits)."""
     if isinstance(answer, str) and answer.isdigit():
         answer = int(answer)
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
