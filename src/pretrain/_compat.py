@@ -35,6 +35,7 @@ PRIVATE_NAMES: dict[str, str] = {
     "torch.distributed.checkpoint.default_planner:_EmptyStateDictLoadPlanner": "load_into_empty",
     "torch.distributed.checkpoint.filesystem:_StorageInfo": "storage_info_class",
     "pickle:_Unpickler": "PurePythonUnpickler (Python's own; stable)",
+    "torch.utils.tensorboard.writer:SummaryWriter._get_file_writer": "event_file_writer (as Lightning uses it)",
 }
 # Private attributes set or read on instances, checked by tests/test_compat.py on a real trainer.
 PRIVATE_ATTRIBUTES = {
@@ -94,6 +95,12 @@ def write_as_single_process(writer: Any) -> None:
 def numpy_dtype_of_code(code: int) -> Any:
     """The numpy dtype behind a litdata chunk header's dtype code."""
     return private("litdata.constants:_NUMPY_DTYPES_MAPPING")[code]
+
+
+def event_file_writer(summary_writer: Any) -> Any:
+    """The writer of a ``SummaryWriter``'s own event file: an HPARAMS entry goes into the run's folder, where its
+    metrics are, rather than into the subfolder ``SummaryWriter.add_hparams`` would make."""
+    return summary_writer._get_file_writer()
 
 
 def storage_info_class() -> type:

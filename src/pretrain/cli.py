@@ -29,6 +29,7 @@ from pretrain.checkpointing import PretrainCheckpoint, find_last_checkpoint
 from pretrain.data import PretrainData
 from pretrain.errors import Interrupted, LoaderWorkerDied, UserError, run_command
 from pretrain.module import PretrainModule
+from pretrain.run_review import RunReview
 from pretrain.sharded import check_sharded_folder
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,17 @@ class PretrainCLI(LightningCLI):
         self.config = parser.parse_object(args) if is_object else parser.parse_args(args)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The trainer, with a progress bar that does not wait for the GPU each step.
-
-        Added unless the config turns the bar off or configures its own.
-        """
+        """The trainer, with a progress bar that does not wait for the GPU each step (unless the config turns
+        the bar off or configures its own), and ``RunReview`` (HPARAMS, curves by tokens) in every run."""
         trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = trainer_config.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        added = [] if any(isinstance(callback, RunReview) for callback in callbacks) else [RunReview()]
         has_bar = any(isinstance(callback, ProgressBar) for callback in callbacks)
         if trainer_config.get("enable_progress_bar") is not False and not has_bar:
-            kwargs["callbacks"] = [*callbacks, LossProgressBar()]
+            added.append(LossProgressBar())
+        if added:
+            kwargs["callbacks"] = [*callbacks, *added]
         return super().instantiate_trainer(**kwargs)
 
     def fit(self, model: PretrainModule, ckpt_path: str | None = None, **kwargs: Any) -> None:

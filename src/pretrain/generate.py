@@ -68,12 +68,13 @@ def continue_text(
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> str:
     """The text the model writes after ``prompt`` (an empty prompt starts a new document)."""
     eos = eos_id(tokenizer)
     tokenizer.encode_special_tokens = True  # as in training: special-token strings in a prompt are text
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else [eos]
-    new = generate(model, ids, max_new_tokens, temperature, top_k, stop_id=eos)
+    new = generate(model, ids, max_new_tokens, temperature, top_k, stop_id=eos, generator=generator)
     return tokenizer.decode([t for t in new if t != eos], skip_special_tokens=False)
 
 
