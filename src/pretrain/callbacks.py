@@ -127,11 +127,11 @@ SPACES = re.compile(r"^ +| {2,}| +$")  # what HTML would collapse or Markdown st
 
 
 def markdown_cell(text: str) -> str:
-    """``text`` in one table cell as written: HTML and Markdown characters escaped, line breaks as ``<br>``,
-    indentation and runs of spaces kept."""
+    """``text`` in one table cell as written, in a fixed-width font: HTML and Markdown characters escaped, line
+    breaks as ``<br>``, indentation and runs of spaces kept."""
     text = MARKDOWN_PUNCTUATION.sub(r"\\\1", html.escape(text, quote=False)).replace("\t", "    ")
     lines = [SPACES.sub(lambda spaces: "&nbsp;" * len(spaces.group()), line) for line in text.split("\n")]
-    return "<br>".join(lines) or "&nbsp;"
+    return f"<code>{'<br>'.join(lines) or '&nbsp;'}</code>"
 
 
 def markdown_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
