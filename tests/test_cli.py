@@ -186,3 +186,11 @@ def test_restarts_over_a_shared_store_are_warned_about_with_the_fix(
     with caplog.at_level(logging.WARNING):
         warn_if_restarts_share_the_store()
     assert ("Start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text) is warned
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "16"])
+def test_fp16_mixed_precision_is_refused_with_the_alternatives(corpus, prepared, tmp_path, run_cli, precision) -> None:
+    result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, "--trainer.precision", precision))
+    assert result.returncode == 2
+    assert "error: trainer.precision: 16-mixed is not supported" in result.stderr and "bf16-mixed" in result.stderr
+    assert not (tmp_path / "quickstart").exists()  # refused before anything ran

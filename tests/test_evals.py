@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from pretrain.evals.scoring import (
 )
 from pretrain.evals.tasks import Question, read_task
 from tests.conftest import TRAINED_STEPS
-from tests.helpers import HostReads, scalars_by_step, tiny_fit_args
+from tests.helpers import HostReads, scalars_by_step, scalars_tags, tiny_fit_args
 
 
 def write_lines(path: Path, *lines: str) -> Path:
@@ -302,3 +303,16 @@ def test_test_scores_every_configured_task(corpus, prepared: Path, trained: Path
     result = run_cli(*args, "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "eval/first/acc_norm" in result.stdout and "eval/more/acc_norm" in result.stdout
+
+
+def test_a_build_without_next_line_questions_trains_without_the_task(corpus, prepared: Path, tmp_path: Path,
+                                                                     run_cli) -> None:  # fmt: skip
+    """A corpus may give no question (a validation split of one document, of one-line documents): the run
+    warns and goes on; a task file the config names itself must hold questions."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    (data / TASK_PATH).write_text("")
+    result = run_cli(*tiny_fit_args(corpus[0], data, tmp_path, "--trainer.max_steps", "20"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "holds no questions (too few held-out documents" in result.stderr
+    assert not any(tag.startswith("eval/") for tag in scalars_tags(tmp_path / "quickstart" / "version_0"))

@@ -1,12 +1,15 @@
 import itertools
 import logging
+from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.lr_scheduler import LRScheduler
 
 from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig
-from pretrain.optim import WarmupCosineLR, param_groups
+from pretrain.optim import DECAY_SHAPES, WarmupCosineLR, WarmupStableDecayLR, param_groups
+from tests.helpers import scalars_by_step, tiny_fit_args
 
 
 def test_weight_decay_applies_to_matrices_only() -> None:
@@ -49,3 +52,91 @@ def test_a_warmup_longer_than_the_run_fits_itself_with_one_warning(caplog: pytes
     assert caplog.messages == ["warmup_steps=20 is longer than max_steps=10: warming up for 1 steps (a tenth of the "
                                "run) instead."]  # fmt: skip
     assert values[0] == pytest.approx(1.0) and values[-1] < values[1]  # warmed up in one step, then decays
+
+
+def scheduled(max_steps: int, lr: float = 1.0) -> tuple[torch.optim.Optimizer, WarmupCosineLR]:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    return optimizer, WarmupCosineLR(optimizer, warmup_steps=4, max_steps=max_steps, min_lr_ratio=0.1)
+
+
+def advance(optimizer: torch.optim.Optimizer, scheduler: WarmupCosineLR, steps: int) -> list[float]:
+    values = []
+    for _ in range(steps):
+        values.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return values
+
+
+def resumed(saved: tuple[torch.optim.Optimizer, WarmupCosineLR], max_steps: int, lr: float = 1.0, state=None):
+    """A new optimizer and schedule built from (possibly other) settings, loaded as Lightning loads them:
+    the optimizer's state first (its LRs are the saved run's), then the schedule's."""
+    optimizer, scheduler = scheduled(max_steps, lr)
+    optimizer.load_state_dict(saved[0].state_dict())
+    scheduler.load_state_dict(state if state is not None else saved[1].state_dict())
+    return optimizer, scheduler
+
+
+def test_a_resumed_schedule_keeps_its_position_and_takes_the_runs_settings() -> None:
+    first = scheduled(20)
+    before = advance(*first, 10)
+    assert set(first[1].state_dict()) == {"last_epoch", "_step_count"}  # no settings, no peak LRs
+    # The same settings: the uninterrupted run's LRs, exactly.
+    assert before + advance(*resumed(first, 20), 10) == lrs(warmup=4, max_steps=20, min_ratio=0.1, steps=20)
+    # A longer run: the decay stretched from step 10 on, as if the run had been planned that long.
+    assert advance(*resumed(first, 40), 30) == lrs(warmup=4, max_steps=40, min_ratio=0.1, steps=40)[10:]
+    # A new peak LR applies from the first resumed step.
+    assert advance(*resumed(first, 20, lr=0.5), 10) == pytest.approx(
+        [0.5 * lr for lr in lrs(warmup=4, max_steps=20, min_ratio=0.1, steps=20)[10:]]
+    )
+    # A checkpoint written with PyTorch's full scheduler state (settings included) resumes the same way.
+    full = LRScheduler.state_dict(first[1])
+    assert full["max_steps"] == 20 and full["base_lrs"] == [1.0]
+    assert advance(*resumed(first, 40, state=full), 30) == lrs(warmup=4, max_steps=40, min_ratio=0.1, steps=40)[10:]
+
+
+def wsd_lrs(max_steps: int, shape: str, steps: int, warmup: int = 2, fraction: float = 0.25) -> list[float]:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = WarmupStableDecayLR(optimizer, warmup, max_steps, decay_fraction=fraction, decay_shape=shape)
+    return advance(optimizer, scheduler, steps)
+
+
+@pytest.mark.parametrize(("shape", "middle"), [("linear", 0.5), ("cosine", 0.5), ("sqrt", 1 - 0.5**0.5)])
+def test_warmup_stable_decay_holds_the_peak_then_decays_over_its_last_fraction(shape: str, middle: float) -> None:
+    values = wsd_lrs(max_steps=20, shape=shape, steps=22)
+    assert values[:2] == [0.5, 1.0] and values[2:16] == [1.0] * 14  # warmup, then stable; the decay starts at 15
+    assert values[17] == pytest.approx(DECAY_SHAPES[shape](2 / 5))  # two fifths into the decay
+    assert DECAY_SHAPES[shape](0.5) == pytest.approx(middle)
+    assert all(a > b for a, b in itertools.pairwise(values[15:20])) and values[20:] == [0.0, 0.0]
+
+
+def test_a_stable_phase_checkpoint_anneals_at_another_budget() -> None:
+    """The same stable phase, decayed over the last quarter of 20 steps or of 40."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = WarmupStableDecayLR(optimizer, 2, 20, decay_fraction=0.25)
+    before = advance(optimizer, scheduler, 10)
+    longer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    longer.load_state_dict(optimizer.state_dict())
+    stretched = WarmupStableDecayLR(longer, 2, 40, decay_fraction=0.25)
+    stretched.load_state_dict(scheduler.state_dict())
+    assert before + advance(longer, stretched, 30) == wsd_lrs(max_steps=40, shape="linear", steps=40)
+
+
+def test_warmup_stable_decay_refuses_a_bad_fraction_or_shape() -> None:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    with pytest.raises(UserError, match=r"decay_fraction=1\.5 must be between 0 and 1"):
+        WarmupStableDecayLR(optimizer, 2, 20, decay_fraction=1.5)
+    with pytest.raises(UserError, match="choose one of linear, cosine, sqrt"):
+        WarmupStableDecayLR(optimizer, 2, 20, decay_shape="step")
+
+
+def test_warmup_stable_decay_from_the_command_line(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:
+    init = "--model.lr_scheduler.init_args"
+    schedule = ("--model.lr_scheduler", "pretrain.optim.WarmupStableDecayLR", f"{init}.warmup_steps", "2",
+                f"{init}.decay_shape", "sqrt", f"{init}.min_lr_ratio", "0.05")  # fmt: skip
+    result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, *schedule, "--trainer.max_steps", "10"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = scalars_by_step(tmp_path / "quickstart" / "version_0", "train/lr")
+    expected = WarmupStableDecayLR(torch.optim.SGD([torch.zeros(1)], lr=0.003), 2, 10, decay_shape="sqrt",
+                                   min_lr_ratio=0.05)  # fmt: skip
+    assert [logged[step] for step in range(10)] == pytest.approx([0.003 * expected.lr_factor(s) for s in range(10)])

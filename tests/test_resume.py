@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from pretrain.checkpointing import PretrainCheckpoint
 from pretrain.module import PretrainModule
+from pretrain.optim import WarmupCosineLR
 from tests.helpers import run_quietly, scalars_by_step, tiny_fit_args
 
 STEPS = 60
@@ -50,6 +51,25 @@ def test_resume_after_a_clean_end(corpus, prepared: Path, tmp_path: Path, refere
     assert "Resuming" in resumed.stderr
     assert sorted(p.name for p in (tmp_path / "quickstart").iterdir()) == ["version_0"]  # same run folder
     assert scalars_by_step(tmp_path / "quickstart" / "version_0", "train/loss") == reference  # bit-exact
+
+
+def test_extending_a_finished_run_stretches_its_schedule(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:
+    """The schedule's length follows trainer.max_steps on resume, and its peak the configured LR."""
+    warmup = ("--model.lr_scheduler.init_args.warmup_steps", "4")
+    for max_steps, extra in ((20, ()), (40, ("--ckpt_path", "last", "--model.optimizer.init_args.lr", "0.002"))):
+        args = tiny_fit_args(corpus[0], prepared, tmp_path, "--trainer.max_steps", str(max_steps), *warmup, *extra)
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr[-3000:]
+    logged = scalars_by_step(tmp_path / "quickstart" / "version_0", "train/lr")
+    first, longer = WarmupCosineLR(sgd(0.003), 4, max_steps=20), WarmupCosineLR(sgd(0.002), 4, max_steps=40)
+    assert [logged[step] for step in range(20)] == pytest.approx([0.003 * first.lr_factor(s) for s in range(20)])
+    expected = [0.002 * longer.lr_factor(step) for step in range(20, 40)]
+    assert [logged[step] for step in range(20, 40)] == pytest.approx(expected)
+    assert logged[20] > 2 * logged[19]  # the run had reached its floor; the longer cosine is half-way
+
+
+def sgd(lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
 
 
 def test_ckpt_path_last_without_a_previous_run_starts_fresh(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:

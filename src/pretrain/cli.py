@@ -122,6 +122,7 @@ class PretrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        _refuse_fp16_mixed(config)
         _fill_schedule_length(config)
         if "weights_only" in config and config.weights_only is None:
             config.weights_only = True  # checkpoints hold tensors and plain values: refuse any that runs code
@@ -136,6 +137,17 @@ def _unsafe_checkpoint(path: str | None) -> UserError:
         f"{path} holds objects other than tensors and plain values, so it was not loaded: unpickling it "
         "could run code. If you trust where it came from, add --weights_only false."
     )
+
+
+def _refuse_fp16_mixed(config: Namespace) -> None:
+    """fp16 autocast needs a gradient scaler, and the scaled gradients would be what the clipping, the logged
+    ``train/grad_norm`` and the non-finite guard measure (the guard would also stop the run on the scaler's
+    normal overflow steps)."""
+    if str(config.trainer.get("precision")) in ("16-mixed", "16"):
+        raise UserError(
+            "trainer.precision: 16-mixed is not supported: its gradient scaling would have the clipping and the "
+            "non-finite guard measure scaled gradients. Use bf16-mixed (A100, H100 and newer; also CPUs) or 32-true."
+        )
 
 
 def _fill_schedule_length(config: Namespace) -> None:

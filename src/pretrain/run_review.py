@@ -100,6 +100,8 @@ def run_settings(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, 
         "schedule": type(scheduler).__name__ if scheduler is not None else "constant",
         "warmup_steps": getattr(scheduler, "warmup_steps", None),
         "min_lr_ratio": getattr(scheduler, "min_lr_ratio", None),
+        "decay_fraction": getattr(scheduler, "decay_fraction", None),  # warmup-stable-decay
+        "decay_shape": getattr(scheduler, "decay_shape", None),
         "precision": str(trainer.precision),
         "strategy": type(trainer.strategy).__name__,
         "devices": trainer.world_size,

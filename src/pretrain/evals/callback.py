@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pretrain.errors import UserError
 from pretrain.evals.scoring import batch_tensors, continuation_loglikelihoods, count_correct, scoring_rows
 from pretrain.evals.tasks import Question, read_task
 
+log = logging.getLogger(__name__)
 DATA_DIR = "{data_dir}"  # in a task path: the run's data.data_dir, where preparation writes the built-in task
 
 
@@ -85,8 +87,14 @@ class MultipleChoice(L.Callback):
         pinned = trainer.strategy.root_device.type == "cuda"  # copied to the GPU without waiting for it
         self.shares = []
         for name, path in self.tasks.items():
+            built_in = DATA_DIR in path
             path = self._path(name, path, datamodule)
-            questions = read_task(path, self.limit)
+            questions = read_task(path, self.limit, empty_ok=built_in)
+            if not questions:  # the corpus gave none (e.g. a validation split of one document): not a user error
+                if trainer.is_global_zero:
+                    log.warning("Task %s: %s holds no questions (too few held-out documents of several lines to "
+                                "ask about); it is not scored.", name, path)  # fmt: skip
+                continue
             share = self._share(name, str(path), questions, tokenizer, prefix, pl_module.config.seq_len, trainer)
             self.shares.append(share if not pinned else _pinned(share))
 

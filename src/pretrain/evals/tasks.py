@@ -39,9 +39,10 @@ class Question:
     line: int = 0  # in its file, for messages
 
 
-def read_task(path: str | Path, limit: int | None = None) -> list[Question]:
+def read_task(path: str | Path, limit: int | None = None, empty_ok: bool = False) -> list[Question]:
     """The file's first ``limit`` questions (all without one), each checked; a bad line fails the whole file
-    with its path and line number, before any scoring."""
+    with its path and line number, before any scoring. A file without questions is refused unless
+    ``empty_ok``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"Task file {path} does not exist; give the path of a JSONL file of questions.")
@@ -54,7 +55,7 @@ def read_task(path: str | Path, limit: int | None = None) -> list[Question]:
             questions.append(dataclasses.replace(question, line=number))
         except ValueError as error:
             raise UserError(f"{path}, line {number}: {error}.") from None
-    if not questions:
+    if not questions and not empty_ok:
         raise UserError(f"Task file {path} holds no questions.")
     return questions
 
