@@ -8,6 +8,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard import plugin_util
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
@@ -119,9 +120,36 @@ def test_samples_hold_both_decodings_and_held_out_documents(run: Path, prepared:
         assert any(document.startswith(shown + real) for document in texts)
 
 
+def test_a_run_resumed_from_an_older_checkpoint_into_a_new_folder(corpus, prepared: Path, tmp_path: Path) -> None:
+    """From a given checkpoint (not ``last``) a run continues in a new folder, which gets its own HPARAMS row;
+    a checkpoint saved without this callback's state still gives the right token count. The last step is
+    on the token curve even off the logging interval."""
+    every = ("--trainer.log_every_n_steps", "3", "--model.lr_scheduler.init_args.max_steps", "40")
+    run_quietly(tiny_fit_args(corpus[0], prepared, tmp_path, "--trainer.max_steps", "20", *every), tmp_path)
+    checkpoint = tmp_path / "quickstart" / "version_0" / "checkpoints" / "step=0000020.ckpt"
+    state = torch.load(checkpoint, weights_only=True)
+    state["callbacks"] = {key: value for key, value in state["callbacks"].items() if "RunReview" not in key}
+    older = tmp_path / "older.ckpt"
+    torch.save(state, older)
+    run_quietly(tiny_fit_args(corpus[0], prepared, tmp_path, "--trainer.max_steps", "40", *every,
+                              "--ckpt_path", str(older)), tmp_path)  # fmt: skip
+    resumed = tmp_path / "quickstart" / "version_1"
+    written = [value.tag for file in resumed.glob("events.out.tfevents.*")
+               for event in EventFileLoader(str(file)).Load() for value in event.summary.value]  # fmt: skip
+    assert written.count("_hparams_/session_start_info") == 1
+    by_tokens = scalars_by_step(resumed, "tokens/train_loss")
+    assert min(by_tokens) == 21 * TOKENS_PER_STEP and max(by_tokens) == 40 * TOKENS_PER_STEP
+    assert by_tokens[40 * TOKENS_PER_STEP] == scalars_by_step(resumed, "train/loss")[39]
+
+
 def test_a_table_renders_each_cell_as_written() -> None:
     cells = [
         ("def f(x):\n    return x | y  # *not* _emphasis_", "<b>bold?</b> & [a](link) `code` 1. \\n"),
         ("| pipes | and ---", "  two leading spaces, one trailing "),
     ]
     assert rendered_cells(markdown_table(("left", "right"), cells)) == ["left", "right", *cells[0], *cells[1]]
+
+
+def test_line_ends_and_control_characters_stay_in_their_cell() -> None:
+    cells = rendered_cells(markdown_table(("a", "b"), [("windows\r\nline\rend", "nul\x00 tab\tvt\x0b")]))
+    assert cells == ["a", "b", "windows\nline\nend", "nul\u2400 tab    vt\u240b"]

@@ -60,16 +60,17 @@ class TextSamples(L.Callback):
         # After prepare_data, so the tokenizer file exists; read once, not at every validation.
         self.tokenizer = Tokenizer.from_file(str(trainer.datamodule.tokenizer_path))
         room = min(self.held_out_prompt_tokens, pl_module.config.seq_len - self.max_new_tokens)
-        self.documents = held_out_starts(trainer.datamodule, self.held_out, room, self.max_new_tokens)
+        documents = held_out_starts(trainer.datamodule, self.held_out, room, self.max_new_tokens)
+        # Rank 0's: nodes may hold different parts of a streamed split, and every rank must generate alike.
+        self.documents = trainer.strategy.broadcast(documents, src=0)
 
     def samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, list[tuple[str, ...]]]:
         """Rows of both tables, on every rank: (prompt, greedy, sampled) and (shown, the model's, the real)."""
         model, tokenizer, eos = pl_module.model, self.tokenizer, eos_id(self.tokenizer)
-        device = model.embed.weight.device
-        generator = torch.Generator(device).manual_seed(self.seed)
         prompts, documents = [], []
         with torch.no_grad(), torch.compiler.set_stance("force_eager"), gathered_weights(trainer.strategy.model):
             # New shapes at each token: run eagerly rather than recompile.
+            generator = torch.Generator(model.embed.weight.device).manual_seed(self.seed)
             for prompt in self.prompts:
                 greedy = continue_text(model, tokenizer, prompt, self.max_new_tokens)
                 sampled = continue_text(model, tokenizer, prompt, self.max_new_tokens, self.temperature, self.top_k,
@@ -124,11 +125,13 @@ MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_{}\[\]()#+\-.!|])")
 
 
 SPACES = re.compile(r"^ +| {2,}| +$")  # what HTML would collapse or Markdown strip
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f]")  # shown as their Unicode pictures (U+2400...), not dropped
 
 
 def markdown_cell(text: str) -> str:
     """``text`` in one table cell as written, in a fixed-width font: HTML and Markdown characters escaped, line
     breaks as ``<br>``, indentation and runs of spaces kept."""
+    text = CONTROL.sub(lambda c: chr(0x2400 + ord(c.group())), text.replace("\r\n", "\n").replace("\r", "\n"))
     text = MARKDOWN_PUNCTUATION.sub(r"\\\1", html.escape(text, quote=False)).replace("\t", "    ")
     lines = [SPACES.sub(lambda spaces: "&nbsp;" * len(spaces.group()), line) for line in text.split("\n")]
     return f"<code>{'<br>'.join(lines) or '&nbsp;'}</code>"

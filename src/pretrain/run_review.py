@@ -26,24 +26,33 @@ class RunReview(L.Callback):
     (every rank, every accumulated micro-batch) as their step.
 
     Reads a value only where the trainer reads it anyway: at logging steps and at the end of a
-    validation. A resumed run keeps its first HPARAMS entry (one row per run) and its token count.
+    validation. A run resumed in its own folder keeps its first HPARAMS entry (one row per run; a new folder
+    gets its own) and its token count.
     The ``pretrain`` command adds it to every run.
     """
 
     def __init__(self) -> None:
         self.tokens_seen = 0
+        self.hparams_in = ""  # the run folder that holds this run's HPARAMS entry (kept in checkpoints)
+        self.restored = False
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.ckpt_path is not None:
-            return  # resumed: the run's row is there already
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After any checkpoint is restored (sharded strategies restore after ``on_fit_start``)."""
+        if trainer.global_step and not self.restored:  # a checkpoint saved before this callback kept a count
+            self.tokens_seen = trainer.global_step * tokens_per_step(trainer, pl_module)
+        loggers = tensorboard_loggers(trainer)
+        if not loggers or self.hparams_in == loggers[0].log_dir:
+            return  # resumed in the same folder: its row is there already (a new folder gets one)
         tags = ["val/loss", "val/bpb", *task_metrics(trainer), "perf/tokens_per_sec"]
-        for logger in tensorboard_loggers(trainer):
+        for logger in loggers:
             write_hparams(logger, run_settings(trainer, pl_module), tags)
+        self.hparams_in = loggers[0].log_dir
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         self.tokens_seen += batch.size(0) * (batch.size(1) - 1) * trainer.world_size  # shapes only: no read
         every = trainer.log_every_n_steps
-        if every and trainer.global_step % every == 0 and ends_optimizer_step(trainer):
+        last = 0 < trainer.max_steps <= trainer.global_step  # Lightning logs the last step too
+        if every and (trainer.global_step % every == 0 or last) and ends_optimizer_step(trainer):
             self._write(trainer, ["train/loss"])
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -59,10 +68,17 @@ class RunReview(L.Callback):
                     logger.experiment.add_scalar(TOKEN_CURVES[name], float(value), self.tokens_seen)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tokens_seen": self.tokens_seen}
+        return {"tokens_seen": self.tokens_seen, "hparams_in": self.hparams_in}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.tokens_seen = state_dict.get("tokens_seen", 0)
+        self.tokens_seen, self.hparams_in = state_dict["tokens_seen"], state_dict.get("hparams_in", "")
+        self.restored = True
+
+
+def tokens_per_step(trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+    """Training tokens per optimizer step: every device, every accumulated micro-batch."""
+    batch_size = trainer.datamodule.batch_size
+    return batch_size * pl_module.config.seq_len * trainer.accumulate_grad_batches * trainer.world_size
 
 
 def tensorboard_loggers(trainer: L.Trainer) -> list[TensorBoardLogger]:
@@ -92,7 +108,7 @@ def run_settings(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, 
         "parameters": parameter_count(config),
         "seq_len": config.seq_len,
         "vocab_size": config.vocab_size,
-        "tokens_per_step": data.batch_size * config.seq_len * trainer.accumulate_grad_batches * trainer.world_size,
+        "tokens_per_step": tokens_per_step(trainer, pl_module),
         "max_steps": trainer.max_steps,
         "optimizer": type(optimizer).__name__,
         "lr": scheduler.base_lrs[0] if scheduler is not None else optimizer.param_groups[0]["lr"],
