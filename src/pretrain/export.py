@@ -1,4 +1,4 @@
-"""Export a checkpoint as a Hugging Face Llama folder: ``python -m pretrain.export CKPT OUT_DIR``.
+"""Export a checkpoint as a Hugging Face Llama folder (Qwen3 with QK-norm): ``python -m pretrain.export CKPT OUT``.
 
 The folder loads with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and
 ``AutoTokenizer.from_pretrained(OUT_DIR)``: safetensors weights, config.json, tokenizer files.
@@ -24,9 +24,13 @@ from pretrain.model import LlamaConfig
 
 
 def hf_config(config: LlamaConfig, eos: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Llama's architecture; with ``qk_norm``, Qwen3's: Llama's blocks plus an RMSNorm of each head's queries
+    and keys before the rotary embedding, as ours."""
+    qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen3ForCausalLM" if config.qk_norm else "LlamaForCausalLM"],
+        "model_type": "qwen3" if config.qk_norm else "llama",
+        **(qwen3 if config.qk_norm else {}),
         "vocab_size": config.padded_vocab_size,
         "hidden_size": config.d_model,
         "intermediate_size": config.ffn_dim,

@@ -1,4 +1,5 @@
-"""Our parameter names and Hugging Face Llama's, both ways: for export, and for reading an exported folder back."""
+"""Our parameter names and Hugging Face Llama's (Qwen3's with QK-norm), both ways: for export, and for reading an
+exported folder back."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ BLOCK_NAMES = {
     "mlp.gate.weight": "mlp.gate_proj.weight",
     "mlp.up.weight": "mlp.up_proj.weight",
     "mlp.down.weight": "mlp.down_proj.weight",
+}
+QK_NORM_NAMES = {  # with qk_norm: Qwen3's per-head query and key norms
+    "attn.q_norm.weight": "self_attn.q_norm.weight",
+    "attn.k_norm.weight": "self_attn.k_norm.weight",
 }
 TOP_NAMES = {
     "embed.weight": "model.embed_tokens.weight",
@@ -42,7 +47,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig) -> dic
             out |= {prefix + "self_attn.q_proj.weight": q, prefix + "self_attn.k_proj.weight": k}
             out[prefix + "self_attn.v_proj.weight"] = v
         else:
-            out[prefix + BLOCK_NAMES[rest]] = tensor
+            out[prefix + {**BLOCK_NAMES, **QK_NORM_NAMES}[rest]] = tensor
     return {name: tensor.contiguous().clone() for name, tensor in out.items()}
 
 
@@ -55,7 +60,8 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: LlamaConfig) -> dict
         prefix = f"model.layers.{i}."
         qkv = [hf[f"{prefix}self_attn.{p}_proj.weight"] for p in "qkv"]
         out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(qkv)
-        out |= {f"blocks.{i}.{ours}": hf[prefix + theirs] for ours, theirs in BLOCK_NAMES.items()}
+        names = {**BLOCK_NAMES, **QK_NORM_NAMES} if config.qk_norm else BLOCK_NAMES
+        out |= {f"blocks.{i}.{ours}": hf[prefix + theirs] for ours, theirs in names.items()}
     return out
 
 

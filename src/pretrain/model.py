@@ -44,6 +44,7 @@ class LlamaConfig:
     rope_base: float = 10_000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    qk_norm: bool = False  # RMSNorm of each head's queries and keys before rotary (OLMo 2, Qwen3)
     padding_multiple: int = 64
 
     def __post_init__(self) -> None:
@@ -150,6 +151,10 @@ class Attention(nn.Module):
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_dim, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.qk_norm = config.qk_norm  # bounds the attention logits: against loss spikes, less LR sensitivity
+        if self.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.kernel_order: list[SDPBackend] | None = None  # None: PyTorch picks; see Llama.use_attention_kernel
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
@@ -159,6 +164,8 @@ class Attention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         past = 0 if cache is None else len(cache)
         if cache is not None:
@@ -311,6 +318,26 @@ def next_token_loss(
     batch = batch.long()  # shards store the smallest dtype that holds the vocabulary
     logits = model(batch[:, :-1])  # (B, T, V)
     return (loss_of_logits or logits_cross_entropy)(logits, batch[:, 1:])
+
+
+def next_token_loss_and_z(
+    model: Llama,
+    batch: torch.Tensor,
+    loss_of_logits: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``next_token_loss`` and the z-loss term beside it (``cross_entropy_and_z``), for ``model.z_loss``."""
+    batch = batch.long()
+    logits = model(batch[:, :-1])  # (B, T, V)
+    return (loss_of_logits or cross_entropy_and_z)(logits, batch[:, 1:])
+
+
+def cross_entropy_and_z(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy, and the mean squared log of the softmax's normaliser (PaLM's z-loss), which pulls
+    that normaliser towards 1 so the logits do not drift: one log-sum-exp serves both. In fp32."""
+    flat = logits.flatten(0, 1).float()
+    normalisers = torch.logsumexp(flat, dim=-1)
+    target_logits = flat.gather(1, targets.flatten().unsqueeze(1)).squeeze(1)
+    return (normalisers - target_logits).mean(), normalisers.square().mean()
 
 
 def next_token_losses(model: Llama, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

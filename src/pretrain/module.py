@@ -40,6 +40,8 @@ class PretrainModule(L.LightningModule):
         attention_kernel: The ``scaled_dot_product_attention`` kernel tried first; None lets PyTorch pick.
         init_from: Start from these weights (a checkpoint or an exported folder) instead of random ones.
         max_nonfinite_steps: Consecutive non-finite steps skipped before the run stops (``NonFiniteGuard``).
+        z_loss: Weight of the z-loss (the mean squared log of the softmax's normaliser, PaLM; 1e-4 is usual)
+            added to the training loss; logged as ``train/z_loss``. 0 leaves it out.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class PretrainModule(L.LightningModule):
         attention_kernel: Literal["cudnn", "flash", "efficient", "math"] | None = None,
         init_from: str | None = None,
         max_nonfinite_steps: int = 5,
+        z_loss: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -88,8 +91,9 @@ class PretrainModule(L.LightningModule):
         bf16 = mesh is not None and str(self.trainer.precision).startswith("bf16")  # FSDP2 gathers in bf16
         compile_mode = self.hparams.compile_mode if self.hparams.compile else None
         self.model, self.loss_fn = build_training_model(
-            self.config, seed, device, mesh, torch.bfloat16 if bf16 else None, compile_mode, weights
-        )
+            self.config, seed, device, mesh, torch.bfloat16 if bf16 else None, compile_mode, weights,
+            with_z_loss=self.hparams.z_loss > 0,
+        )  # fmt: skip
         # Held-out text is scored token by token (bits per byte); compiled like the loss where it is compiled whole.
         whole = compile_mode is not None and mesh is None
         self.held_out_losses_fn = torch.compile(next_token_losses, mode=compile_mode) if whole else next_token_losses
@@ -100,11 +104,15 @@ class PretrainModule(L.LightningModule):
         return self.model(idx)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        loss = self.loss_fn(self.model, batch)
+        total = loss = self.loss_fn(self.model, batch)
+        if self.hparams.z_loss:
+            loss, z_loss = loss
+            total = loss + self.hparams.z_loss * z_loss
+            self.log("train/z_loss", z_loss)
         # Stays on the device until the trainer writes it (every log_every_n_steps): no wait for the GPU.
         # Not prog_bar=True, which would read it back at every step; pretrain.callbacks.LossProgressBar shows it.
-        self.log("train/loss", loss)
-        return loss
+        self.log("train/loss", loss)  # the cross-entropy alone, comparable between runs with and without z-loss
+        return total
 
     def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
         if 0 < self.trainer.max_steps <= self.global_step:

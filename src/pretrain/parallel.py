@@ -17,9 +17,17 @@ from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolic
 from torch.distributed.tensor import DTensor
 
 from pretrain._compat import set_data_parallel_size
-from pretrain.model import Llama, LlamaConfig, build_model, logits_cross_entropy, next_token_loss
+from pretrain.model import (
+    Llama,
+    LlamaConfig,
+    build_model,
+    cross_entropy_and_z,
+    logits_cross_entropy,
+    next_token_loss,
+    next_token_loss_and_z,
+)
 
-LossFn = Callable[[Llama, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Llama, torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -52,20 +60,25 @@ def build_training_model(
     param_dtype: torch.dtype | None = None,
     compile_mode: str | None = None,
     weights: dict[str, torch.Tensor] | None = None,
+    with_z_loss: bool = False,
 ) -> tuple[Llama, LossFn]:
     """The model and its loss function as training runs them; the benchmark's bare loop uses it too.
 
     Without a ``mesh``, on ``device`` (a meta default device means the CPU): with a ``compile_mode`` the model
     and its loss are compiled as one graph, so the fp32 upcast of the logits fuses into the softmax. With a
     ``mesh``, sharded (``build_sharded_model``): the blocks are compiled one by one and the loss on its own.
+    ``with_z_loss``: the loss function returns the cross-entropy and the z-loss term (``next_token_loss_and_z``).
     """
+    loss_fn, loss_of_logits = (
+        (next_token_loss_and_z, cross_entropy_and_z) if with_z_loss else (next_token_loss, logits_cross_entropy)
+    )
     if mesh is None:
         model = build_model(config, "cpu" if device.type == "meta" else device, seed, weights)
-        return model, torch.compile(next_token_loss, mode=compile_mode) if compile_mode else next_token_loss
+        return model, torch.compile(loss_fn, mode=compile_mode) if compile_mode else loss_fn
     model = build_sharded_model(config, mesh, device, seed, param_dtype, compile_mode, weights)
     if compile_mode is None:
-        return model, next_token_loss
-    return model, partial(next_token_loss, loss_of_logits=torch.compile(logits_cross_entropy, mode=compile_mode))
+        return model, loss_fn
+    return model, partial(loss_fn, loss_of_logits=torch.compile(loss_of_logits, mode=compile_mode))
 
 
 def build_sharded_model(
