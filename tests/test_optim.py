@@ -21,15 +21,20 @@ def test_weight_decay_applies_to_matrices_only() -> None:
     assert len(decayed["params"]) + len(exempt["params"]) == len(list(model.parameters()))
 
 
-def lrs(warmup: int, max_steps: int, min_ratio: float, steps: int) -> list[float]:
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    scheduler = WarmupCosineLR(optimizer, warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=min_ratio)
+def advance(optimizer: torch.optim.Optimizer, scheduler: WarmupCosineLR, steps: int) -> list[float]:
+    """The LR of each of ``steps`` optimizer steps."""
     values = []
     for _ in range(steps):
         values.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
     return values
+
+
+def lrs(warmup: int, max_steps: int, min_ratio: float, steps: int) -> list[float]:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = WarmupCosineLR(optimizer, warmup_steps=warmup, max_steps=max_steps, min_lr_ratio=min_ratio)
+    return advance(optimizer, scheduler, steps)
 
 
 def test_schedule_warms_up_linearly_then_decays_to_the_floor() -> None:
@@ -57,15 +62,6 @@ def test_a_warmup_longer_than_the_run_fits_itself_with_one_warning(caplog: pytes
 def scheduled(max_steps: int, lr: float = 1.0) -> tuple[torch.optim.Optimizer, WarmupCosineLR]:
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
     return optimizer, WarmupCosineLR(optimizer, warmup_steps=4, max_steps=max_steps, min_lr_ratio=0.1)
-
-
-def advance(optimizer: torch.optim.Optimizer, scheduler: WarmupCosineLR, steps: int) -> list[float]:
-    values = []
-    for _ in range(steps):
-        values.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return values
 
 
 def resumed(saved: tuple[torch.optim.Optimizer, WarmupCosineLR], max_steps: int, lr: float = 1.0, state=None):
