@@ -12,7 +12,7 @@ from pretrain.export import export
 from pretrain.loading import load_checkpoint, load_model
 from pretrain.model import Llama, LlamaConfig, cross_entropy_and_z
 from pretrain.module import PretrainModule
-from tests.helpers import TINY_MODEL, scalars_by_step, tiny_fit_args
+from tests.helpers import ROOT, TINY_MODEL, scalars_by_step, tiny_fit_args
 
 QK_NORM = TINY_MODEL.replace("}", ", qk_norm: true}")
 
@@ -76,3 +76,15 @@ def test_z_loss_is_logged_and_trained_on(corpus, prepared: Path, tmp_path: Path,
     assert sorted(z_loss) == [0, 1, 2] and all(value > 0 for value in z_loss.values())
     assert losses["0"][0] == pytest.approx(losses["0.1"][0], rel=1e-6)  # the cross-entropy alone, before any update
     assert losses["0"][2] != losses["0.1"][2]  # the z-loss's gradient changed the weights
+
+
+def test_the_recipe_config_lays_over_the_quickstart(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:
+    recipe = str(ROOT / "configs" / "recipe.yaml")
+    result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, "--config", recipe,
+                                    "--model.overrides", QK_NORM, "--trainer.max_steps", "3"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["hyper_parameters"]["overrides"]["qk_norm"] is True
+    assert any(name.endswith("blocks.0.attn.q_norm.weight") for name in state["state_dict"])
+    optimizer = state["optimizer_states"][0]["param_groups"][0]
+    assert tuple(optimizer["betas"]) == (0.9, 0.99) and optimizer["initial_lr"] == 0.002
