@@ -152,6 +152,13 @@ def gathered_weights(wrapped: torch.nn.Module) -> AbstractContextManager:
     return nullcontext()
 
 
+def ends_logging_step(trainer: L.Trainer) -> bool:
+    """Whether the batch just trained ended an optimizer step whose logs the trainer writes (every
+    ``log_every_n_steps``): where it waits for the GPU anyway, so a callback may read a value too."""
+    every = trainer.log_every_n_steps
+    return bool(every) and trainer.global_step % every == 0 and ends_optimizer_step(trainer)
+
+
 class LossProgressBar(TQDMProgressBar):
     """A progress bar that shows the training loss without waiting for the GPU at every step.
 
@@ -165,8 +172,7 @@ class LossProgressBar(TQDMProgressBar):
         self.loss: float | None = None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        every = trainer.log_every_n_steps
-        if every and trainer.global_step % every == 0 and ends_optimizer_step(trainer):
+        if ends_logging_step(trainer):
             loss = trainer.callback_metrics.get("train/loss")
             if loss is not None:
                 self.loss = float(loss)

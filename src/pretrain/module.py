@@ -104,9 +104,10 @@ class PretrainModule(L.LightningModule):
         return self.model(idx)
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        total = loss = self.loss_fn(self.model, batch)
-        if self.hparams.z_loss:
-            loss, z_loss = loss
+        terms = self.loss_fn(self.model, batch)
+        total = loss = terms
+        if self.hparams.z_loss:  # the loss function returns (cross-entropy, z-loss term)
+            loss, z_loss = terms
             total = loss + self.hparams.z_loss * z_loss
             self.log("train/z_loss", z_loss)
         # Stays on the device until the trainer writes it (every log_every_n_steps): no wait for the GPU.

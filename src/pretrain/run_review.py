@@ -11,9 +11,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pretrain._compat import ends_optimizer_step
+from pretrain.callbacks import ends_logging_step
 from pretrain.evals import MultipleChoice
 from pretrain.model import Llama, LlamaConfig
 from pretrain.run_logger import write_hparams
+from pretrain.throughput import batch_tokens
 
 # Written against the number of training tokens seen so far: runs of different batch shapes overlay.
 TOKEN_CURVES = {"train/loss": "tokens/train_loss", "val/loss": "tokens/val_loss", "val/bpb": "tokens/val_bpb"}
@@ -49,10 +51,9 @@ class RunReview(L.Callback):
         self.hparams_in = loggers[0].log_dir
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        self.tokens_seen += batch.size(0) * (batch.size(1) - 1) * trainer.world_size  # shapes only: no read
-        every = trainer.log_every_n_steps
-        last = 0 < trainer.max_steps <= trainer.global_step  # Lightning logs the last step too
-        if every and (trainer.global_step % every == 0 or last) and ends_optimizer_step(trainer):
+        self.tokens_seen += batch_tokens(batch, trainer)
+        last = 0 < trainer.max_steps <= trainer.global_step and ends_optimizer_step(trainer)  # Lightning logs it too
+        if ends_logging_step(trainer) or (last and trainer.log_every_n_steps):
             self._write(trainer, ["train/loss"])
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

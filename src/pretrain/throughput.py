@@ -44,6 +44,11 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def batch_tokens(batch: torch.Tensor, trainer: L.Trainer) -> int:
+    """Training tokens of one micro-batch of blocks of ``seq_len + 1`` on every rank, from its shape alone."""
+    return batch.size(0) * (batch.size(1) - 1) * trainer.world_size
+
+
 class Throughput(L.Callback):
     """Logs ``perf/tokens_per_sec`` (all devices together) and ``perf/mfu`` every ``interval`` steps.
 
@@ -83,7 +88,7 @@ class Throughput(L.Callback):
         if self._started is None:  # the first step includes warm-up (compilation, allocator): not counted
             self._started = time.perf_counter()
             return
-        self._tokens += batch.size(0) * (batch.size(1) - 1) * trainer.world_size
+        self._tokens += batch_tokens(batch, trainer)
         if trainer.global_step % self.interval or not ends_optimizer_step(trainer):
             return
         now = time.perf_counter()

@@ -32,31 +32,31 @@ def join(url: str, *parts: str) -> str:
 
 
 def fetch_build_files(url: str, cache_dir: Path) -> None:
-    """Fresh copies of the build's manifest and tokenizer in ``cache_dir``."""
+    """Fresh copies of the build's manifest and tokenizer in ``cache_dir``, and of its built-in eval task where
+    it has one (a build made before it has none)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     downloader = get_downloader(url, str(cache_dir), [])
     for name in BUILD_FILES:
-        target = cache_dir / name
-        target.unlink(missing_ok=True)  # the downloader keeps whatever is there: never a stale copy
-        try:
-            downloader.download_file(join(url, name), str(target))
-        except Exception as error:  # each storage backend raises its own kinds; all mean the same here
+        if (error := _download(downloader, url, cache_dir, name)) is not None:
             raise UserError(
                 f"Could not read {join(url, name)}: {error}. A remote data_dir must hold a finished build: "
                 "make it with `pretrain prepare --data.data_dir data/<name>`, then upload the whole "
                 "folder (e.g. `aws s3 sync data/<name> s3://bucket/<name>`), and check the credentials."
             ) from error
-        if not target.is_file():
+        if not (cache_dir / name).is_file():
             raise UserError(f"{join(url, name)} could not be fetched into {cache_dir}.")
-    _fetch_if_there(downloader, url, cache_dir, TASK_PATH.as_posix())  # a build made before it has none
+    _download(downloader, url, cache_dir, TASK_PATH.as_posix())
 
 
-def _fetch_if_there(downloader: Any, url: str, cache_dir: Path, name: str) -> None:
-    """A file a build may lack (one made before it existed): fetched when there, else left out."""
+def _download(downloader: Any, url: str, cache_dir: Path, name: str) -> Exception | None:
+    """A fresh copy of ``url/name`` at ``cache_dir/name`` (the downloader keeps whatever is there: never a stale
+    copy); the storage backend's error where it failed, each backend raising its own kinds."""
     target = cache_dir / name
     target.parent.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)
     try:
         downloader.download_file(join(url, name), str(target))
-    except Exception:  # absent from the build, in whichever way the storage backend says it
+    except Exception as error:
         target.unlink(missing_ok=True)
+        return error
+    return None

@@ -84,7 +84,7 @@ class MultipleChoice(L.Callback):
         datamodule = trainer.datamodule
         tokenizer = load_tokenizer(datamodule.tokenizer_path)
         prefix = eos_id(tokenizer)  # an exported folder's beginning-of-text token
-        pinned = trainer.strategy.root_device.type == "cuda"  # copied to the GPU without waiting for it
+        pinned = trainer.strategy.root_device.type == "cuda"
         self.shares = []
         for name, path in self.tasks.items():
             built_in = DATA_DIR in path
@@ -95,8 +95,8 @@ class MultipleChoice(L.Callback):
                     log.warning("Task %s: %s holds no questions (too few held-out documents of several lines to "
                                 "ask about); it is not scored.", name, path)  # fmt: skip
                 continue
-            share = self._share(name, str(path), questions, tokenizer, prefix, pl_module.config.seq_len, trainer)
-            self.shares.append(share if not pinned else _pinned(share))
+            self.shares.append(self._share(name, str(path), questions, tokenizer, prefix, pl_module.config.seq_len,
+                                           trainer, pinned))  # fmt: skip
 
     @staticmethod
     def _path(name: str, path: str, datamodule: Any) -> Path:
@@ -114,9 +114,10 @@ class MultipleChoice(L.Callback):
         return Path(path)
 
     def _share(self, name: str, source: str, questions: list[Question], tokenizer: Tokenizer, prefix: int,
-               max_length: int, trainer: L.Trainer) -> RankShare:  # fmt: skip
+               max_length: int, trainer: L.Trainer, pinned: bool) -> RankShare:  # fmt: skip
         """This rank's questions (every ``world``-th), tokenized with all the others so that a bad one stops
-        every rank alike."""
+        every rank alike. ``pinned``: host tensors in page-locked memory, copied to the GPU without waiting."""
+        host = torch.Tensor.pin_memory if pinned else lambda tensor: tensor
         world, rank = trainer.world_size, trainer.global_rank
         rows = [row for row in scoring_rows(questions, tokenizer, max_length, prefix, source)
                 if row.question % world == rank]  # fmt: skip
@@ -130,9 +131,10 @@ class MultipleChoice(L.Callback):
         for start in range(0, len(rows), self.batch_size):
             part = rows[start : start + self.batch_size]
             places = torch.tensor([[row.question // world, row.choice] for row in part])
-            batches.append(Batch(*batch_tensors(part), places))
+            batches.append(Batch(*map(host, (*batch_tensors(part), places))))
         answers = torch.tensor([q.answer for q in mine], dtype=torch.long)
-        return RankShare(name, len(questions), batches, math.ceil(most_rows / self.batch_size), lengths, answers)
+        calls = math.ceil(most_rows / self.batch_size)
+        return RankShare(name, len(questions), batches, calls, host(lengths), host(answers))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -179,10 +181,3 @@ class MultipleChoice(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.validations = state_dict.get("validations", 0)
-
-
-def _pinned(share: RankShare) -> RankShare:
-    """The share's host tensors in page-locked memory: a copy from it to the GPU does not wait for the GPU."""
-    batches = [Batch(b.inputs.pin_memory(), b.targets.pin_memory(), b.places.pin_memory()) for b in share.batches]
-    return RankShare(share.name, share.questions, batches, share.calls, share.lengths.pin_memory(),
-                     share.answers.pin_memory())  # fmt: skip
