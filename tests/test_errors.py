@@ -250,13 +250,13 @@ def train_with_nans(
                         log_every_n_steps=log_every)  # fmt: skip
     with pytest.warns(UserWarning, match="Non-finite loss or gradients"):
         trainer.fit(module, DataLoader([batch] * max_steps, batch_size=None))
-    return module, trainer, snapshots, module.nonfinite.stop_message
+    return module, trainer, snapshots, module.step_guard.stop_message
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["host-check", "fused-on-device"])
 def test_nonfinite_steps_are_skipped_and_counted(prepared: Path, tmp_path: Path, fused: bool) -> None:
     module, trainer, snapshots, stopped = train_with_nans({3, 4}, prepared, tmp_path, fused=fused)
-    assert module.nonfinite.skipped == 2 and stopped is None
+    assert module.step_guard.skipped == 2 and stopped is None
     assert trainer.global_step == 10  # training went on
     assert torch.equal(snapshots[3], snapshots[5])  # the two bad steps changed nothing
     assert not torch.equal(snapshots[5], snapshots[6])
@@ -280,7 +280,7 @@ def test_fused_optimizers_skip_on_the_device_and_stop_at_the_next_read(prepared:
     assert all(torch.equal(snapshots[step], snapshots[4]) for step in range(4, 11))  # no bad step changed weights
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert torch.equal(saved["state_dict"]["model.embed.weight"], snapshots[4])
-    assert saved["nonfinite_guard"] == {"skipped_steps": 6, "streak": 6}
+    assert saved["step_guard"] == {"skipped_steps": 6, "streak": 6, "spike_streak": 0}
     assert trainer.logged_metrics["train/skipped_steps"] == 6  # read where the logs are written, so it reaches them
 
 

@@ -52,11 +52,16 @@ def check_host_reads(record_dir: Path, processes: int) -> None:
         assert validation_reads == {}  # validation batches do not wait either: only its end reads the loss
 
 
+RECIPE_SWITCHES = ("--model.attention_mask", "document", "--model.optimizer", "pretrain.muon.MuonWithAdamW",
+                   "--model.spike_window", "4")  # fmt: skip
+
+
+@pytest.mark.parametrize("switches", [(), RECIPE_SWITCHES], ids=["as-is", "document-mask-muon-spikes"])
 def test_the_gpu_config_reads_nothing_back_between_logging_steps(corpus, prepared: Path, tmp_path: Path, run_cli,
-                                                                  monkeypatch) -> None:  # fmt: skip
+                                                                  monkeypatch, switches) -> None:  # fmt: skip
     """In one process; with two (DDP, FSDP2): tests/e2e/test_host_reads_processes.py."""
     monkeypatch.setenv("RECORD_HOST_READS_DIR", str(tmp_path))
-    result = run_cli(*gpu_config_on_cpu(corpus[0], prepared, tmp_path))
+    result = run_cli(*gpu_config_on_cpu(corpus[0], prepared, tmp_path, *switches))
     assert result.returncode == 0, result.stderr[-3000:]
     check_host_reads(tmp_path, processes=1)
     assert "loss=" in result.stdout  # the command line's progress bar shows the loss of the last logging step

@@ -12,13 +12,16 @@ from pretrain.optim import DECAY_SHAPES, WarmupCosineLR, WarmupStableDecayLR, pa
 from tests.helpers import scalars_by_step, tiny_fit_args
 
 
-def test_weight_decay_applies_to_matrices_only() -> None:
+def test_weight_decay_applies_to_matrices_only_and_hidden_matrices_are_marked() -> None:
     model = Llama(LlamaConfig(vocab_size=64, seq_len=8, d_model=16, n_layer=2, n_head=2, n_kv_head=2, ffn_dim=32))
-    decayed, exempt = param_groups(model)
-    assert all(p.dim() == 2 for p in decayed["params"])
-    assert exempt["weight_decay"] == 0.0
+    hidden, token_maps, exempt = param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert hidden["hidden_matrices"] and not token_maps.get("hidden_matrices")
+    assert sorted(names[id(p)] for p in token_maps["params"]) == ["embed.weight", "lm_head.weight"]
+    assert all(names[id(p)].startswith("blocks.") and p.dim() == 2 for p in hidden["params"])
+    assert exempt["weight_decay"] == 0.0 and "weight_decay" not in hidden and "weight_decay" not in token_maps
     assert {id(p) for p in exempt["params"]} == {id(p) for n, p in model.named_parameters() if "norm" in n}
-    assert len(decayed["params"]) + len(exempt["params"]) == len(list(model.parameters()))
+    assert sum(len(group["params"]) for group in (hidden, token_maps, exempt)) == len(list(model.parameters()))
 
 
 def advance(optimizer: torch.optim.Optimizer, scheduler: WarmupCosineLR, steps: int) -> list[float]:

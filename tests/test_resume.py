@@ -53,6 +53,33 @@ def test_resume_after_a_clean_end(corpus, prepared: Path, tmp_path: Path, refere
     assert scalars_by_step(tmp_path / "quickstart" / "version_0", "train/loss") == reference  # bit-exact
 
 
+def as_saved_by_earlier_versions(checkpoint: dict) -> dict:
+    """The checkpoint as versions before the Muon split saved it: two optimizer groups (matrices in module order:
+    embedding, the blocks' Linear weights, head; then the gains) and the guard under its old name."""
+    state = checkpoint["optimizer_states"][0]
+    hidden, token_maps, gains = state["param_groups"]
+    embedding, head = token_maps["params"]
+    old_order = [embedding, *hidden["params"], head, *gains["params"]]
+    old_index = {new: old for old, new in enumerate(old_order)}
+    state["state"] = {old_index[new]: moments for new, moments in state["state"].items()}
+    matrices = {key: value for key, value in hidden.items() if key != "hidden_matrices"}
+    state["param_groups"] = [{**matrices, "params": list(range(len(old_order) - len(gains["params"])))},
+                             {**gains, "params": [old_index[i] for i in gains["params"]]}]  # fmt: skip
+    checkpoint["nonfinite_guard"] = checkpoint.pop("step_guard")
+    return checkpoint
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_exactly(corpus, prepared: Path, tmp_path: Path,
+                                                            reference: dict[int, float], run_cli) -> None:  # fmt: skip
+    first = run_cli(*fit_args(corpus[0], prepared, tmp_path, 30))
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = (tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt").resolve()
+    torch.save(as_saved_by_earlier_versions(torch.load(saved, weights_only=False)), saved)
+    resumed = run_cli(*fit_args(corpus[0], prepared, tmp_path, STEPS, "--ckpt_path", "last"))  # the file rewritten
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert scalars_by_step(tmp_path / "quickstart" / "version_0", "train/loss") == reference  # bit-exact
+
+
 def test_extending_a_finished_run_stretches_its_schedule(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:
     """The schedule's length follows trainer.max_steps on resume, and its peak the configured LR."""
     warmup = ("--model.lr_scheduler.init_args.warmup_steps", "4")
@@ -89,19 +116,19 @@ def test_ckpt_path_last_without_a_versioned_logger_is_left_to_lightning(corpus, 
     last = tmp_path / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] == 2
-    saved["nonfinite_guard"]["skipped_steps"] = 7  # a mark only a run resumed from this very file carries on
+    saved["step_guard"]["skipped_steps"] = 7  # a mark only a run resumed from this very file carries on
     torch.save(saved, last)
     second = run_cli(*fit_args(corpus[0], prepared, tmp_path, 4, *no_logger))
     assert second.returncode == 0, second.stderr[-3000:]
     resumed = torch.load(last, weights_only=True)
-    assert (resumed["global_step"], resumed["nonfinite_guard"]["skipped_steps"]) == (4, 7)
+    assert (resumed["global_step"], resumed["step_guard"]["skipped_steps"]) == (4, 7)
 
 
 def test_random_number_streams_continue_after_restore() -> None:
     module = PretrainModule(overrides={"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 2}, vocab_size=64)
     module.configure_model()
     trainer = SimpleNamespace(global_step=0)  # what the guard's read needs
-    module.nonfinite.read(trainer)
+    module.step_guard.read(trainer)
     checkpoint = {"state_dict": module.state_dict()}
     with patch.object(type(module), "trainer", trainer):
         module.on_save_checkpoint(checkpoint)

@@ -55,7 +55,9 @@ def test_validation_and_checkpoint_saves_are_left_out_of_the_throughput(monkeypa
     trainer = SimpleNamespace(
         global_step=0, world_size=1, loggers=[logger], fit_loop=SimpleNamespace(_should_accumulate=lambda: False)
     )  # no accumulation
-    module = SimpleNamespace(config=PRESETS["tiny"], device=torch.device("cpu"))
+    module = SimpleNamespace(
+        config=PRESETS["tiny"], device=torch.device("cpu"), hparams=SimpleNamespace(attention_mask="causal")
+    )
     callback.on_train_start(trainer, module)
     batch = torch.zeros(2, 11)  # 20 tokens per step
     for step in range(12):
@@ -70,6 +72,31 @@ def test_validation_and_checkpoint_saves_are_left_out_of_the_throughput(monkeypa
             callback.on_save_checkpoint(trainer, module, {})
             clock.now += 50.0
     assert logged == {4: 20.0, 8: 20.0, 12: 20.0}  # 20 tokens a second throughout
+
+
+def test_mfu_under_document_masking_counts_the_attention_the_mask_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock.now)
+    logged = {}
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.update({step: metrics["perf/mfu"]}))
+    callback = throughput.Throughput(interval=2, peak_flops=1e9)
+    trainer = SimpleNamespace(
+        global_step=0, world_size=1, loggers=[logger], fit_loop=SimpleNamespace(_should_accumulate=lambda: False)
+    )
+    hparams = SimpleNamespace(attention_mask="document")
+    module = SimpleNamespace(config=PRESETS["tiny"], device=torch.device("cpu"), hparams=hparams, eos_id=0)
+    callback.on_train_start(trainer, module)
+    one_document = torch.ones(1, 9, dtype=torch.long)  # 8 inputs: 36 pairs, as causal
+    two_documents = torch.tensor([[1, 1, 1, 0, 1, 1, 1, 1, 1]])  # 4 + 4 inputs: 10 + 10 pairs, 20 / 36
+    for step, batch in enumerate([one_document, one_document, two_documents, one_document]):  # the first: warm-up
+        clock.now += 1.0
+        trainer.global_step = step + 1
+        callback.on_train_batch_end(trainer, module, None, batch, step)
+    per_token = throughput.flops_per_token
+    assert logged == {  # 8 tokens a second
+        2: pytest.approx(8 * per_token(PRESETS["tiny"]) / 1e9),
+        4: pytest.approx(8 * per_token(PRESETS["tiny"], (20 / 36 + 1) / 2) / 1e9),  # the interval's two batches
+    }
 
 
 def test_benchmark_prints_a_table_then_json(corpus, prepared, capsys: pytest.CaptureFixture) -> None:

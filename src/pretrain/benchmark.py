@@ -29,7 +29,7 @@ from pretrain.errors import CommandParser, UserError, run_command
 from pretrain.module import PretrainModule
 from pretrain.optim import param_groups
 from pretrain.parallel import build_training_model
-from pretrain.throughput import flops_per_token, peak_flops
+from pretrain.throughput import causal_share, flops_per_token, peak_flops
 
 
 class StepTimer(L.Callback):
@@ -133,7 +133,7 @@ def _schedule_length(configs: list[str]) -> list[str]:
 
 
 def bare_loop(cli: PretrainCLI, batch: torch.Tensor, warmup: int, steps: int) -> float:
-    """Seconds for ``steps`` steps of a hand-written loop: forward, loss, backward, clip, step."""
+    """Seconds for ``steps`` steps of a hand-written loop: (attention mask,) forward, loss, backward, clip, step."""
     module, trainer = cli.model, cli.trainer
     device = trainer.strategy.root_device
     compile_mode = module.hparams.compile_mode if module.hparams.compile else None
@@ -150,7 +150,7 @@ def bare_loop(cli: PretrainCLI, batch: torch.Tensor, warmup: int, steps: int) ->
             _synchronize(device)
             start = time.perf_counter()
         with autocast:
-            loss = loss_fn(model, batch)
+            loss = loss_fn(model, batch, mask=module.attention_mask_of(batch))  # built each step, as the module does
         loss.backward()
         if clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
@@ -177,11 +177,12 @@ def train(configs: list[str], warmup: int = 5, steps: int = 100, args: list[str]
     tokens = timer.tokens_per_step * steps
     project = tokens / timer.seconds
     bare_speed = None
+    batch = next(iter(cli.datamodule.train_dataloader()))
     if bare:
-        batch = next(iter(cli.datamodule.train_dataloader()))
         bare_speed = tokens / bare_loop(cli, batch, warmup, steps)
     peak = peak_flops(device)
-    per_token = flops_per_token(cli.model.config)
+    masked = cli.model.hparams.attention_mask == "document"  # MFU counts the attention the mask leaves, as logged
+    per_token = flops_per_token(cli.model.config, float(causal_share(batch, cli.model.eos_id)) if masked else 1.0)
     result = {
         "config": " + ".join(configs),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

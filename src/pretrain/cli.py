@@ -76,7 +76,7 @@ class PretrainCLI(LightningCLI):
 
     def fit(self, model: PretrainModule, ckpt_path: str | None = None, **kwargs: Any) -> None:
         self._run(self.trainer.fit, model, ckpt_path, **kwargs)
-        model.nonfinite.raise_if_stopped()  # a diverged run ends with its message and status 1, once all is saved
+        model.step_guard.raise_if_stopped(self.trainer)  # a diverged run ends with its message and status 1, once saved
         checkpoint = self.trainer.checkpoint_callback
         if isinstance(checkpoint, PretrainCheckpoint) and checkpoint.stopped_by == signal.SIGINT:
             raise Interrupted(f"saved step {self.trainer.global_step}; continue with --ckpt_path last")

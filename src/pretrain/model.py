@@ -17,7 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
+
+from pretrain.document_mask import AttentionMask
 
 # Kernels behind F.scaled_dot_product_attention, by the names configs use. After the chosen one, the
 # others are tried in this order (PyTorch's own on H100/H200 with a recent cuDNN): math, the slow
@@ -28,6 +31,10 @@ ATTENTION_KERNELS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
+
+# FlexAttention runs as a fused kernel only compiled (eagerly it materialises every score); inside a compiled
+# model this compiles with it.
+_compiled_flex_attention = torch.compile(flex_attention)
 
 
 @dataclass(frozen=True)
@@ -143,7 +150,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal self-attention; ``n_kv_head < n_head`` shares each key/value head among a group."""
+    """Causal self-attention, or attention under a given mask; ``n_kv_head < n_head`` shares each key/value
+    head among a group."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -157,7 +165,9 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
         self.kernel_order: list[SDPBackend] | None = None  # None: PyTorch picks; see Llama.use_attention_kernel
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, cache: LayerCache | None = None, mask: AttentionMask | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -170,12 +180,17 @@ class Attention(nn.Module):
         past = 0 if cache is None else len(cache)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, KV, past + T, D)
-        # New tokens see every cached token and, among themselves, only earlier ones.
-        mask = None if past == 0 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        gqa = self.n_kv_head != self.n_head
+        if isinstance(mask, BlockMask):  # document masking on CUDA: only the blocks the mask keeps are computed
+            attend = _compiled_flex_attention if x.is_cuda else flex_attention
+            y = attend(q, k, v, block_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        if past:  # new tokens see every cached token and, among themselves, only earlier ones
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         # Chosen here, inside the block, so a checkpointed block recomputes with the same kernel.
         with sdpa_kernel(self.kernel_order, set_priority=True) if self.kernel_order else nullcontext():
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=past == 0, enable_gqa=self.n_kv_head != self.n_head
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
             )  # (B, H, T, D)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -199,8 +214,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, cache)
+    def forward(
+        self, x: torch.Tensor, rope: torch.Tensor, cache: LayerCache | None = None, mask: AttentionMask | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, cache, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -219,11 +236,16 @@ class Llama(nn.Module):
         # more compute for a fraction of the memory. A training choice, not architecture: not in the config.
         self.activation_checkpointing = False
 
-    def forward(self, idx: torch.Tensor, cache: list[LayerCache] | None = None) -> torch.Tensor:
+    def forward(
+        self, idx: torch.Tensor, cache: list[LayerCache] | None = None, mask: AttentionMask | None = None
+    ) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, padded_vocab_size).
 
-        With ``cache`` (from ``new_cache()``), ``idx`` continues the tokens seen so far.
+        With ``cache`` (from ``new_cache()``), ``idx`` continues the tokens seen so far. ``mask``
+        (``pretrain.document_mask``) replaces causal attention, e.g. to keep packed documents apart.
         """
+        if cache is not None and mask is not None:
+            raise ValueError("An attention mask applies to a whole block, not to incremental decoding with a cache.")
         start = 0 if cache is None else len(cache[0])
         if start + idx.size(1) > self.config.seq_len:
             raise ValueError(f"{start + idx.size(1)} tokens exceed seq_len={self.config.seq_len}")
@@ -231,9 +253,9 @@ class Llama(nn.Module):
         x = self.embed(idx)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, None, mask, use_reentrant=False)
             else:
-                x = block(x, rope, None if cache is None else cache[i])
+                x = block(x, rope, None if cache is None else cache[i], mask)
         return self.lm_head(self.norm(x))  # (B, T, V)
 
     def use_attention_kernel(self, name: str | None) -> None:
@@ -308,15 +330,16 @@ def next_token_loss(
     model: Llama,
     batch: torch.Tensor,
     loss_of_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    mask: AttentionMask | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``.
+    """Mean cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``, under ``mask`` (causal if None).
 
     A function of its own so that ``torch.compile`` can take the model and the loss as one graph.
     Where the model is compiled in pieces (FSDP2), pass ``loss_of_logits``: a compiled
     ``logits_cross_entropy``.
     """
     batch = batch.long()  # shards store the smallest dtype that holds the vocabulary
-    logits = model(batch[:, :-1])  # (B, T, V)
+    logits = model(batch[:, :-1], mask=mask)  # (B, T, V)
     return (loss_of_logits or logits_cross_entropy)(logits, batch[:, 1:])
 
 
@@ -324,10 +347,11 @@ def next_token_loss_and_z(
     model: Llama,
     batch: torch.Tensor,
     loss_of_logits: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    mask: AttentionMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``next_token_loss`` and the z-loss term beside it (``cross_entropy_and_z``), for ``model.z_loss``."""
     batch = batch.long()
-    logits = model(batch[:, :-1])  # (B, T, V)
+    logits = model(batch[:, :-1], mask=mask)  # (B, T, V)
     return (loss_of_logits or cross_entropy_and_z)(logits, batch[:, 1:])
 
 
@@ -340,12 +364,14 @@ def cross_entropy_and_z(logits: torch.Tensor, targets: torch.Tensor) -> tuple[to
     return (normalisers - target_logits).mean(), normalisers.square().mean()
 
 
-def next_token_losses(model: Llama, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def next_token_losses(
+    model: Llama, batch: torch.Tensor, mask: AttentionMask | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The cross-entropy of every target, (B, T) in fp32, and the targets: held-out text is scored per token
     (bits per byte leave the end-of-text targets out)."""
     batch = batch.long()
     targets = batch[:, 1:]
-    logits = model(batch[:, :-1])  # (B, T, V)
+    logits = model(batch[:, :-1], mask=mask)  # (B, T, V)
     losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
     return losses.view_as(targets), targets
 

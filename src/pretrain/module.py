@@ -10,13 +10,15 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from pretrain.checkpointing import random_states, restore_random_states
+from pretrain.document_mask import AttentionMask, AttentionMaskName, document_mask
 from pretrain.errors import UserError
 from pretrain.loading import load_weights, raise_on_mismatch
+from pretrain.loss_spikes import LossSpikeDetector
 from pretrain.metrics import HeldOutMetrics
 from pretrain.model import Llama, LlamaConfig, next_token_loss, next_token_losses
-from pretrain.nonfinite import NonFiniteGuard
-from pretrain.optim import param_groups
+from pretrain.optim import param_groups, upgrade_parameter_groups
 from pretrain.parallel import build_training_model, clip_global_grad_norm
+from pretrain.step_guard import StepGuard
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -39,9 +41,16 @@ class PretrainModule(L.LightningModule):
         activation_checkpointing: Recompute each block's activations in backward instead of storing them.
         attention_kernel: The ``scaled_dot_product_attention`` kernel tried first; None lets PyTorch pick.
         init_from: Start from these weights (a checkpoint or an exported folder) instead of random ones.
-        max_nonfinite_steps: Consecutive non-finite steps skipped before the run stops (``NonFiniteGuard``).
+        max_nonfinite_steps: Consecutive non-finite steps skipped before the run stops (``StepGuard``).
+        spike_window: Skip a step whose loss or gradient norm is more than ``spike_sigmas`` standard deviations
+            above the mean of the last ``spike_window`` good steps (``pretrain.loss_spikes``); 0 turns it off.
+        spike_sigmas: The threshold of a spike, in standard deviations.
+        max_spike_steps: Consecutive spikes skipped before the run saves, stops and prints the command that
+            rolls back to an earlier checkpoint past their batches.
         z_loss: Weight of the z-loss (the mean squared log of the softmax's normaliser, PaLM; 1e-4 is usual)
             added to the training loss; logged as ``train/z_loss``. 0 leaves it out.
+        attention_mask: ``causal``, or ``document``: a token attends only to earlier tokens of its own document
+            (the end-of-text token closes one), in training and held-out scoring (``pretrain.document_mask``).
     """
 
     def __init__(
@@ -58,7 +67,11 @@ class PretrainModule(L.LightningModule):
         attention_kernel: Literal["cudnn", "flash", "efficient", "math"] | None = None,
         init_from: str | None = None,
         max_nonfinite_steps: int = 5,
+        spike_window: int = 0,
+        spike_sigmas: float = 6.0,
+        max_spike_steps: int = 10,
         z_loss: float = 0.0,
+        attention_mask: AttentionMaskName = "causal",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -77,7 +90,13 @@ class PretrainModule(L.LightningModule):
         self.dataset_held_out = torch.nn.ModuleList()  # per dataset of a mixture, made as their loaders appear
         self.register_buffer("token_bytes", None, persistent=False)  # bytes per token id, from the data (setup)
         self.eos_id = -1
-        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        try:
+            spikes = LossSpikeDetector(spike_window, spike_sigmas) if spike_window else None
+        except ValueError as error:
+            raise UserError(f"model.spike_window / model.spike_sigmas: {error}") from None
+        self.step_guard = StepGuard(max_nonfinite_steps, spikes, max_spike_steps)
+        self._step_loss: torch.Tensor | None = None  # summed over the micro-batches of this step, for spikes
+        self._micro_batches = 0
 
     def configure_model(self) -> None:
         """Built here, not in ``__init__``, so strategies can create it sharded; safe to call twice. Weights follow
@@ -103,8 +122,14 @@ class PretrainModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
+    def attention_mask_of(self, batch: torch.Tensor) -> AttentionMask | None:
+        """The attention mask of a batch of blocks (None: causal), built on the device outside the compiled loss."""
+        if self.hparams.attention_mask == "causal":
+            return None
+        return document_mask(batch[:, :-1], self.eos_id)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        terms = self.loss_fn(self.model, batch)
+        terms = self.loss_fn(self.model, batch, mask=self.attention_mask_of(batch))
         total = loss = terms
         if self.hparams.z_loss:  # the loss function returns (cross-entropy, z-loss term)
             loss, z_loss = terms
@@ -113,6 +138,9 @@ class PretrainModule(L.LightningModule):
         # Stays on the device until the trainer writes it (every log_every_n_steps): no wait for the GPU.
         # Not prog_bar=True, which would read it back at every step; pretrain.callbacks.LossProgressBar shows it.
         self.log("train/loss", loss)  # the cross-entropy alone, comparable between runs with and without z-loss
+        if self.step_guard.spikes is not None:
+            self._step_loss = loss.detach() if self._micro_batches == 0 else self._step_loss + loss.detach()
+            self._micro_batches += 1
         return total
 
     def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
@@ -135,10 +163,15 @@ class PretrainModule(L.LightningModule):
         if table is not None and self.token_bytes is None:
             lengths, self.eos_id = table()
             self.token_bytes = torch.tensor(lengths, dtype=torch.int64, device=self.device)
+        if self.hparams.attention_mask == "document" and self.eos_id < 0:
+            raise UserError(
+                "model.attention_mask: document needs the data's end-of-text token, and this data module gives "
+                "none (no token_byte_table()). Use a data module that does, or model.attention_mask: causal."
+            )
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
         """One held-out loader per dataset of a mixture (``dataloader_idx``), each also counted in the total."""
-        losses, targets = self.held_out_losses_fn(self.model, batch)
+        losses, targets = self.held_out_losses_fn(self.model, batch, self.attention_mask_of(batch))
         self.held_out.update(losses, targets, self.token_bytes, self.eos_id)
         if self._dataset_names():
             while len(self.dataset_held_out) <= dataloader_idx:
@@ -180,16 +213,20 @@ class PretrainModule(L.LightningModule):
         self.log("train/grad_norm", norm)
         # Fused optimizers honour found_inf; with fp16 a gradient scaler owns that flag.
         on_device = bool(optimizer.defaults.get("fused")) and not str(self.trainer.precision).startswith("16")
-        read = self.nonfinite.check(norm, optimizer, on_device, read=self._writes_logs(), trainer=self.trainer)
-        if read and self.nonfinite.skipped:
-            self.log("train/skipped_steps", float(self.nonfinite.skipped))
+        loss = None
+        if self._micro_batches:  # the step's loss, the same on every rank, so that all ranks skip alike
+            loss = self.trainer.strategy.reduce(self._step_loss / self._micro_batches, reduce_op="mean")
+            self._micro_batches = 0
+        read = self.step_guard.check(norm, loss, optimizer, on_device, read=self._writes_logs(), trainer=self.trainer)
+        if read and self.step_guard.skipped:
+            self.log("train/skipped_steps", float(self.step_guard.skipped))
 
     def on_train_end(self) -> None:
-        self.nonfinite.read(self.trainer)
+        self.step_guard.read(self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite.read(self.trainer)
-        checkpoint["nonfinite_guard"] = self.nonfinite.state_dict()
+        self.step_guard.read(self.trainer)
+        checkpoint["step_guard"] = self.step_guard.state_dict()
         checkpoint["rng_states"] = random_states()  # anything random added later continues as if never stopped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -197,6 +234,8 @@ class PretrainModule(L.LightningModule):
         self.configure_model()
         if "state_dict" in checkpoint:  # absent where the strategy loaded the shards itself (FSDP2)
             raise_on_mismatch(self.state_dict(), checkpoint["state_dict"], "The checkpoint")
-        self.nonfinite.load_state_dict(checkpoint.get("nonfinite_guard", {}))
+        self.step_guard.load_state_dict(checkpoint.get("step_guard", checkpoint.get("nonfinite_guard", {})))
+        for optimizer_state in checkpoint.get("optimizer_states", []):  # restored after this hook
+            upgrade_parameter_groups(optimizer_state, self.config.tie_embeddings)
         if "rng_states" in checkpoint:
             restore_random_states(checkpoint["rng_states"])

@@ -18,21 +18,53 @@ log = logging.getLogger(__name__)
 
 
 def param_groups(model: nn.Module) -> list[dict]:
-    """Linear and embedding weights get the optimizer's weight decay; norm gains (and biases) don't.
+    """Three groups: the Linear weights inside the blocks (marked ``hidden_matrices``, for Muon), the embedding
+    and LM head, both with the optimizer's weight decay, and the norm gains (and biases) without.
 
     Decaying RMSNorm gains pulls them toward zero for no benefit, which is why every modern
     LM recipe exempts them. Chosen by the layer a parameter belongs to, not by its shape: under
     FSDP1 every parameter is a flat 1-D shard by the time the optimizer is built.
     """
-    matrices, vectors, seen = [], [], set()
-    for module in model.modules():
+    hidden, token_maps, vectors, seen = [], [], [], set()
+    for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:  # a tied weight is listed once
                 continue
             seen.add(id(param))
-            is_matrix = isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight"
-            (matrices if is_matrix else vectors).append(param)
-    return [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}]
+            if name != "weight" or not isinstance(module, (nn.Linear, nn.Embedding)):
+                vectors.append(param)
+            elif isinstance(module, nn.Linear) and not module_name.endswith("lm_head"):
+                hidden.append(param)
+            else:
+                token_maps.append(param)
+    return [
+        {"params": hidden, "hidden_matrices": True},
+        {"params": token_maps},
+        {"params": vectors, "weight_decay": 0.0},
+    ]
+
+
+def upgrade_parameter_groups(optimizer_state: dict[str, Any], tied_embeddings: bool) -> None:
+    """Rewrite, in place, an optimizer state saved with the two groups of earlier versions (matrices, gains) into
+    ``param_groups``' three, each parameter's moments following it, so those checkpoints still resume exactly.
+
+    Only per-index states (one process, DDP) are rewritten; those were saved in module order, the embedding
+    first and the LM head (when not tied) last among the matrices.
+    """
+    groups = optimizer_state.get("param_groups", [])
+    if len(groups) != 2 or not all(isinstance(index, int) for group in groups for index in group["params"]):
+        return
+    matrices, gains = groups
+    indices = matrices["params"]
+    token_maps = indices[:1] if tied_embeddings else [indices[0], indices[-1]]
+    hidden = indices[1:] if tied_embeddings else indices[1:-1]
+    order = {old: new for new, old in enumerate(hidden + token_maps + gains["params"])}
+    optimizer_state["state"] = {order[old]: state for old, state in optimizer_state["state"].items()}
+    optimizer_state["param_groups"] = [
+        {**matrices, "params": [order[i] for i in hidden], "hidden_matrices": True},
+        {**matrices, "params": [order[i] for i in token_maps]},
+        {**gains, "params": [order[i] for i in gains["params"]]},
+    ]
 
 
 class WarmupSchedule(LRScheduler):

@@ -1,5 +1,5 @@
 """FSDP on two CPU processes. FSDP2 (pretrain.parallel): sharded creation, training, exact resume, reading
-back. FSDP1 (Lightning's FSDPStrategy): the optimizer's groups, text samples."""
+back, Muon's steps. FSDP1 (Lightning's FSDPStrategy): the optimizer's groups, text samples."""
 
 from __future__ import annotations
 
@@ -19,11 +19,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.distributed.tensor import distribute_tensor
 
 from pretrain.callbacks import TextSamples
 from pretrain.loading import load_checkpoint, load_model
-from pretrain.model import Block, Llama, LlamaConfig
+from pretrain.model import Block, Llama, LlamaConfig, build_model
 from pretrain.module import PretrainModule
+from pretrain.muon import MuonWithAdamW
 from pretrain.optim import param_groups
 from pretrain.parallel import build_sharded_model
 from tests.helpers import ROOT, TINY_VOCAB, scalars_by_step, tiny_fit_args
@@ -146,7 +148,43 @@ def test_weight_decay_groups_are_the_same_when_fsdp1_has_flattened_the_parameter
     names = {id(p): n for n, p in plain.named_parameters()}
     expected = [sorted(names[id(p)] for p in group["params"]) for group in param_groups(plain)]
     assert torch.load(out) == expected
-    assert all("norm" in name for name in expected[1]) and expected[1]  # only the gains are exempt
+    assert all("norm" in name for name in expected[2]) and expected[2]  # only the gains are exempt
+
+
+def gradient(index: int, shape: torch.Size, step: int) -> torch.Tensor:
+    """The same gradient for a parameter (by its place in ``named_parameters``) on every rank and in one process."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1000 * step + index))
+
+
+def _muon_steps_on_rank(rank: int, rendezvous: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        model = build_sharded_model(CONFIG, init_device_mesh("cpu", (2,)), torch.device("cpu"), seed=3)
+        optimizer = MuonWithAdamW(param_groups(model), fused=True)
+        for step in range(2):
+            for index, param in enumerate(model.parameters()):
+                param.grad = distribute_tensor(gradient(index, param.shape, step), param.device_mesh, param.placements)
+            optimizer.step()
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            torch.save(full, out)
+    finally:
+        close_process_group()
+
+
+def test_muon_steps_fsdp2_shards_as_one_device_steps_whole_matrices(tmp_path: Path) -> None:
+    """Each rank orthogonalises the gathered matrix and keeps its rows: the single-device weights."""
+    out = tmp_path / "muon.pt"
+    mp.spawn(_muon_steps_on_rank, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
+    model = build_model(CONFIG, "cpu", seed=3)
+    optimizer = MuonWithAdamW(param_groups(model), fused=True)
+    for step in range(2):
+        for index, param in enumerate(model.parameters()):
+            param.grad = gradient(index, param.shape, step)
+        optimizer.step()
+    sharded = torch.load(out)
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(sharded[name], value, msg=name)
 
 
 def _fsdp1_samples_on_rank(rank: int, rendezvous: str, tokenizer: str, out: str) -> None:

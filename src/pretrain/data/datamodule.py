@@ -17,6 +17,7 @@ from pretrain.data.mixture_loader import MixtureLoader
 from pretrain.data.ranks import Ranks
 from pretrain.data.remote import default_cache_dir, fetch_build_files, is_remote, join
 from pretrain.data.shards import verify_split
+from pretrain.data.skipping_loader import SkippingLoader
 from pretrain.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from pretrain.errors import UserError
 
@@ -46,6 +47,9 @@ class PretrainData(L.LightningDataModule):
             streaming sooner from a bucket; litdata shuffles chunks and the blocks inside one.
         tokenizer_sample_bytes: About how much training text the tokenizer is trained on, sampled over
             every source (seeded); the rest of the corpus is only encoded.
+        skip_batches: Training micro-batches each process draws and discards before training goes on: after
+            ``--ckpt_path``, from the restored position. A run stopped by loss spikes prints the number that
+            rolls back past their batches; 0 (the default) leaves resuming exact.
     """
 
     def __init__(
@@ -65,10 +69,14 @@ class PretrainData(L.LightningDataModule):
         cache_dir: str | None = None,
         chunk_bytes: str = CHUNK_BYTES,
         tokenizer_sample_bytes: int | str = TOKENIZER_SAMPLE_BYTES,
+        skip_batches: int = 0,
     ) -> None:
         super().__init__()
         if mixture is not None and sources is not None:
             raise UserError("Give either data.sources or data.mixture, not both.")
+        if skip_batches < 0:
+            raise UserError(f"data.skip_batches={skip_batches} must be 0 or more (micro-batches to discard).")
+        self.skip_batches = skip_batches
         self.mixture = mixture
         self.mixture_loader: MixtureLoader | None = None  # the training loader of a mixture, once built
         if mixture is not None:
@@ -193,14 +201,14 @@ class PretrainData(L.LightningDataModule):
             worker_init_fn=leave_stopping_to_the_trainer,
         )
 
-    def train_dataloader(self) -> StreamingDataLoader | MixtureLoader:
+    def train_dataloader(self) -> StreamingDataLoader | MixtureLoader | SkippingLoader:
         if self.mixture is None:
-            return self._loader(self.train_set)
-        # The workers are shared out among the datasets (at least one each, unless none at all).
-        workers = self.num_workers and max(1, self.num_workers // len(self.train_sets))
-        loaders = {name: self._loader(dataset, workers) for name, dataset in self.train_sets.items()}
-        self.mixture_loader = MixtureLoader(loaders, self.shares, self.batch_size)
-        return self.mixture_loader
+            loader = self._loader(self.train_set)
+        else:  # the workers are shared out among the datasets (at least one each, unless none at all)
+            workers = self.num_workers and max(1, self.num_workers // len(self.train_sets))
+            loaders = {name: self._loader(dataset, workers) for name, dataset in self.train_sets.items()}
+            loader = self.mixture_loader = MixtureLoader(loaders, self.shares, self.batch_size)
+        return SkippingLoader(loader, self.skip_batches) if self.skip_batches else loader
 
     def teardown(self, stage: str) -> None:
         """A mixture never runs out, so Lightning never finishes its loaders' iterators: their worker
