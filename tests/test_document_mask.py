@@ -49,6 +49,17 @@ def test_a_packed_block_gives_each_document_the_logits_it_gets_alone(block_spars
     assert not torch.allclose(causal[0, 7:], logits[0, 7:], atol=1e-3)  # the mask does change what is attended
 
 
+def test_compiled_flex_attention_gives_the_eager_boolean_mask_s_logits() -> None:
+    """The path CUDA runs (the model compiled around FlexAttention), here compiled for the CPU."""
+    config = LlamaConfig(vocab_size=64, seq_len=128, d_model=32, n_layer=1, n_head=4, n_kv_head=2, ffn_dim=64)
+    model = build_model(config, "cpu", seed=0)
+    packed = torch.cat(documents(30, 50, 70, seed=6))[None, : config.seq_len]
+    with torch.no_grad():
+        compiled = torch.compile(model)(packed, mask=document_mask(packed, EOT, block_sparse=True))
+        eager = model(packed, mask=document_mask(packed, EOT, block_sparse=False))
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
 def test_the_attended_pairs_are_the_mask_s_and_causal_blocks_count_fully() -> None:
     packed = torch.stack([torch.cat(documents(5, 9, 10, seed=4)), torch.cat(documents(24, seed=5))])  # (2, 24)
     mask = document_mask(packed, EOT, block_sparse=False)

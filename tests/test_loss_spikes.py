@@ -94,8 +94,9 @@ def test_a_streak_of_spikes_stops_with_the_command_that_rolls_back_past_them(pre
     assert "3 steps in a row (steps 8 to 10)" in message
     # Back to the checkpoint of step 6 (the newest before step 8), skipping the batches of steps 6 to 10.
     command = re.search(r"pretrain fit .*", message).group(0)
-    assert command == (f"pretrain fit --config {tmp_path / 'config.yaml'} --ckpt_path {tmp_path / 'epoch=0-step=6.ckpt'}"
-                       " --data.skip_batches 5")  # the run's saved config: with a logger, in its run folder
+    earlier = tmp_path / "epoch=0-step=6.ckpt"
+    config = tmp_path / "config.yaml"  # the run's saved config: with a logger, in its run folder
+    assert command == f"pretrain fit --config {config} --ckpt_path {earlier} --data.skip_batches 5"
 
 
 def test_skip_batches_resumes_at_the_batches_past_the_skipped_ones(corpus, prepared: Path, tmp_path: Path, run_cli,

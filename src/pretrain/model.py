@@ -183,6 +183,9 @@ class Attention(nn.Module):
         gqa = self.n_kv_head != self.n_head
         if isinstance(mask, BlockMask):  # document masking on CUDA: only the blocks the mask keeps are computed
             attend = _compiled_flex_attention if x.is_cuda else flex_attention
+            # Contiguous: compiled, inductor may otherwise hand the kernel a layout it reads wrongly (measured on
+            # CPU: logits off by 0.1 with rotated queries and keys; tests/test_document_mask.py).
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             y = attend(q, k, v, block_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
             return self.proj(y.transpose(1, 2).reshape(B, T, C))
         if past:  # new tokens see every cached token and, among themselves, only earlier ones
