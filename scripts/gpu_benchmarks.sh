@@ -78,6 +78,11 @@ kernel() {  # model, kernel, time cap, then benchmark arguments: one attention k
 # logging steps (every 50) in their real proportion.
 run gpt2-124m 200 $GPT2 --warmup 10 --steps 100
 run llama-1b-fsdp1 240 $LLAMA --config configs/fsdp.yaml --warmup 8 --steps 50
+# Document masking (FlexAttention) on each: MFU counts the attention the mask leaves to do.
+run gpt2-124m-docmask 200 $GPT2 --model.attention_mask document --warmup 10 --steps 100
+run llama-1b-docmask 240 $LLAMA --config configs/fsdp.yaml --model.attention_mask document --warmup 8 --steps 50
+run gpt2-124m-muon 150 $GPT2 --model.optimizer pretrain.muon.MuonWithAdamW --model.optimizer.init_args.lr 0.02 \
+  --warmup 10 --steps 100 --no-bare
 kernel gpt2-124m cudnn 120 $GPT2 --warmup 10 --steps 100
 kernel gpt2-124m flash 120 $GPT2 --warmup 10 --steps 100
 kernel llama-1b cudnn 150 $LLAMA --config configs/fsdp.yaml --warmup 8 --steps 50

@@ -163,3 +163,9 @@ def test_export_of_a_supplied_tokenizer_gives_the_ids_training_used(corpus, prep
     assert hf_tokenizer.bos_token_id == hf_tokenizer.eos_token_id == eos_id(supplied)  # as config.json says
     exported = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))  # as any other reader sees it
     assert exported.encode(text).ids == supplied.encode(text, add_special_tokens=False).ids
+
+
+def test_sampling_a_diverged_model_s_logits_takes_the_largest_instead_of_failing() -> None:
+    logits = torch.tensor([0.0, float("inf"), 1.0, float("nan")])
+    assert generate_module.sample_next(logits, temperature=0.8, top_k=None) == 1
+    assert generate_module.sample_next(torch.tensor([0.0, 30.0, 1.0]), temperature=0.8, top_k=2) == 1

@@ -102,21 +102,25 @@ def test_a_streak_of_spikes_stops_with_the_command_that_rolls_back_past_them(pre
 def test_skip_batches_resumes_at_the_batches_past_the_skipped_ones(corpus, prepared: Path, tmp_path: Path, run_cli,
                                                                    monkeypatch) -> None:  # fmt: skip
     recorded = {}
-    for name, extra in (("whole", ("--trainer.max_steps", "10")),
+    for name, extra in (("whole", ("--trainer.max_steps", "12")),
                         ("first", ("--trainer.max_steps", "4")),
-                        ("rolled-back", ("--trainer.max_steps", "8", "--data.skip_batches", "2"))):  # fmt: skip
+                        ("rolled-back", ("--trainer.max_steps", "8", "--data.skip_batches", "2")),
+                        ("continued", ("--trainer.max_steps", "10", "--data.skip_batches", "2"))):  # fmt: skip
         records = tmp_path / name
         records.mkdir()
         monkeypatch.setenv("RECORD_BATCHES_DIR", str(records))
         logs = tmp_path / ("whole" if name == "whole" else "run")
-        resume = ("--ckpt_path", str(logs / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"))
-        result = run_cli(*tiny_fit_args(corpus[0], prepared, logs, "--checkpoint.every_n_train_steps", "4",
-                                        "--trainer.callbacks+", "tests.helpers.RecordBatches", *extra,
-                                        *(resume if name == "rolled-back" else ())))  # fmt: skip
+        resume = {
+            "rolled-back": ("--ckpt_path", str(logs / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")),
+            "continued": ("--ckpt_path", "last"),
+        }.get(name, ())  # the newest run's: the rolled-back one
+        record = ("--checkpoint.every_n_train_steps", "4", "--trainer.callbacks+", "tests.helpers.RecordBatches")
+        result = run_cli(*tiny_fit_args(corpus[0], prepared, logs, *record, *extra, *resume))
         assert result.returncode == 0, result.stderr[-3000:]
         recorded[name] = json.loads((records / "rank0.json").read_text())
     assert recorded["first"] == recorded["whole"][:4]
     assert recorded["rolled-back"] == recorded["whole"][6:10]  # batches 4 and 5 drawn and dropped
+    assert recorded["continued"] == recorded["whole"][10:12]  # its own checkpoint: not skipped again
 
 
 def test_a_negative_skip_is_refused() -> None:

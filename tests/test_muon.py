@@ -108,3 +108,11 @@ def test_flat_shards_and_unmarked_groups_are_refused_with_the_way_out() -> None:
         MuonWithAdamW(flat)
     with pytest.raises(UserError, match="param_groups"):
         MuonWithAdamW([torch.zeros(3, 3, requires_grad=True)])
+
+
+def test_another_optimizer_s_state_is_refused_with_the_way_out() -> None:
+    model = model_with_gradients()
+    adamw = torch.optim.AdamW(param_groups(model))
+    adamw.step()
+    with pytest.raises(UserError, match="init_from"):
+        MuonWithAdamW(param_groups(model)).load_state_dict(adamw.state_dict())

@@ -8,7 +8,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig
-from pretrain.optim import DECAY_SHAPES, WarmupCosineLR, WarmupStableDecayLR, param_groups
+from pretrain.optim import DECAY_SHAPES, WarmupCosineLR, WarmupStableDecayLR, param_groups, upgrade_parameter_groups
 from tests.helpers import scalars_by_step, tiny_fit_args
 
 
@@ -22,6 +22,12 @@ def test_weight_decay_applies_to_matrices_only_and_hidden_matrices_are_marked() 
     assert exempt["weight_decay"] == 0.0 and "weight_decay" not in hidden and "weight_decay" not in token_maps
     assert {id(p) for p in exempt["params"]} == {id(p) for n, p in model.named_parameters() if "norm" in n}
     assert sum(len(group["params"]) for group in (hidden, token_maps, exempt)) == len(list(model.parameters()))
+
+
+def test_a_sharded_two_group_optimizer_state_is_refused_with_the_way_out() -> None:
+    sharded = {"state": {}, "param_groups": [{"params": ["embed.weight"]}, {"params": ["norm.weight"]}]}
+    with pytest.raises(UserError, match="init_from"):
+        upgrade_parameter_groups(sharded, tied_embeddings=False)
 
 
 def advance(optimizer: torch.optim.Optimizer, scheduler: WarmupCosineLR, steps: int) -> list[float]:
@@ -136,6 +142,7 @@ def test_warmup_stable_decay_from_the_command_line(corpus, prepared: Path, tmp_p
     result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, *schedule, "--trainer.max_steps", "10"))
     assert result.returncode == 0, result.stderr[-3000:]
     logged = scalars_by_step(tmp_path / "quickstart" / "version_0", "train/lr")
-    expected = WarmupStableDecayLR(torch.optim.SGD([torch.zeros(1)], lr=0.003), 2, 10, decay_shape="sqrt",
+    expected = WarmupStableDecayLR(torch.optim.SGD([torch.zeros(1)], lr=0.02), 2, 10, decay_shape="sqrt",
                                    min_lr_ratio=0.05)  # fmt: skip
-    assert [logged[step] for step in range(10)] == pytest.approx([0.003 * expected.lr_factor(s) for s in range(10)])
+    peak = 0.02  # train/lr is the first group's: the quickstart's Muon rate
+    assert [logged[step] for step in range(10)] == pytest.approx([peak * expected.lr_factor(s) for s in range(10)])

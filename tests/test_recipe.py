@@ -1,4 +1,4 @@
-"""Recipe switches: QK-norm (and its export as Qwen3) and the z-loss."""
+"""Recipe switches: QK-norm (and its export as Qwen3), the z-loss, and the quickstart's recipe."""
 
 from __future__ import annotations
 
@@ -78,13 +78,22 @@ def test_z_loss_is_logged_and_trained_on(corpus, prepared: Path, tmp_path: Path,
     assert losses["0"][2] != losses["0.1"][2]  # the z-loss's gradient changed the weights
 
 
-def test_the_recipe_config_lays_over_the_quickstart(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:
-    recipe = str(ROOT / "configs" / "recipe.yaml")
-    result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, "--config", recipe,
-                                    "--model.overrides", QK_NORM, "--trainer.max_steps", "3"))  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    state = torch.load(tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert state["hyper_parameters"]["overrides"]["qk_norm"] is True
-    assert any(name.endswith("blocks.0.attn.q_norm.weight") for name in state["state_dict"])
-    optimizer = state["optimizer_states"][0]["param_groups"][0]
-    assert tuple(optimizer["betas"]) == (0.9, 0.99) and optimizer["initial_lr"] == 0.002
+def test_the_quickstart_runs_its_recipe_and_the_earlier_one_lays_over_it(corpus, prepared: Path, tmp_path: Path,
+                                                                         run_cli) -> None:  # fmt: skip
+    earlier = str(ROOT / "configs" / "adamw-cosine.yaml")
+    states = {}
+    for name, extra in (("recipe", ("--model.overrides", QK_NORM)), ("earlier", ("--config", earlier))):
+        result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path / name, *extra, "--trainer.max_steps", "3"))
+        assert result.returncode == 0, result.stderr[-3000:]
+        checkpoint = tmp_path / name / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+        states[name] = torch.load(checkpoint, weights_only=False)
+    recipe, plain = states["recipe"], states["earlier"]
+    assert recipe["hyper_parameters"]["attention_mask"] == "causal"  # document masking measured no better
+    assert any(name.endswith("blocks.0.attn.q_norm.weight") for name in recipe["state_dict"])
+    muon, adamw, _gains = recipe["optimizer_states"][0]["param_groups"]
+    assert muon["hidden_matrices"] and muon["initial_lr"] == 0.02 and "momentum" in muon
+    assert tuple(adamw["betas"]) == (0.9, 0.99) and adamw["initial_lr"] == 0.002
+    assert plain["hyper_parameters"]["overrides"] is None
+    assert not any("q_norm" in name for name in plain["state_dict"])
+    groups = plain["optimizer_states"][0]["param_groups"]
+    assert [tuple(group["betas"]) for group in groups] == [(0.9, 0.95)] * 3 and groups[0]["initial_lr"] == 0.003

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from pretrain.checkpointing import PretrainCheckpoint
 from pretrain.module import PretrainModule
 from pretrain.optim import WarmupCosineLR
-from tests.helpers import run_quietly, scalars_by_step, tiny_fit_args
+from tests.helpers import ROOT, TINY_MODEL, run_quietly, scalars_by_step, tiny_fit_args
 
 STEPS = 60
 
@@ -69,20 +69,24 @@ def as_saved_by_earlier_versions(checkpoint: dict) -> dict:
     return checkpoint
 
 
-def test_a_checkpoint_of_an_earlier_version_resumes_exactly(corpus, prepared: Path, tmp_path: Path,
-                                                            reference: dict[int, float], run_cli) -> None:  # fmt: skip
-    first = run_cli(*fit_args(corpus[0], prepared, tmp_path, 30))
+def test_a_checkpoint_of_an_earlier_version_resumes_exactly(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:
+    adamw = ("--config", str(ROOT / "configs" / "adamw-cosine.yaml"), "--model.overrides", TINY_MODEL)  # as then
+    whole = run_cli(*fit_args(corpus[0], prepared, tmp_path / "whole", STEPS, *adamw))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = run_cli(*fit_args(corpus[0], prepared, tmp_path, 30, *adamw))
     assert first.returncode == 0, first.stderr[-3000:]
     saved = (tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt").resolve()
     torch.save(as_saved_by_earlier_versions(torch.load(saved, weights_only=False)), saved)
-    resumed = run_cli(*fit_args(corpus[0], prepared, tmp_path, STEPS, "--ckpt_path", "last"))  # the file rewritten
+    resumed = run_cli(*fit_args(corpus[0], prepared, tmp_path, STEPS, *adamw, "--ckpt_path", "last"))  # rewritten
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = scalars_by_step(tmp_path / "whole" / "quickstart" / "version_0", "train/loss")
     assert scalars_by_step(tmp_path / "quickstart" / "version_0", "train/loss") == reference  # bit-exact
 
 
 def test_extending_a_finished_run_stretches_its_schedule(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:
     """The schedule's length follows trainer.max_steps on resume, and its peak the configured LR."""
-    warmup = ("--model.lr_scheduler.init_args.warmup_steps", "4")
+    cosine = ("--config", str(ROOT / "configs" / "adamw-cosine.yaml"), "--model.overrides", TINY_MODEL)
+    warmup = (*cosine, "--model.lr_scheduler.init_args.warmup_steps", "4")
     for max_steps, extra in ((20, ()), (40, ("--ckpt_path", "last", "--model.optimizer.init_args.lr", "0.002"))):
         args = tiny_fit_args(corpus[0], prepared, tmp_path, "--trainer.max_steps", str(max_steps), *warmup, *extra)
         result = run_cli(*args)

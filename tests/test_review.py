@@ -87,9 +87,11 @@ def test_one_hparams_row_per_run_with_its_settings_and_final_metrics(run: Path, 
     number = {name: value.number_value for name, value in settings.items()}
     text = {name: value.string_value for name, value in settings.items()}
     assert number["tokens_per_step"] == TOKENS_PER_STEP and number["seq_len"] == 64 and number["devices"] == 1
-    assert number["lr"] == pytest.approx(0.003) and number["warmup_steps"] == 20 and number["vocab_size"] == 320
+    assert number["lr"] == pytest.approx(0.02)  # the quickstart's Muon rate
+    assert number["warmup_steps"] == 20 and number["vocab_size"] == 320
     assert number["parameters"] == 123_200 and text["preset"] == "tiny" and text["data"] == str(corpus[0])
-    assert (text["optimizer"], text["schedule"], text["precision"]) == ("AdamW", "WarmupCosineLR", "32-true")
+    assert text["optimizer"] == "MuonWithAdamW" and text["schedule"] == "WarmupStableDecayLR"
+    assert text["precision"] == "32-true"
     metrics = [info.name.tag for info in hparams_data(accumulator, "_hparams_/experiment").experiment.metric_infos]
     assert metrics == ["val/loss", "val/bpb", "eval/next_line/acc", "perf/tokens_per_sec"]
     for tag in metrics:  # the table shows each one's latest value: logged, the held-out ones at the last step

@@ -177,11 +177,11 @@ def train(configs: list[str], warmup: int = 5, steps: int = 100, args: list[str]
     tokens = timer.tokens_per_step * steps
     project = tokens / timer.seconds
     bare_speed = None
-    batch = next(iter(cli.datamodule.train_dataloader()))
+    masked = cli.model.hparams.attention_mask == "document"  # MFU counts the attention the mask leaves, as logged
+    batch = next(iter(cli.datamodule.train_dataloader())) if bare or masked else None
     if bare:
         bare_speed = tokens / bare_loop(cli, batch, warmup, steps)
     peak = peak_flops(device)
-    masked = cli.model.hparams.attention_mask == "document"  # MFU counts the attention the mask leaves, as logged
     per_token = flops_per_token(cli.model.config, float(causal_share(batch, cli.model.eos_id)) if masked else 1.0)
     result = {
         "config": " + ".join(configs),

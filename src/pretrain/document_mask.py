@@ -13,6 +13,8 @@ that ``scaled_dot_product_attention`` applies. Both are built outside any compil
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -22,15 +24,18 @@ AttentionMask = torch.Tensor | BlockMask  # (B, 1, T, T) booleans, or FlexAttent
 ATTENTION_MASKS = ("causal", "document")
 AttentionMaskName = Literal["causal", "document"]
 
-# Compiled once: in eager mode create_block_mask evaluates the mask over every (query, key) pair in Python-level
-# chunks, which would cost more than the attention it saves.
-_compiled_create_block_mask = torch.compile(create_block_mask)
+
+@functools.cache
+def compiled_create_block_mask() -> Callable[..., BlockMask]:
+    """Compiled once, on first use on CUDA: in eager mode create_block_mask evaluates the mask over every
+    (query, key) pair in Python-level chunks, which would cost more than the attention it saves."""
+    return torch.compile(create_block_mask)
 
 
 def document_ids(inputs: torch.Tensor, eot_id: int) -> torch.Tensor:
     """(B, T) inputs -> (B, T) int32: the index, within its row, of the document each token belongs to
     (the end-of-text tokens before it)."""
-    ends = (inputs == eot_id).int()
+    ends = (inputs.int() == eot_id).int()  # shards may hold uint16, which few CUDA kernels take
     return (ends.cumsum(dim=1, dtype=torch.int32) - ends).int()
 
 
@@ -49,7 +54,7 @@ def document_mask(inputs: torch.Tensor, eot_id: int, block_sparse: bool | None =
     def same_document_and_earlier(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         return (kv <= q) & (ids[b, q] == ids[b, kv])
 
-    build = _compiled_create_block_mask if inputs.is_cuda else create_block_mask
+    build = compiled_create_block_mask() if inputs.is_cuda else create_block_mask
     return build(same_document_and_earlier, ids.size(0), None, ids.size(1), ids.size(1), device=ids.device)
 
 

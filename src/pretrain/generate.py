@@ -26,7 +26,10 @@ def sample_next(
     if top_k:
         threshold = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < threshold, float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    probabilities = logits.softmax(-1)
+    if not torch.isfinite(probabilities).all():  # a diverged model's: no distribution to draw from
+        return int(logits.nan_to_num(nan=float("-inf")).argmax())
+    return int(torch.multinomial(probabilities, 1, generator=generator))
 
 
 @torch.no_grad()

@@ -53,7 +53,10 @@ class LossSpikeDetector:
         return {"values": self.values, "accepted": self.accepted}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.values, self.accepted = state.get("values"), state.get("accepted")
+        """The saved window, unless its length differs from this run's ``window``: then it starts afresh."""
+        values = state.get("values")
+        if values is not None and values.shape[1] == self.window:
+            self.values, self.accepted = values, state.get("accepted")
 
 
 def rollback_command(trainer: L.Trainer, first_spike: int, last_spike: int) -> str:

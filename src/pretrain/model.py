@@ -7,6 +7,7 @@ FSDP or the data pipeline, so the model can be tested, exported and reused on it
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -32,9 +33,12 @@ ATTENTION_KERNELS = {
     "math": SDPBackend.MATH,
 }
 
-# FlexAttention runs as a fused kernel only compiled (eagerly it materialises every score); inside a compiled
-# model this compiles with it.
-_compiled_flex_attention = torch.compile(flex_attention)
+
+@functools.cache
+def compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """FlexAttention runs as a fused kernel only compiled (eagerly it materialises every score); inside a compiled
+    model this compiles with it. Made on first use on CUDA, so importing the model compiles nothing."""
+    return torch.compile(flex_attention)
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,7 @@ class Attention(nn.Module):
             k, v = cache.append(k, v)  # (B, KV, past + T, D)
         gqa = self.n_kv_head != self.n_head
         if isinstance(mask, BlockMask):  # document masking on CUDA: only the blocks the mask keeps are computed
-            attend = _compiled_flex_attention if x.is_cuda else flex_attention
+            attend = compiled_flex_attention() if x.is_cuda else flex_attention
             # Contiguous: compiled, inductor may otherwise hand the kernel a layout it reads wrongly (measured on
             # CPU: logits off by 0.1 with rotated queries and keys; tests/test_document_mask.py).
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from pretrain.checkpointing import random_states, restore_random_states
@@ -19,6 +20,16 @@ from pretrain.model import Llama, LlamaConfig, next_token_loss, next_token_losse
 from pretrain.optim import param_groups, upgrade_parameter_groups
 from pretrain.parallel import build_training_model, clip_global_grad_norm
 from pretrain.step_guard import StepGuard
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of ``value`` over every process, queued on the device: no barrier (Lightning's ``reduce`` waits
+    at one, and with NCCL a barrier waits for the GPU)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    total = value.clone()
+    dist.all_reduce(total)  # a sum: gloo has no average
+    return total / dist.get_world_size()
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -39,7 +50,8 @@ class PretrainModule(L.LightningModule):
         compile_mode: ``torch.compile``'s mode; ``max-autotune-no-cudagraphs`` tunes Triton matmuls (minutes
             more compilation; measure). CUDA-graph modes are left out: a replay overwrites what the loop keeps.
         activation_checkpointing: Recompute each block's activations in backward instead of storing them.
-        attention_kernel: The ``scaled_dot_product_attention`` kernel tried first; None lets PyTorch pick.
+        attention_kernel: The ``scaled_dot_product_attention`` kernel tried first; None lets PyTorch pick. Not used
+            under ``attention_mask: document`` on CUDA, which runs FlexAttention.
         init_from: Start from these weights (a checkpoint or an exported folder) instead of random ones.
         max_nonfinite_steps: Consecutive non-finite steps skipped before the run stops (``StepGuard``).
         spike_window: Skip a step whose loss or gradient norm is more than ``spike_sigmas`` standard deviations
@@ -215,7 +227,7 @@ class PretrainModule(L.LightningModule):
         on_device = bool(optimizer.defaults.get("fused")) and not str(self.trainer.precision).startswith("16")
         loss = None
         if self._micro_batches:  # the step's loss, the same on every rank, so that all ranks skip alike
-            loss = self.trainer.strategy.reduce(self._step_loss / self._micro_batches, reduce_op="mean")
+            loss = mean_over_ranks(self._step_loss / self._micro_batches)
             self._micro_batches = 0
         read = self.step_guard.check(norm, loss, optimizer, on_device, read=self._writes_logs(), trainer=self.trainer)
         if read and self.step_guard.skipped:

@@ -92,6 +92,11 @@ class MuonWithAdamW(Optimizer):
         self._adamw.state = self.state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if any("momentum" not in group for group in state_dict["param_groups"][: self.muon_groups]):
+            raise UserError(
+                "This checkpoint's optimizer state is another optimizer's, which Muon cannot continue. Keep that "
+                "optimizer to resume, or start a run from its weights: --model.init_from <checkpoint>."
+            )
         super().load_state_dict(state_dict)  # makes new group dicts and state: share them again
         self._adamw.param_groups = self.param_groups[self.muon_groups :]
         self._adamw.state = self.state

@@ -52,8 +52,13 @@ def upgrade_parameter_groups(optimizer_state: dict[str, Any], tied_embeddings: b
     first and the LM head (when not tied) last among the matrices.
     """
     groups = optimizer_state.get("param_groups", [])
-    if len(groups) != 2 or not all(isinstance(index, int) for group in groups for index in group["params"]):
+    if len(groups) != 2:
         return
+    if not all(isinstance(index, int) for group in groups for index in group["params"]):
+        raise UserError(
+            "This checkpoint's optimizer state has the two parameter groups of earlier versions, saved sharded, "
+            "which cannot be regrouped. Start a run from its weights instead: --model.init_from <checkpoint>."
+        )
     matrices, gains = groups
     indices = matrices["params"]
     token_maps = indices[:1] if tied_embeddings else [indices[0], indices[-1]]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,8 @@ from pretrain.data.shards import verify_split
 from pretrain.data.skipping_loader import SkippingLoader
 from pretrain.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from pretrain.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class PretrainData(L.LightningDataModule):
@@ -49,7 +52,8 @@ class PretrainData(L.LightningDataModule):
             every source (seeded); the rest of the corpus is only encoded.
         skip_batches: Training micro-batches each process draws and discards before training goes on: after
             ``--ckpt_path``, from the restored position. A run stopped by loss spikes prints the number that
-            rolls back past their batches; 0 (the default) leaves resuming exact.
+            rolls back past their batches; 0 (the default) leaves resuming exact. Applied once: resuming a
+            checkpoint of the run that skipped them, with the same number, skips nothing.
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class PretrainData(L.LightningDataModule):
         if skip_batches < 0:
             raise UserError(f"data.skip_batches={skip_batches} must be 0 or more (micro-batches to discard).")
         self.skip_batches = skip_batches
+        self._skip_now = skip_batches > 0  # until a checkpoint shows this run already skipped them
         self.mixture = mixture
         self.mixture_loader: MixtureLoader | None = None  # the training loader of a mixture, once built
         if mixture is not None:
@@ -172,9 +177,17 @@ class PretrainData(L.LightningDataModule):
         tokenizer = load_tokenizer(self.tokenizer_path)
         return token_byte_lengths(tokenizer), eos_id(tokenizer)
 
-    def state_dict(self) -> dict[str, str]:
-        """Saved in every checkpoint, so generation and export need nothing but the checkpoint."""
-        return {"tokenizer_json": self.tokenizer_path.read_text()}
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the tokenizer, so generation and export need nothing but the checkpoint; and
+        ``skip_batches``, so that resuming a run that skipped them does not skip them again."""
+        return {"tokenizer_json": self.tokenizer_path.read_text(), "skipped_batches": self.skip_batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restored before the loaders are made: a checkpoint of a run started with this same ``skip_batches``
+        already stands past them (data.skip_batches applies to the resume it was given for)."""
+        if self.skip_batches and state.get("skipped_batches") == self.skip_batches:
+            log.info("data.skip_batches=%d: already skipped by the run this checkpoint comes from.", self.skip_batches)
+            self._skip_now = False
 
     def _verify(self, split: str) -> None:
         """Local shards are checked against their index now; litdata checks remote ones as it fetches them."""
@@ -208,7 +221,7 @@ class PretrainData(L.LightningDataModule):
             workers = self.num_workers and max(1, self.num_workers // len(self.train_sets))
             loaders = {name: self._loader(dataset, workers) for name, dataset in self.train_sets.items()}
             loader = self.mixture_loader = MixtureLoader(loaders, self.shares, self.batch_size)
-        return SkippingLoader(loader, self.skip_batches) if self.skip_batches else loader
+        return SkippingLoader(loader, self.skip_batches) if self._skip_now else loader
 
     def teardown(self, stage: str) -> None:
         """A mixture never runs out, so Lightning never finishes its loaders' iterators: their worker
