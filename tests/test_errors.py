@@ -285,8 +285,8 @@ def test_fused_optimizers_skip_on_the_device_and_stop_at_the_next_read(prepared:
 
 
 def test_diverging_run_exits_with_a_message(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:
-    result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, "--model.optimizer.init_args.lr", "1e30",
-                                    "--model.optimizer.init_args.adamw_lr", "1e30"))  # Muon's and AdamW's
+    huge = ("--model.optimizer.init_args.lr", "1e30", "--model.optimizer.init_args.adamw_lr", "1e30")  # Muon, AdamW
+    result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, *huge))
     assert result.returncode == 1
     assert_clean_failure(result, "error: The loss or gradients were non-finite for 6 steps in a row")
     assert (tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt").exists()
