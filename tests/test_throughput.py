@@ -46,15 +46,20 @@ def test_throughput_is_logged_once_per_interval_with_gradient_accumulation(corpu
     assert len(scalars(run_dir, "train/loss")) == 26  # one per optimizer step
 
 
-def test_validation_and_checkpoint_saves_are_left_out_of_the_throughput(monkeypatch: pytest.MonkeyPatch) -> None:
+def clocked_run(monkeypatch: pytest.MonkeyPatch, tag: str, interval: int, peak: float):
+    """A Throughput callback under a clock the test moves, and a trainer whose one logger keeps ``tag`` by step."""
     clock = SimpleNamespace(now=0.0)
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock.now)
     logged = {}
-    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.update({step: metrics["perf/tokens_per_sec"]}))
-    callback = throughput.Throughput(interval=4, peak_flops=1.0)
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.update({step: metrics[tag]}))
     trainer = SimpleNamespace(
         global_step=0, world_size=1, loggers=[logger], fit_loop=SimpleNamespace(_should_accumulate=lambda: False)
     )  # no accumulation
+    return clock, logged, throughput.Throughput(interval=interval, peak_flops=peak), trainer
+
+
+def test_validation_and_checkpoint_saves_are_left_out_of_the_throughput(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, logged, callback, trainer = clocked_run(monkeypatch, "perf/tokens_per_sec", interval=4, peak=1.0)
     module = SimpleNamespace(
         config=PRESETS["tiny"], device=torch.device("cpu"), hparams=SimpleNamespace(attention_mask="causal")
     )
@@ -75,14 +80,7 @@ def test_validation_and_checkpoint_saves_are_left_out_of_the_throughput(monkeypa
 
 
 def test_mfu_under_document_masking_counts_the_attention_the_mask_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock.now)
-    logged = {}
-    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.update({step: metrics["perf/mfu"]}))
-    callback = throughput.Throughput(interval=2, peak_flops=1e9)
-    trainer = SimpleNamespace(
-        global_step=0, world_size=1, loggers=[logger], fit_loop=SimpleNamespace(_should_accumulate=lambda: False)
-    )
+    clock, logged, callback, trainer = clocked_run(monkeypatch, "perf/mfu", interval=2, peak=1e9)
     hparams = SimpleNamespace(attention_mask="document")
     module = SimpleNamespace(config=PRESETS["tiny"], device=torch.device("cpu"), hparams=hparams, eos_id=0)
     callback.on_train_start(trainer, module)
