@@ -49,7 +49,7 @@ class MuonWithAdamW(Optimizer):
     query-key-value matrix is orthogonalised whole. Under FSDP2 each rank gathers the full momentum of a
     matrix, orthogonalises it and keeps its own rows; FSDP1, whose flat shards are no matrices, is refused.
 
-    With ``fused``, a step is skipped on the device where ``found_inf`` is set (the non-finite guard), as fused
+    With ``fused``, a step is skipped on the device where ``found_inf`` is set (the step guard), as fused
     AdamW does; otherwise the guard drops a bad step's gradients, and parameters without one are left alone.
 
     Args:
