@@ -73,7 +73,7 @@ def test_a_flagged_step_leaves_weights_and_state_alone_and_state_round_trips() -
     optimizer.step()
     before = copy.deepcopy((list(model.parameters()), optimizer.state_dict()))
     set_gradients(model, 5)
-    optimizer.found_inf = torch.tensor(1.0)  # as the non-finite guard sets it
+    optimizer.found_inf = torch.tensor(1.0)  # as the step guard sets it
     optimizer.step()
     for mine, saved in zip(model.parameters(), before[0], strict=True):
         torch.testing.assert_close(mine, saved, rtol=0, atol=0)

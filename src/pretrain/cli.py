@@ -141,12 +141,12 @@ def _unsafe_checkpoint(path: str | None) -> UserError:
 
 def _refuse_fp16_mixed(config: Namespace) -> None:
     """fp16 autocast needs a gradient scaler, and the scaled gradients would be what the clipping, the logged
-    ``train/grad_norm`` and the non-finite guard measure (the guard would also stop the run on the scaler's
+    ``train/grad_norm`` and the step guard measure (the guard would also stop the run on the scaler's
     normal overflow steps)."""
     if str(config.trainer.get("precision")) in ("16-mixed", "16"):
         raise UserError(
             "trainer.precision: 16-mixed is not supported: its gradient scaling would have the clipping and the "
-            "non-finite guard measure scaled gradients. Use bf16-mixed (A100, H100 and newer; also CPUs) or 32-true."
+            "step guard measure scaled gradients. Use bf16-mixed (A100, H100 and newer; also CPUs) or 32-true."
         )
 
 

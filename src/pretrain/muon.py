@@ -5,7 +5,7 @@ Muon (Keller Jordan, 2024) replaces each hidden matrix's momentum by the nearest
 modded-nanogpt's speed records train with it. It suits the matrices inside the blocks only: the
 embedding and the head map tokens, and gains are vectors, so those keep AdamW.
 
-One optimizer rather than two, so that the LR schedule, gradient clipping, the non-finite guard and
+One optimizer rather than two, so that the LR schedule, gradient clipping, the step guard and
 checkpoints see a single object. The AdamW part is ``torch.optim.AdamW`` itself (fused where asked),
 run on this optimizer's own groups and state.
 """
@@ -107,7 +107,7 @@ class MuonWithAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        skip = getattr(self, "found_inf", None)  # set by the non-finite guard (fused only): 1.0 leaves all as it is
+        skip = getattr(self, "found_inf", None)  # set by the step guard (fused only): 1.0 leaves all as it is
         if self.defaults["fused"]:
             self._adamw.found_inf = skip
         for group in self.param_groups[: self.muon_groups]:
