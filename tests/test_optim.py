@@ -138,7 +138,8 @@ def test_warmup_stable_decay_refuses_a_bad_fraction_or_shape() -> None:
 def test_warmup_stable_decay_from_the_command_line(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:
     init = "--model.lr_scheduler.init_args"
     schedule = ("--model.lr_scheduler", "pretrain.optim.WarmupStableDecayLR", f"{init}.warmup_steps", "2",
-                f"{init}.decay_shape", "sqrt", f"{init}.min_lr_ratio", "0.05")  # fmt: skip
+                f"{init}.decay_shape", "sqrt", f"{init}.min_lr_ratio", "0.05",
+                f"{init}.decay_fraction", "0.2")  # fmt: skip
     result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, *schedule, "--trainer.max_steps", "10"))
     assert result.returncode == 0, result.stderr[-3000:]
     logged = scalars_by_step(tmp_path / "quickstart" / "version_0", "train/lr")
