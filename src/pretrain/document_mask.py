@@ -21,7 +21,6 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 AttentionMask = torch.Tensor | BlockMask  # (B, 1, T, T) booleans, or FlexAttention's block-sparse form
-ATTENTION_MASKS = ("causal", "document")
 AttentionMaskName = Literal["causal", "document"]
 
 
@@ -36,7 +35,7 @@ def document_ids(inputs: torch.Tensor, eot_id: int) -> torch.Tensor:
     """(B, T) inputs -> (B, T) int32: the index, within its row, of the document each token belongs to
     (the end-of-text tokens before it)."""
     ends = (inputs.int() == eot_id).int()  # shards may hold uint16, which few CUDA kernels take
-    return (ends.cumsum(dim=1, dtype=torch.int32) - ends).int()
+    return ends.cumsum(dim=1, dtype=torch.int32) - ends
 
 
 def document_mask(inputs: torch.Tensor, eot_id: int, block_sparse: bool | None = None) -> AttentionMask:

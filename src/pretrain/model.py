@@ -357,9 +357,7 @@ def next_token_loss_and_z(
     mask: AttentionMask | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``next_token_loss`` and the z-loss term beside it (``cross_entropy_and_z``), for ``model.z_loss``."""
-    batch = batch.long()
-    logits = model(batch[:, :-1], mask=mask)  # (B, T, V)
-    return (loss_of_logits or cross_entropy_and_z)(logits, batch[:, 1:])
+    return next_token_loss(model, batch, loss_of_logits or cross_entropy_and_z, mask)
 
 
 def cross_entropy_and_z(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,7 +52,9 @@ class StepGuard:
         """
         self._last_judged = trainer.global_step
         nonfinite = ~torch.isfinite(norm)
-        spike = self.spikes.check(loss, norm) & ~nonfinite if self.spikes and loss is not None else nonfinite & False
+        spike = torch.zeros_like(nonfinite)
+        if self.spikes is not None and loss is not None:
+            spike = self.spikes.check(loss, norm) & ~nonfinite
         skip = nonfinite | spike
         if self._counts is None:
             self._counts = torch.tensor([self.skipped, self.in_a_row, self.spikes_in_a_row], device=norm.device)
