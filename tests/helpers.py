@@ -32,7 +32,7 @@ def tiny_fit_args(corpus_root: Path, data_dir: Path, logs: Path, *extra: str) ->
         "fit", "--config", QUICKSTART,
         "--data.sources", f"[{corpus_root}]", "--data.data_dir", str(data_dir),
         "--data.vocab_size", str(TINY_VOCAB), "--data.val_fraction", "0.1",
-        "--data.seq_len", "64", "--data.num_workers", "0",
+        "--data.seq_len", "64", "--data.num_workers", "0", "--model.compile", "false",
         "--model.overrides", TINY_MODEL,
         "--trainer.max_steps", "40", "--trainer.val_check_interval", "20", "--trainer.limit_val_batches", "2",
         "--trainer.log_every_n_steps", "1", "--trainer.logger.init_args.save_dir", str(logs),

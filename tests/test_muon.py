@@ -11,7 +11,7 @@ import torch
 
 from pretrain.errors import UserError
 from pretrain.model import Llama, LlamaConfig
-from pretrain.muon import MuonWithAdamW, orthogonalize
+from pretrain.muon import MuonWithAdamW, newton_schulz_dtype, orthogonalize, orthogonalize_each
 from pretrain.optim import WarmupCosineLR, param_groups
 
 CONFIG = LlamaConfig(vocab_size=64, seq_len=8, d_model=32, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=48)
@@ -31,8 +31,11 @@ def set_gradients(model: Llama, seed: int) -> None:
         param.grad = torch.randn(param.shape, generator=generator)
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(24, 64), (64, 24), (32, 32)])
-def test_orthogonalize_brings_every_singular_value_near_one_keeping_the_directions(shape) -> None:
+def test_orthogonalize_brings_every_singular_value_near_one_keeping_the_directions(shape, amx, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)  # bf16 iterations where AMX is
+    assert newton_schulz_dtype(torch.device("cpu")) == (torch.bfloat16 if amx else torch.float32)
     matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     result = orthogonalize(matrix)
     assert result.shape == matrix.shape
@@ -41,6 +44,18 @@ def test_orthogonalize_brings_every_singular_value_near_one_keeping_the_directio
     u, _, vh = torch.linalg.svd(matrix, full_matrices=False)
     cosine = (result * (u @ vh)).sum() / (result.norm() * (u @ vh).norm())
     assert cosine > 0.95
+
+
+@pytest.mark.parametrize("amx", [False, True], ids=["fp32", "bf16"])
+def test_matrices_orthogonalised_together_equal_each_alone(amx, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    generator = torch.Generator().manual_seed(2)
+    shapes = [(24, 64), (64, 24), (24, 64), (32, 32)]  # the tall one joins the wide ones, transposed
+    matrices = [torch.randn(*shape, generator=generator) for shape in shapes]
+    tolerance = 2e-2 if amx else 1e-5
+    for matrix, together in zip(matrices, orthogonalize_each(matrices, 5), strict=True):
+        assert together.shape == matrix.shape
+        torch.testing.assert_close(together, orthogonalize(matrix), atol=tolerance, rtol=tolerance)
 
 
 def test_hidden_matrices_take_orthogonalised_momentum_and_the_rest_takes_adamw() -> None:

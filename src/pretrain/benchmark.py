@@ -24,6 +24,7 @@ import yaml
 
 from pretrain import benchmark_data
 from pretrain.cli import PretrainCLI
+from pretrain.compile_check import compiles
 from pretrain.data import PretrainData
 from pretrain.errors import CommandParser, UserError, run_command
 from pretrain.module import PretrainModule
@@ -136,7 +137,7 @@ def bare_loop(cli: PretrainCLI, batch: torch.Tensor, warmup: int, steps: int) ->
     """Seconds for ``steps`` steps of a hand-written loop: (attention mask,) forward, loss, backward, clip, step."""
     module, trainer = cli.model, cli.trainer
     device = trainer.strategy.root_device
-    compile_mode = module.hparams.compile_mode if module.hparams.compile else None
+    compile_mode = module.hparams.compile_mode if compiles(module.hparams.compile, device) else None
     model, loss_fn = build_training_model(module.config, 0, device, compile_mode=compile_mode)  # as the module does
     model.activation_checkpointing = module.hparams.activation_checkpointing
     model.use_attention_kernel(module.hparams.attention_kernel)

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from pretrain.checkpointing import random_states, restore_random_states
+from pretrain.compile_check import CompileSetting, compiles
 from pretrain.document_mask import AttentionMask, AttentionMaskName, document_mask
 from pretrain.errors import UserError
 from pretrain.loading import load_weights, raise_on_mismatch
@@ -46,7 +47,8 @@ class PretrainModule(L.LightningModule):
         seq_len: Set from the data module; not typed in configs.
         optimizer: Built over the model's parameter groups (weight decay on matrices only).
         lr_scheduler: Built over the optimizer and stepped once per optimizer step.
-        compile: ``torch.compile`` the model (with its loss) when it is built.
+        compile: ``torch.compile`` the model (with its loss) when it is built; ``auto``: where the machine can (a CPU
+            needs a C++ compiler for it), eagerly elsewhere.
         compile_mode: ``torch.compile``'s mode; ``max-autotune-no-cudagraphs`` tunes Triton matmuls (minutes
             more compilation; measure). CUDA-graph modes are left out: a replay overwrites what the loop keeps.
         activation_checkpointing: Recompute each block's activations in backward instead of storing them.
@@ -73,7 +75,7 @@ class PretrainModule(L.LightningModule):
         seq_len: int = 256,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: LRSchedulerCallable | None = None,
-        compile: bool = False,
+        compile: CompileSetting = False,
         compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = "default",
         activation_checkpointing: bool = False,
         attention_kernel: Literal["cudnn", "flash", "efficient", "math"] | None = None,
@@ -87,7 +89,7 @@ class PretrainModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        if compile_mode != "default" and not compile:
+        if compile_mode != "default" and compile is False:
             raise UserError(f"model.compile_mode: {compile_mode} has no effect without model.compile: true; set both.")
         try:
             self.config = LlamaConfig.from_preset(preset, vocab_size=vocab_size, seq_len=seq_len, **(overrides or {}))
@@ -120,7 +122,8 @@ class PretrainModule(L.LightningModule):
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None  # FSDP2's ranks
         device = self.trainer.strategy.root_device if mesh else torch.get_default_device()  # the strategy's
         bf16 = mesh is not None and str(self.trainer.precision).startswith("bf16")  # FSDP2 gathers in bf16
-        compile_mode = self.hparams.compile_mode if self.hparams.compile else None
+        target = self._trainer.strategy.root_device if self._trainer is not None else torch.get_default_device()
+        compile_mode = self.hparams.compile_mode if compiles(self.hparams.compile, target) else None
         self.model, self.loss_fn = build_training_model(
             self.config, seed, device, mesh, torch.bfloat16 if bf16 else None, compile_mode, weights,
             with_z_loss=self.hparams.z_loss > 0,

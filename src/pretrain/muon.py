@@ -26,18 +26,51 @@ from pretrain.errors import UserError
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 
 
-def orthogonalize(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """An approximation of U V^T for ``matrix`` = U S V^T, by Newton-Schulz iterations (bf16 on GPUs)."""
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware multiplies it natively (GPUs; CPUs with AMX: several times fp32's speed there),
+    fp32 elsewhere: a CPU without AMX multiplies bf16 no faster, and one without AVX-512 about 100x slower."""
+    if device.type == "cuda":
+        return torch.bfloat16
+    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    return torch.bfloat16 if device.type == "cpu" and has_amx() else torch.float32
+
+
+def orthogonalize(matrices: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """An approximation of U V^T for each ``matrix`` = U S V^T of ``matrices`` (rows, cols) or (N, rows, cols),
+    by Newton-Schulz iterations in ``newton_schulz_dtype``."""
     a, b, c = NEWTON_SCHULZ
-    x = matrix.to(torch.bfloat16 if matrix.is_cuda else torch.float32)
-    tall = x.size(0) > x.size(1)
+    x = matrices.to(newton_schulz_dtype(matrices.device))
+    single = x.ndim == 2
+    if single:
+        x = x.unsqueeze(0)
+    tall = x.size(1) > x.size(2)
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
-    x = x / (x.norm() + eps)  # the spectral norm is at most the Frobenius norm: now at most 1
+    x = x / (x.norm(dim=(1, 2), keepdim=True) + eps)  # the spectral norm is at most the Frobenius norm: now <= 1
     for _ in range(steps):
         gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x.mT if tall else x).to(matrix.dtype)
+        polynomial = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b * gram + c * gram @ gram, one call
+        x = torch.baddbmm(x, polynomial, x, beta=a)  # a * x + polynomial @ x
+    x = x.mT if tall else x
+    return (x.squeeze(0) if single else x).to(matrices.dtype)
+
+
+def orthogonalize_each(directions: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+    """``orthogonalize`` each matrix, those of one shape (transposed where tall) in one batched call: on two
+    cores, three calls for a model's twenty matrices take a third less time than twenty calls."""
+    results: list[torch.Tensor | None] = [None] * len(directions)
+    same_shape: dict[tuple[Any, ...], list[int]] = {}
+    for index, direction in enumerate(directions):
+        if isinstance(direction, DTensor):
+            results[index] = _orthogonalize_whole(direction, steps)
+        else:
+            wide = direction.mT if direction.size(0) > direction.size(1) else direction
+            same_shape.setdefault((wide.shape, wide.device, wide.dtype), []).append(index)
+    for indices in same_shape.values():
+        wide = [directions[i].mT if directions[i].size(0) > directions[i].size(1) else directions[i] for i in indices]
+        for index, result in zip(indices, orthogonalize(torch.stack(wide), steps).unbind(0), strict=True):
+            results[index] = result.mT if directions[index].size(0) > directions[index].size(1) else result
+    return results  # type: ignore[return-value]
 
 
 class MuonWithAdamW(Optimizer):
@@ -111,20 +144,25 @@ class MuonWithAdamW(Optimizer):
         if self.defaults["fused"]:
             self._adamw.found_inf = skip
         for group in self.param_groups[: self.muon_groups]:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._muon_update(param, group, skip)
+            params = [param for param in group["params"] if param.grad is not None]
+            momenta = [self._momentum(param, group) for param in params]
+            updates = orthogonalize_each([direction for _, direction in momenta], group["ns_steps"])
+            for param, (new_buffer, _), update in zip(params, momenta, updates, strict=True):
+                self._apply(param, group, new_buffer, update, skip)
         self._adamw.step()
         return loss
 
-    def _muon_update(self, param: torch.Tensor, group: dict[str, Any], skip: torch.Tensor | None) -> None:
+    def _momentum(self, param: torch.Tensor, group: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new momentum buffer and the direction to orthogonalise (Nesterov's look-ahead or the buffer)."""
         state = self.state[param]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(param.grad)
-        buffer, momentum = state["momentum_buffer"], group["momentum"]
-        new_buffer = buffer * momentum + param.grad
-        direction = param.grad + momentum * new_buffer if group["nesterov"] else new_buffer
-        update = _orthogonalize_whole(direction, group["ns_steps"])
+        new_buffer = state["momentum_buffer"] * group["momentum"] + param.grad
+        return new_buffer, param.grad + group["momentum"] * new_buffer if group["nesterov"] else new_buffer
+
+    def _apply(self, param: torch.Tensor, group: dict[str, Any], new_buffer: torch.Tensor, update: torch.Tensor,
+               skip: torch.Tensor | None) -> None:  # fmt: skip
+        buffer = self.state[param]["momentum_buffer"]
         lr, rows, cols = group["lr"], param.size(0), param.size(1)
         step = update * (lr * math.sqrt(max(1.0, rows / cols)))
         shrink = 1 - lr * group["weight_decay"]
