@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from pretrain.errors import UserError
 from pretrain.metrics import HeldOutLoss
-from pretrain.model import LlamaConfig
+from pretrain.model import LlamaConfig, next_token_losses
 from pretrain.module import PretrainModule
 from pretrain.parallel import build_sharded_model
 from tests.helpers import TINY_VOCAB
@@ -95,7 +95,8 @@ def test_the_compile_mode_reaches_torch_compile(monkeypatch: pytest.MonkeyPatch)
     module = PretrainModule(overrides=TINY, vocab_size=TINY_VOCAB, seq_len=16, compile=True,
                             compile_mode="max-autotune-no-cudagraphs")  # fmt: skip
     module.configure_model()
-    assert modes == ["max-autotune-no-cudagraphs"] * 2  # the training loss, and the held-out losses per token
+    assert modes == ["max-autotune-no-cudagraphs"]  # the training loss; held-out scoring is compiled on GPUs only
+    assert module.held_out_losses_fn is next_token_losses
 
 
 def test_fsdp2_compiles_each_block_in_the_compile_mode(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

@@ -143,12 +143,13 @@ class MuonWithAdamW(Optimizer):
         skip = getattr(self, "found_inf", None)  # set by the step guard (fused only): 1.0 leaves all as it is
         if self.defaults["fused"]:
             self._adamw.found_inf = skip
+        keep = None if skip is None else skip.bool()
         for group in self.param_groups[: self.muon_groups]:
             params = [param for param in group["params"] if param.grad is not None]
             momenta = [self._momentum(param, group) for param in params]
             updates = orthogonalize_each([direction for _, direction in momenta], group["ns_steps"])
             for param, (new_buffer, _), update in zip(params, momenta, updates, strict=True):
-                self._apply(param, group, new_buffer, update, skip)
+                self._apply(param, group, new_buffer, update, keep)
         self._adamw.step()
         return loss
 
@@ -157,22 +158,24 @@ class MuonWithAdamW(Optimizer):
         state = self.state[param]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(param.grad)
-        new_buffer = state["momentum_buffer"] * group["momentum"] + param.grad
-        return new_buffer, param.grad + group["momentum"] * new_buffer if group["nesterov"] else new_buffer
+        momentum = group["momentum"]
+        new_buffer = torch.add(param.grad, state["momentum_buffer"], alpha=momentum)
+        return new_buffer, torch.add(param.grad, new_buffer, alpha=momentum) if group["nesterov"] else new_buffer
 
     def _apply(self, param: torch.Tensor, group: dict[str, Any], new_buffer: torch.Tensor, update: torch.Tensor,
-               skip: torch.Tensor | None) -> None:  # fmt: skip
+               keep: torch.Tensor | None) -> None:  # fmt: skip
+        """Decay and step ``param`` and keep ``new_buffer``; where ``keep`` is set, leave both as they are. Few
+        elementwise calls: on small matrices each call's overhead costs more than its arithmetic."""
         buffer = self.state[param]["momentum_buffer"]
         lr, rows, cols = group["lr"], param.size(0), param.size(1)
-        step = update * (lr * math.sqrt(max(1.0, rows / cols)))
+        scale = -lr * math.sqrt(max(1.0, rows / cols))
         shrink = 1 - lr * group["weight_decay"]
-        if skip is None:
+        if keep is None:
             buffer.copy_(new_buffer)
-            param.mul_(shrink).sub_(step)
+            param.mul_(shrink).add_(update, alpha=scale)
             return
-        keep = skip.bool()
-        buffer.copy_(torch.where(keep, buffer, new_buffer))
-        param.copy_(torch.where(keep, param, param * shrink - step))
+        torch.where(keep, buffer, new_buffer, out=buffer)
+        torch.where(keep, param, param.mul(shrink).add_(update, alpha=scale), out=param)
 
 
 def _orthogonalize_whole(direction: torch.Tensor, steps: int) -> torch.Tensor:
