@@ -120,9 +120,9 @@ class PretrainModule(L.LightningModule):
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         weights = load_weights(self.hparams.init_from, self.config) if self.hparams.init_from else None
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None  # FSDP2's ranks
-        device = self.trainer.strategy.root_device if mesh else torch.get_default_device()  # the strategy's
-        bf16 = mesh is not None and str(self.trainer.precision).startswith("bf16")  # FSDP2 gathers in bf16
         target = self._trainer.strategy.root_device if self._trainer is not None else torch.get_default_device()
+        device = target if mesh else torch.get_default_device()  # sharded: made on the strategy's device
+        bf16 = mesh is not None and str(self.trainer.precision).startswith("bf16")  # FSDP2 gathers in bf16
         compile_mode = self.hparams.compile_mode if compiles(self.hparams.compile, target) else None
         self.model, self.loss_fn = build_training_model(
             self.config, seed, device, mesh, torch.bfloat16 if bf16 else None, compile_mode, weights,

@@ -59,17 +59,18 @@ def orthogonalize_each(directions: list[torch.Tensor], steps: int) -> list[torch
     """``orthogonalize`` each matrix, those of one shape (transposed where tall) in one batched call: on two
     cores with AMX, three bf16 calls for the tiny preset's twenty matrices took 11 ms where twenty took 28 ms."""
     results: list[torch.Tensor | None] = [None] * len(directions)
+    tall = [direction.size(0) > direction.size(1) for direction in directions]
+    wide = [direction.mT if is_tall else direction for direction, is_tall in zip(directions, tall, strict=True)]
     same_shape: dict[tuple[Any, ...], list[int]] = {}
-    for index, direction in enumerate(directions):
+    for index, direction in enumerate(wide):
         if isinstance(direction, DTensor):
-            results[index] = _orthogonalize_whole(direction, steps)
+            results[index] = _orthogonalize_whole(directions[index], steps)
         else:
-            wide = direction.mT if direction.size(0) > direction.size(1) else direction
-            same_shape.setdefault((wide.shape, wide.device, wide.dtype), []).append(index)
+            same_shape.setdefault((direction.shape, direction.device, direction.dtype), []).append(index)
     for indices in same_shape.values():
-        wide = [directions[i].mT if directions[i].size(0) > directions[i].size(1) else directions[i] for i in indices]
-        for index, result in zip(indices, orthogonalize(torch.stack(wide), steps).unbind(0), strict=True):
-            results[index] = result.mT if directions[index].size(0) > directions[index].size(1) else result
+        together = orthogonalize(torch.stack([wide[i] for i in indices]), steps).unbind(0)
+        for index, result in zip(indices, together, strict=True):
+            results[index] = result.mT if tall[index] else result
     return results  # type: ignore[return-value]
 
 
