@@ -18,15 +18,17 @@ from pretrain.data.shards import iter_documents
 from pretrain.errors import UserError
 from pretrain.evals.callback import MultipleChoice
 from pretrain.evals.scoring import (
-    IGNORED,
-    Row,
-    batch_tensors,
-    continuation_loglikelihoods,
+    batch_of,
+    choice_scores,
     count_correct,
     encode_pairs,
     scoring_rows,
+    shared_row,
+    single_row,
+    token_loglikelihoods,
 )
 from pretrain.evals.tasks import Question, read_task
+from pretrain.model import Llama, LlamaConfig
 from tests.conftest import TRAINED_STEPS
 from tests.helpers import HostReads, scalars_by_step, scalars_tags, tiny_fit_args
 
@@ -112,23 +114,63 @@ def test_rows_keep_the_continuation_and_cut_the_context_from_the_left(prepared: 
     tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
     question = Question("the cat " * 40, ("sees", "eats a big tree"), (4, 15), 1)
     rows = scoring_rows([question], tokenizer, 16, 0)
+    assert len(rows) == 2  # cut to fit, the contexts differ: each choice has a row of its own
     for row in rows:
-        assert len(row.inputs) == 16  # max_length + 1 tokens, the last one dropped
-        whole = tokenizer.encode(question.context.rstrip() + " " + question.continuations[row.choice]).ids
-        assert row.inputs + whole[-1:] == whole[-17:] and row.targets == whole[len(whole) - len(row.targets) :]
+        (choice,) = {choice for choice, _, _ in row.scored}
+        assert len(row.tokens) == 16 and row.positions == list(range(16)) and set(row.branches) == {0}
+        whole = tokenizer.encode(question.context.rstrip() + " " + question.continuations[choice]).ids
+        assert row.tokens + whole[-1:] == whole[-17:]  # max_length + 1 tokens, the last one dropped
+        targets = [target for _, _, target in row.scored]
+        assert targets == whole[len(whole) - len(targets) :]
+        assert all((row.tokens + whole[-1:])[at + 1] == target for _, at, target in row.scored)
     with pytest.raises(UserError, match=r"^mine.jsonl, line 7: choice 1 is \d+ tokens .* each must be 1 to 2 tokens"):
         scoring_rows([dataclasses.replace(question, line=7)], tokenizer, 2, 0, "mine.jsonl")
 
 
-def test_scores_sum_each_continuations_log_probabilities() -> None:
-    batch = [Row(0, 0, [5, 6, 7], [8, 9]), Row(0, 1, [5], [4])]
-    inputs, targets = batch_tensors(batch)
-    assert inputs.tolist() == [[5, 6, 7], [5, 0, 0]]
-    assert targets.tolist() == [[IGNORED, 8, 9], [4, IGNORED, IGNORED]]
-    logits = torch.randn(2, 3, 12)
-    log_probs = logits.log_softmax(-1)
-    expected = torch.stack([log_probs[0, 1, 8] + log_probs[0, 2, 9], log_probs[1, 0, 4]])
-    torch.testing.assert_close(continuation_loglikelihoods(logits, targets), expected)
+def test_a_question_s_choices_share_one_row_when_they_fit(prepared: Path) -> None:
+    tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    question = Question("The cat ", ("sees", "eats a big tree", "x"), (4, 15, 1), 1)
+    (row,) = scoring_rows([question], tokenizer, 64, 0)
+    for choice, text in enumerate(question.continuations):
+        whole = tokenizer.encode("The cat " + text).ids
+        context = tokenizer.encode("The cat").ids
+        # What the choice's branch sees, at the positions it would have alone, predicts what it would predict.
+        seen = [i for i, branch in enumerate(row.branches) if branch in (0, choice + 1)]
+        assert [row.tokens[i] for i in seen] == whole[:-1]
+        assert [row.positions[i] for i in seen] == list(range(len(whole) - 1))
+        scored = [(at, target) for c, at, target in row.scored if c == choice]
+        assert [target for _, target in scored] == whole[len(context) :]
+        assert [row.tokens[i] for i in seen].index(row.tokens[scored[0][0]]) == len(context) - 1
+
+
+TINY = LlamaConfig(vocab_size=50, seq_len=24, d_model=32, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=48)
+
+
+def test_shared_rows_score_each_choice_as_it_scores_alone() -> None:
+    """Rows of both kinds and lengths in one padded batch: each choice's summed log-probability equals that of
+    its own sequence, run alone through the model."""
+    torch.manual_seed(0)
+    model = Llama(TINY).eval()
+    model.init_weights(0)
+    generator = torch.Generator().manual_seed(3)
+
+    def tokens(count: int) -> list[int]:
+        return torch.randint(1, TINY.vocab_size, (count,), generator=generator).tolist()
+
+    questions = [(tokens(5), [tokens(3), tokens(1), tokens(6)]), (tokens(11), [tokens(2), tokens(4)]),
+                 (tokens(30), [tokens(4), tokens(2)])]  # fmt: skip
+    rows = [shared_row(0, *questions[0]), shared_row(1, *questions[1])]
+    rows += [single_row(2, choice, questions[2][0], continuation, TINY.seq_len)  # the context cut to fit
+             for choice, continuation in enumerate(questions[2][1])]  # fmt: skip
+    scores = torch.zeros(3, 3)
+    with torch.no_grad():
+        choice_scores(token_loglikelihoods(model, batch_of(rows)), batch_of(rows).places, scores)
+        for number, (context, continuations) in enumerate(questions):
+            for choice, continuation in enumerate(continuations):
+                whole = (context + continuation)[-(TINY.seq_len + 1) :]
+                log_probs = model(torch.tensor([whole[:-1]]))[0].log_softmax(-1)
+                alone = sum(log_probs[len(whole) - 1 - len(continuation) + i, t] for i, t in enumerate(continuation))
+                torch.testing.assert_close(scores[number, choice], alone, atol=1e-5, rtol=1e-5)
 
 
 def test_counts_take_the_first_of_tied_choices_and_normalize_by_characters() -> None:

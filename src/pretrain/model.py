@@ -116,13 +116,16 @@ def rope_cache(seq_len: int, head_dim: int, base: float, device: torch.device | 
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x[i], x[i + D/2]) by its position's angle; x is (B, H, T, D), rope (T, D/2, 2).
+    """Rotate each pair (x[i], x[i + D/2]) by its position's angle; x is (B, H, T, D), rope (T, D/2, 2) or, where
+    each row has its own positions, (B, T, D/2, 2).
 
     The half-split pairing is Llama's (Hugging Face's ``rotate_half``), so exported weights need
     no permutation.
     """
     x1, x2 = x.float().chunk(2, dim=-1)  # (B, H, T, D/2) each
-    cos, sin = rope[..., 0], rope[..., 1]  # (T, D/2)
+    cos, sin = rope[..., 0], rope[..., 1]  # (T, D/2), or (B, T, D/2) for positions of each row
+    if rope.ndim == 4:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D/2): the same for every head
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).type_as(x)
 
 
@@ -244,26 +247,37 @@ class Llama(nn.Module):
         self.activation_checkpointing = False
 
     def forward(
-        self, idx: torch.Tensor, cache: list[LayerCache] | None = None, mask: AttentionMask | None = None
+        self,
+        idx: torch.Tensor,
+        cache: list[LayerCache] | None = None,
+        mask: AttentionMask | None = None,
+        positions: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token ids (B, T) -> next-token logits (B, T, padded_vocab_size).
 
         With ``cache`` (from ``new_cache()``), ``idx`` continues the tokens seen so far. ``mask``
-        (``pretrain.document_mask``) replaces causal attention, e.g. to keep packed documents apart.
+        (``pretrain.document_mask``, or any (B, 1, T, T) booleans) replaces causal attention, e.g. to keep
+        packed documents apart. ``positions`` (B, T), each below ``seq_len``, replace 0..T-1 in the rotary
+        embedding: with a mask, several sequences that share a prefix can share a row. ``logits_at``, indices
+        into the B * T positions (repeats allowed), returns only their logits, (N, padded_vocab_size): scoring
+        a few tokens of each row then skips most of the LM head.
         """
         if cache is not None and mask is not None:
             raise ValueError("An attention mask applies to a whole block, not to incremental decoding with a cache.")
         start = 0 if cache is None else len(cache[0])
-        if start + idx.size(1) > self.config.seq_len:
+        if positions is None and start + idx.size(1) > self.config.seq_len:
             raise ValueError(f"{start + idx.size(1)} tokens exceed seq_len={self.config.seq_len}")
-        rope = self.rope[start : start + idx.size(1)]
+        rope = self.rope[start : start + idx.size(1)] if positions is None else self.rope[positions]
         x = self.embed(idx)  # (B, T, C)
         for i, block in enumerate(self.blocks):
             if self.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, rope, None, mask, use_reentrant=False)
             else:
                 x = block(x, rope, None if cache is None else cache[i], mask)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        if logits_at is not None:
+            x = x.flatten(0, 1)[logits_at]  # (N, C)
+        return self.lm_head(self.norm(x))  # (B, T, V) or (N, V)
 
     def use_attention_kernel(self, name: str | None) -> None:
         """Try this attention kernel first (a key of ``ATTENTION_KERNELS``), the others in that

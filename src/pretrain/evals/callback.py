@@ -15,21 +15,11 @@ from tokenizers import Tokenizer
 from pretrain.callbacks import gathered_weights
 from pretrain.data.tokenizer import eos_id, load_tokenizer
 from pretrain.errors import UserError
-from pretrain.evals.scoring import batch_tensors, continuation_loglikelihoods, count_correct, scoring_rows
+from pretrain.evals.scoring import Batch, batch_of, choice_scores, count_correct, scoring_rows, token_loglikelihoods
 from pretrain.evals.tasks import Question, read_task
 
 log = logging.getLogger(__name__)
 DATA_DIR = "{data_dir}"  # in a task path: the run's data.data_dir, where preparation writes the built-in task
-
-
-@dataclass
-class Batch:
-    """Rows of one forward pass, made once on the host: token ids, continuation targets, and the (question,
-    choice) each row scores."""
-
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    places: torch.Tensor
 
 
 @dataclass
@@ -41,6 +31,7 @@ class RankShare:
     batches: list[Batch]
     calls: int  # forward calls every rank makes (the most any rank needs): sharded models gather in each
     lengths: torch.Tensor  # (Q, C) characters per choice of this rank's questions
+    absent: torch.Tensor  # (Q, C) where a question has fewer choices than the task's most
     answers: torch.Tensor  # (Q,)
 
 
@@ -57,7 +48,8 @@ class MultipleChoice(L.Callback):
             ``{data_dir}/evals/next_line.jsonl``, the task preparation writes from the validation documents.
         limit: Score only each file's first ``limit`` questions (lm-evaluation-harness's ``--limit``).
         every_n_validations: Score at every n-th validation of a training run (always in ``validate``).
-        batch_size: Choices scored per forward pass.
+        batch_size: Rows per forward pass: a row holds a question's choices (sharing their context), or one
+            choice where its context had to be cut to the model's length.
     """
 
     def __init__(
@@ -119,22 +111,24 @@ class MultipleChoice(L.Callback):
         every rank alike. ``pinned``: host tensors in page-locked memory, copied to the GPU without waiting."""
         host = torch.Tensor.pin_memory if pinned else lambda tensor: tensor
         world, rank = trainer.world_size, trainer.global_rank
-        rows = [row for row in scoring_rows(questions, tokenizer, max_length, prefix, source)
-                if row.question % world == rank]  # fmt: skip
+        every_row = scoring_rows(questions, tokenizer, max_length, prefix, source)
+        rows = [row for row in every_row if row.question % world == rank]
         mine = questions[rank::world]  # question q is this rank's (q // world)-th
-        most_rows = max(sum(len(q.continuations) for q in questions[r::world]) for r in range(world))
+        most_rows = max(sum(row.question % world == r for row in every_row) for r in range(world))
         widest = max(len(q.continuations) for q in questions)
         lengths = torch.ones(len(mine), widest, dtype=torch.float64)
+        absent = torch.ones(len(mine), widest, dtype=torch.bool)
         for number, question in enumerate(mine):
             lengths[number, : len(question.lengths)] = torch.tensor(question.lengths, dtype=torch.float64)
+            absent[number, : len(question.lengths)] = False
         batches = []
         for start in range(0, len(rows), self.batch_size):
-            part = rows[start : start + self.batch_size]
-            places = torch.tensor([[row.question // world, row.choice] for row in part])
-            batches.append(Batch(*map(host, (*batch_tensors(part), places))))
+            batch = batch_of(rows[start : start + self.batch_size])
+            batch.places[:, 0] //= world  # question q is this rank's (q // world)-th
+            batches.append(batch.apply(host))
         answers = torch.tensor([q.answer for q in mine], dtype=torch.long)
         calls = math.ceil(most_rows / self.batch_size)
-        return RankShare(name, len(questions), batches, calls, host(lengths), host(answers))
+        return RankShare(name, len(questions), batches, calls, host(lengths), host(absent), host(answers))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -158,7 +152,7 @@ class MultipleChoice(L.Callback):
     def correct(self, share: RankShare, trainer: L.Trainer, pl_module: L.LightningModule) -> torch.Tensor:
         """``[acc, acc_norm]`` counts of this rank's questions, on the device (nothing read back here)."""
         device = pl_module.device
-        scores = torch.full(tuple(share.lengths.shape), float("-inf"), device=device)
+        scores = torch.zeros(tuple(share.lengths.shape), device=device)
         model = pl_module.model
         # Shapes change with every batch: run eagerly rather than compile each one.
         with torch.no_grad(), torch.compiler.set_stance("force_eager"), gathered_weights(trainer.strategy.model):
@@ -166,15 +160,13 @@ class MultipleChoice(L.Callback):
                 if call >= len(share.batches):  # this rank has run out: a token through, for the ranks that gather
                     model(torch.zeros(1, 1, dtype=torch.long, device=device))
                     continue
-                batch = share.batches[call]
-                inputs, targets, places = (
-                    t.to(device, non_blocking=True) for t in (batch.inputs, batch.targets, batch.places)
-                )
+                batch = share.batches[call].apply(lambda tensor: tensor.to(device, non_blocking=True))
                 with trainer.precision_plugin.forward_context():
-                    logits = model(inputs)
-                scores[places[:, 0], places[:, 1]] = continuation_loglikelihoods(logits, targets)
-        lengths, answers = share.lengths.to(device, non_blocking=True), share.answers.to(device, non_blocking=True)
-        return count_correct(scores, lengths, answers)
+                    choice_scores(token_loglikelihoods(model, batch), batch.places, scores)
+        lengths, absent, answers = (
+            tensor.to(device, non_blocking=True) for tensor in (share.lengths, share.absent, share.answers)
+        )
+        return count_correct(scores.masked_fill_(absent, float("-inf")), lengths, answers)
 
     def state_dict(self) -> dict[str, Any]:
         return {"validations": self.validations}
