@@ -14,8 +14,9 @@ from pretrain import generate as generate_module
 from pretrain.data.tokenizer import eos_id
 from pretrain.errors import UserError
 from pretrain.export import export
-from pretrain.generate import generate
+from pretrain.generate import generate, generate_each, generate_rows
 from pretrain.loading import load_checkpoint, load_model, load_tokenizer_from_checkpoint
+from pretrain.model import Llama, LlamaConfig
 from pretrain.module import PretrainModule
 from tests.helpers import tiny_fit_args
 
@@ -41,6 +42,24 @@ def test_cached_generation_matches_recomputing_everything(trained: Path) -> None
         for _ in range(15):
             tokens.append(int(model(torch.tensor([tokens]))[0, -1, : model.config.vocab_size].argmax()))
     assert cached == tokens[len(prompt) :]
+
+
+def test_prompts_decoded_together_continue_as_each_alone() -> None:
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=40, seq_len=24, d_model=32, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=48))
+    model.init_weights(0)
+    prompts = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    alone = [generate(model, prompt, 12) for prompt in prompts]
+    assert generate_rows(model, prompts, 12, [0.0] * 3) == alone
+    stop = alone[0][4]  # row 0 stops there; a row that never writes it runs to the end
+    alone = [generate(model, prompt, 12, stop_id=stop) for prompt in prompts]
+    assert len(alone[0]) <= 5 and generate_rows(model, prompts, 12, [0.0] * 3, stop_id=stop) == alone
+    # Mixed lengths and limits: grouped by length, each cut to its own limit; the context's end stops them all.
+    requests = [([1, 2], 0.0, 30), ([3, 4, 5], 0.0, 4), ([6, 7], 0.0, 3)]
+    assert generate_each(model, requests) == [generate(model, ids, limit) for ids, _, limit in requests]
+    assert len(generate_each(model, requests)[0]) == 22  # seq_len 24 minus the prompt's 2 tokens
+    sampled = [generate_each(model, [([1, 2], 1.0, 8)] * 2, 5, None, torch.Generator().manual_seed(3)) for _ in "ab"]
+    assert sampled[0] == sampled[1] and sampled[0][0] != sampled[0][1]  # seeded; each row draws its own tokens
 
 
 def test_sharded_checkpoint_folder_is_read_like_a_file(trained: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from pretrain._compat import ends_optimizer_step
 from pretrain.data.shards import iter_documents
 from pretrain.data.tokenizer import eos_id
-from pretrain.generate import continue_text, generate
+from pretrain.generate import continuation_text, generate_each, prompt_ids
 
 
 class TextSamples(L.Callback):
@@ -27,7 +27,8 @@ class TextSamples(L.Callback):
     text), and the start of a few held-out documents with the model's greedy continuation beside the real one.
 
     Every rank generates (sharded models need all ranks in each forward); rank 0 logs. With a KV
-    cache and a few dozen tokens this costs a fraction of one validation.
+    cache, the continuations of prompts of one length decoded together, and a few dozen tokens, this costs a
+    fraction of one validation.
 
     Args:
         prompts: Texts to continue; an empty string starts a new document.
@@ -67,18 +68,20 @@ class TextSamples(L.Callback):
     def samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, list[tuple[str, ...]]]:
         """Rows of both tables, on every rank: (prompt, greedy, sampled) and (shown, the model's, the real)."""
         model, tokenizer, eos = pl_module.model, self.tokenizer, eos_id(self.tokenizer)
-        prompts, documents = [], []
+        requests = []  # (prompt ids, temperature, tokens): each prompt greedy and sampled, then the documents
+        for prompt in self.prompts:
+            ids = prompt_ids(tokenizer, prompt)
+            requests += [(ids, 0.0, self.max_new_tokens), (ids, self.temperature, self.max_new_tokens)]
+        requests += [(shown, 0.0, len(real)) for shown, real in self.documents]
         with torch.no_grad(), torch.compiler.set_stance("force_eager"), gathered_weights(trainer.strategy.model):
             # New shapes at each token: run eagerly rather than recompile.
             generator = torch.Generator(model.embed.weight.device).manual_seed(self.seed)
-            for prompt in self.prompts:
-                greedy = continue_text(model, tokenizer, prompt, self.max_new_tokens)
-                sampled = continue_text(model, tokenizer, prompt, self.max_new_tokens, self.temperature, self.top_k,
-                                        generator)  # fmt: skip
-                prompts.append((prompt, greedy, sampled))
-            for shown, real in self.documents:
-                written = generate(model, shown, len(real), stop_id=eos)
-                documents.append((decode(tokenizer, shown), decode(tokenizer, written), decode(tokenizer, real)))
+            written = generate_each(model, requests, self.top_k, eos, generator)
+        continued = iter(written)
+        texts = (continuation_text(tokenizer, next(continued)) for _ in range(2 * len(self.prompts)))
+        prompts = [(prompt, next(texts), next(texts)) for prompt in self.prompts]  # greedy, then sampled
+        documents = [(decode(tokenizer, shown), decode(tokenizer, next(continued)), decode(tokenizer, real))
+                     for shown, real in self.documents]  # fmt: skip
         return {"prompts": prompts, "documents": documents}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -32,7 +32,6 @@ def sample_next(
     return int(torch.multinomial(probabilities, 1, generator=generator))
 
 
-@torch.no_grad()
 def generate(
     model: Llama,
     prompt: list[int],
@@ -46,22 +45,82 @@ def generate(
 
     Stops after ``max_new_tokens``, at ``stop_id``, or when the context (``seq_len``) is full.
     """
-    if not prompt:
+    return generate_rows(model, [prompt], max_new_tokens, [temperature], top_k, stop_id, generator)[0]
+
+
+@torch.no_grad()
+def generate_rows(
+    model: Llama,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperatures: list[float],
+    top_k: int | None = None,
+    stop_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """``generate`` for prompts of one length, each at its own temperature, decoded together: one forward pass
+    per token for all of them, where a small model's pass costs its calls' overhead more than its arithmetic.
+    A row that reaches ``stop_id`` stops there; the others go on."""
+    if not prompts[0]:
         raise UserError("The prompt encodes to no tokens.")
-    room = model.config.seq_len - len(prompt)
+    if len({len(prompt) for prompt in prompts}) != 1:
+        raise ValueError("generate_rows decodes prompts of one length together; group them by length.")
+    room = model.config.seq_len - len(prompts[0])
     if room <= 0:
-        raise UserError(f"The prompt has {len(prompt)} tokens; the model reads at most {model.config.seq_len}.")
+        raise UserError(f"The prompt has {len(prompts[0])} tokens; the model reads at most {model.config.seq_len}.")
     device = model.embed.weight.device
     cache = model.new_cache()
-    logits = model(torch.tensor([prompt], device=device), cache)[0, -1]
-    new: list[int] = []
-    for _ in range(min(max_new_tokens, room)):
-        token = sample_next(logits[: model.config.vocab_size], temperature, top_k, generator)
-        new.append(token)
-        if token == stop_id or len(new) == room:
+    logits = model(torch.tensor(prompts, device=device), cache)[:, -1]  # (rows, V)
+    new: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    steps = min(max_new_tokens, room)
+    for step in range(steps):
+        tokens = [stop_id if done else sample_next(row_logits[: model.config.vocab_size], temperature, top_k, generator)
+                  for row_logits, temperature, done in zip(logits, temperatures, stopped, strict=True)]  # fmt: skip
+        for row, token in enumerate(tokens):
+            if not stopped[row]:
+                new[row].append(token)
+                stopped[row] = token == stop_id
+        if all(stopped) or step == steps - 1:
             break
-        logits = model(torch.tensor([[token]], device=device), cache)[0, -1]
+        logits = model(torch.tensor([[token] for token in tokens], device=device), cache)[:, -1]
     return new
+
+
+def generate_each(
+    model: Llama,
+    requests: list[tuple[list[int], float, int]],
+    top_k: int | None = None,
+    stop_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """The continuation of each (prompt, temperature, max_new_tokens), those whose prompts have one length
+    decoded together (``generate_rows``)."""
+    by_length: dict[int, list[int]] = {}
+    for index, (prompt, _, _) in enumerate(requests):
+        by_length.setdefault(len(prompt), []).append(index)
+    results: list[list[int]] = [[] for _ in requests]
+    for indices in by_length.values():
+        longest = max(requests[index][2] for index in indices)
+        temperatures = [requests[index][1] for index in indices]
+        rows = generate_rows(model, [requests[index][0] for index in indices], longest, temperatures, top_k, stop_id,
+                             generator)  # fmt: skip
+        for index, row in zip(indices, rows, strict=True):
+            results[index] = row[: requests[index][2]]
+    return results
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """``prompt``'s token ids as in training (special-token strings are text); an empty prompt starts a new
+    document."""
+    tokenizer.encode_special_tokens = True
+    return tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else [eos_id(tokenizer)]
+
+
+def continuation_text(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """The text of generated ``ids``, the end-of-text token left out."""
+    eos = eos_id(tokenizer)
+    return tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=False)
 
 
 def continue_text(
@@ -74,11 +133,9 @@ def continue_text(
     generator: torch.Generator | None = None,
 ) -> str:
     """The text the model writes after ``prompt`` (an empty prompt starts a new document)."""
-    eos = eos_id(tokenizer)
-    tokenizer.encode_special_tokens = True  # as in training: special-token strings in a prompt are text
-    ids = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else [eos]
-    new = generate(model, ids, max_new_tokens, temperature, top_k, stop_id=eos, generator=generator)
-    return tokenizer.decode([t for t in new if t != eos], skip_special_tokens=False)
+    ids = generate(model, prompt_ids(tokenizer, prompt), max_new_tokens, temperature, top_k, eos_id(tokenizer),
+                   generator)  # fmt: skip
+    return continuation_text(tokenizer, ids)
 
 
 def print_continuation(
