@@ -126,6 +126,13 @@ def test_a_deterministic_run_does_not_fill_new_tensors(corpus, prepared: Path, t
         torch.use_deterministic_algorithms(False)
 
 
+def test_the_progress_bar_shows_four_significant_digits(monkeypatch) -> None:
+    """As TensorBoard's figures read: Lightning's bar alone would show val/bpb 1.6833 as 1.680."""
+    shown = {"val/bpb": 1.6833, "val/ppl": 76.596, "v_num": 0}
+    monkeypatch.setattr(TQDMProgressBar, "get_metrics", lambda self, trainer, module: dict(shown))
+    assert LossProgressBar().get_metrics(None, None) == {"val/bpb": "1.683", "val/ppl": "76.6", "v_num": 0}
+
+
 def test_a_smoke_run_shorter_than_the_warmup_fits_the_schedule(corpus, prepared: Path, run_cli) -> None:
     result = run_cli(*tiny_fit_args(corpus[0], prepared, Path("logs"), "--trainer.max_steps", "3"))
     assert result.returncode == 0, result.stderr[-3000:]
