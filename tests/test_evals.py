@@ -164,7 +164,8 @@ def test_shared_rows_score_each_choice_as_it_scores_alone() -> None:
              for choice, continuation in enumerate(questions[2][1])]  # fmt: skip
     scores = torch.zeros(3, 3)
     with torch.no_grad():
-        choice_scores(token_loglikelihoods(model, batch_of(rows)), batch_of(rows).places, scores)
+        batch = batch_of(rows)
+        choice_scores(token_loglikelihoods(model, batch), batch.places, scores)
         for number, (context, continuations) in enumerate(questions):
             for choice, continuation in enumerate(continuations):
                 whole = (context + continuation)[-(TINY.seq_len + 1) :]

@@ -77,11 +77,10 @@ class TextSamples(L.Callback):
             # New shapes at each token: run eagerly rather than recompile.
             generator = torch.Generator(model.embed.weight.device).manual_seed(self.seed)
             written = generate_each(model, requests, self.top_k, eos, generator)
-        continued = iter(written)
-        texts = (continuation_text(tokenizer, next(continued)) for _ in range(2 * len(self.prompts)))
-        prompts = [(prompt, next(texts), next(texts)) for prompt in self.prompts]  # greedy, then sampled
-        documents = [(decode(tokenizer, shown), decode(tokenizer, next(continued)), decode(tokenizer, real))
-                     for shown, real in self.documents]  # fmt: skip
+        texts = [continuation_text(tokenizer, ids) for ids in written[: 2 * len(self.prompts)]]
+        prompts = list(zip(self.prompts, texts[0::2], texts[1::2], strict=True))  # greedy, then sampled
+        documents = [(decode(tokenizer, shown), decode(tokenizer, ids), decode(tokenizer, real))
+                     for (shown, real), ids in zip(self.documents, written[len(texts) :], strict=True)]  # fmt: skip
         return {"prompts": prompts, "documents": documents}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

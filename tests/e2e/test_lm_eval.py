@@ -101,7 +101,8 @@ def test_callback_accuracy_equals_lm_evaluation_harness_on_the_exported_model(
             "<|endoftext|>"))  # fmt: skip
         scores = torch.zeros(len(questions), max(len(q.continuations) for q in questions))
         with torch.no_grad():  # a question's choices share a row where they share their context
-            choice_scores(token_loglikelihoods(model, batch_of(rows)), batch_of(rows).places, scores)
+            batch = batch_of(rows)
+            choice_scores(token_loglikelihoods(model, batch), batch.places, scores)
         for number, question in enumerate(questions):
             for choice in range(len(question.continuations)):
                 their = their_scores[task][number][choice]
