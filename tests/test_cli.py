@@ -128,9 +128,10 @@ def test_a_deterministic_run_does_not_fill_new_tensors(corpus, prepared: Path, t
 
 def test_the_progress_bar_shows_four_significant_digits(monkeypatch) -> None:
     """As TensorBoard's figures read: Lightning's bar alone would show val/bpb 1.6833 as 1.680."""
-    shown = {"val/bpb": 1.6833, "val/ppl": 76.596, "v_num": 0}
+    shown = {"val/bpb": 1.6833, "val/ppl": 76.596, "val/loss": 4.9, "v_num": 0}
     monkeypatch.setattr(TQDMProgressBar, "get_metrics", lambda self, trainer, module: dict(shown))
-    assert LossProgressBar().get_metrics(None, None) == {"val/bpb": "1.683", "val/ppl": "76.6", "v_num": 0}
+    expected = {"val/bpb": "1.683", "val/ppl": "76.60", "val/loss": "4.900", "v_num": 0}
+    assert LossProgressBar().get_metrics(None, None) == expected
 
 
 def test_a_smoke_run_shorter_than_the_warmup_fits_the_schedule(corpus, prepared: Path, run_cli) -> None:

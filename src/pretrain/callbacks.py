@@ -181,9 +181,9 @@ class LossProgressBar(TQDMProgressBar):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        """Numbers to four significant digits, as text: Lightning's bar would show three, padded with a zero
-        (a ``val/bpb`` of 1.6833 as 1.680), which reads as a figure other than TensorBoard's."""
+        """Numbers to four significant digits, as text, trailing zeros kept (1.9 as 1.900): Lightning's bar
+        would show three, padded with a zero (a ``val/bpb`` of 1.6833 as 1.680), a figure TensorBoard never shows."""
         metrics = super().get_metrics(trainer, pl_module)
         if self.loss is not None:
             metrics["loss"] = f"{self.loss:.3f}"
-        return {name: f"{value:.4g}" if isinstance(value, float) else value for name, value in metrics.items()}
+        return {name: f"{value:#.4g}" if isinstance(value, float) else value for name, value in metrics.items()}
