@@ -29,7 +29,6 @@ from pretrain.callbacks import LossProgressBar
 from pretrain.checkpointing import PretrainCheckpoint, find_last_checkpoint
 from pretrain.data import PretrainData
 from pretrain.errors import Interrupted, LoaderWorkerDied, UserError, run_command
-from pretrain.host_memory import keep_freed_memory
 from pretrain.module import PretrainModule
 from pretrain.run_review import RunReview
 from pretrain.sharded import check_sharded_folder
@@ -69,7 +68,6 @@ class PretrainCLI(LightningCLI):
         ``trainer.deterministic`` also makes PyTorch fill every new tensor (with NaN) before an op writes it, in
         case an op reads memory it never wrote; none of the model's or optimizer's ops does, and the fills cost
         7-10% of a quickstart step on two cores, so they are turned off (the runs stay bit for bit repeatable).
-        On the CPU, freed memory stays in the process for the next step to reuse (``host_memory``).
         """
         trainer_config = self._get(self.config_init, "trainer", default={})
         callbacks = trainer_config.get("callbacks") or []
@@ -82,8 +80,6 @@ class PretrainCLI(LightningCLI):
             kwargs["callbacks"] = [*callbacks, *added]
         trainer = super().instantiate_trainer(**kwargs)
         torch.utils.deterministic.fill_uninitialized_memory = False  # after the trainer set the deterministic mode
-        if trainer.strategy.root_device.type == "cpu":
-            keep_freed_memory()
         return trainer
 
     def fit(self, model: PretrainModule, ckpt_path: str | None = None, **kwargs: Any) -> None:

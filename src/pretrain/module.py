@@ -14,6 +14,7 @@ from pretrain.checkpointing import random_states, restore_random_states
 from pretrain.compile_check import CompileSetting, compiles
 from pretrain.document_mask import AttentionMask, AttentionMaskName, document_mask
 from pretrain.errors import UserError
+from pretrain.host_memory import keep_freed_memory
 from pretrain.loading import load_weights, raise_on_mismatch
 from pretrain.loss_spikes import LossSpikeDetector
 from pretrain.metrics import HeldOutMetrics
@@ -159,6 +160,12 @@ class PretrainModule(L.LightningModule):
             self._step_loss = loss.detach() if self._micro_batches == 0 else self._step_loss + loss.detach()
             self._micro_batches += 1
         return total
+
+    def on_fit_start(self) -> None:
+        """On the CPU every step frees and allocates its activations again: keep the freed pages for the next
+        (``host_memory``). Only from here on: the data's preparation, before, gives its memory back."""
+        if self.device.type == "cpu":
+            keep_freed_memory()
 
     def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
         if 0 < self.trainer.max_steps <= self.global_step:
