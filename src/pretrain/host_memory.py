@@ -5,7 +5,7 @@ serves the next request with fresh pages that the kernel must zero on first touc
 and re-allocates its activations and logits each time: on the quickstart, 15,000-24,000 page faults per step,
 49-62 ms of kernel time across two cores in a step of about 300 ms. Serving every block from the heap and
 never trimming it keeps those pages mapped; the process then holds its peak memory, which a CPU run reaches at
-every step anyway, plus the heap's fragmentation (the quickstart's peak: 1.40 GB where it was 1.30 GB). GPU
+every step anyway, plus the heap's fragmentation (the quickstart's peak: 1.36-1.55 GB where it was 1.30). GPU
 runs keep glibc's defaults: their host memory peaks once (loading a checkpoint) and should go back.
 """
 
