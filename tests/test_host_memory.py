@@ -13,9 +13,8 @@ import torch
 from pretrain.host_memory import M_MMAP_MAX, M_TRIM_THRESHOLD, keep_freed_memory
 from tests.helpers import tiny_fit_args
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc 2.33+"
-)
+LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # the C library this process runs on
+pytestmark = pytest.mark.skipif(not hasattr(LIBC, "mallinfo2"), reason="glibc 2.33+")
 M_MMAP_THRESHOLD = -3
 
 
@@ -28,14 +27,13 @@ class MallInfo2(ctypes.Structure):
 
 def mapped_bytes() -> int:
     """Bytes in blocks that glibc made mappings of their own (and unmaps when they are freed)."""
-    mallinfo2 = ctypes.CDLL(None).mallinfo2
-    mallinfo2.restype = MallInfo2
-    return mallinfo2().hblkhd
+    LIBC.mallinfo2.restype = MallInfo2
+    return LIBC.mallinfo2().hblkhd
 
 
 def restore_glibc_defaults() -> None:
     """glibc's starting settings (held fixed: glibc stops raising its thresholds once they are set)."""
-    mallopt = ctypes.CDLL(None).mallopt
+    mallopt = LIBC.mallopt
     assert mallopt(M_MMAP_MAX, 65536) and mallopt(M_TRIM_THRESHOLD, 128 << 10) and mallopt(M_MMAP_THRESHOLD, 128 << 10)
 
 
