@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e.test_preemption import wait_for_checkpoint
+from tests.e2e.test_preemption import kill_with_its_children, wait_for_checkpoint
 from tests.helpers import ROOT, scalars_by_step
 from tests.test_resume import STEPS, fit_args
 
@@ -32,7 +32,11 @@ def torchrun(corpus, prepared: Path, logs: Path, *extra: str, restarts: int = 0)
 
 
 def finished(process: subprocess.Popen, timeout: float = 300) -> str:
-    _, stderr = process.communicate(timeout=timeout)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_with_its_children(process)
+        pytest.fail(f"torchrun did not finish in {timeout:.0f} s; output: {process.communicate(timeout=60)[1][-3000:]}")
     assert process.returncode == 0, stderr[-3000:]
     return stderr
 
