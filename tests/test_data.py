@@ -130,6 +130,18 @@ def test_datamodule_serves_blocks_of_seq_len_plus_one(prepared: Path) -> None:
     assert torch.equal(all_tokens[start : start + 17], batch[0].long())  # a contiguous slice of the stream
 
 
+def test_held_out_blocks_are_read_without_loader_workers(prepared: Path) -> None:
+    """A worker forked at each validation would make the training process's pages fault again (datamodule.py)."""
+    data = PretrainData(data_dir=str(prepared), seq_len=16, batch_size=4, num_workers=2, vocab_size=TINY_VOCAB)
+    data.setup("fit")
+    batches = 0
+    for batch in data.val_dataloader():
+        assert not multiprocessing.active_children()  # read here, by no forked worker
+        assert batch.shape == (4, 17)
+        batches += 1
+    assert batches > 0
+
+
 def test_datamodule_refuses_a_data_dir_without_manifest(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"manifest\.json is missing"):
         PretrainData(data_dir=str(tmp_path)).setup("fit")
