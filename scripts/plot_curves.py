@@ -9,9 +9,14 @@ folder; needs matplotlib (the ``dev`` extra).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-import matplotlib
+try:
+    import matplotlib
+except ModuleNotFoundError:
+    print('error: plot_curves.py needs matplotlib (training does not): pip install -e ".[dev]"', file=sys.stderr)
+    raise SystemExit(2) from None
 
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt
