@@ -161,12 +161,6 @@ class PretrainModule(L.LightningModule):
             self._micro_batches += 1
         return total
 
-    def on_fit_start(self) -> None:
-        """On the CPU every step frees and allocates its activations again: keep the freed pages for the next
-        (``host_memory``). Only from here on: the data's preparation, before, gives its memory back."""
-        if self.device.type == "cpu":
-            keep_freed_memory()
-
     def on_train_batch_end(self, outputs: Any, batch: torch.Tensor, batch_idx: int) -> None:
         if 0 < self.trainer.max_steps <= self.global_step:
             self.trainer.should_stop = True  # Lightning then validates this last step, whatever the interval
@@ -182,7 +176,13 @@ class PretrainModule(L.LightningModule):
         return (self.global_step + 1) % (self.trainer.log_every_n_steps or 50) == 0
 
     def setup(self, stage: str) -> None:
-        """The bytes each token stands for, from the data's tokenizer, for bits per byte (none without it)."""
+        """The bytes each token stands for, from the data's tokenizer, for bits per byte (none without it).
+
+        On the CPU every step, and every held-out batch, frees and allocates its activations again: the freed pages
+        are kept for the next (``host_memory``), from here on only: the data's preparation, before, gives its
+        memory back."""
+        if self.trainer.strategy.root_device.type == "cpu":
+            keep_freed_memory()
         table = getattr(self.trainer.datamodule, "token_byte_table", None)
         if table is not None and self.token_bytes is None:
             lengths, self.eos_id = table()
