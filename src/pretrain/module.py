@@ -178,9 +178,9 @@ class PretrainModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """The bytes each token stands for, from the data's tokenizer, for bits per byte (none without it).
 
-        On the CPU every step, and every held-out batch, frees and allocates its activations again: the freed pages
-        are kept for the next (``host_memory``), from here on only: the data's preparation, before, gives its
-        memory back."""
+        On the CPU, where each step and each held-out batch frees and allocates its activations again, freed pages
+        are kept for the next one (``host_memory``): from here on only, so that the data's preparation, which
+        comes before, still gives its memory back."""
         if self.trainer.strategy.root_device.type == "cpu":
             keep_freed_memory()
         table = getattr(self.trainer.datamodule, "token_byte_table", None)

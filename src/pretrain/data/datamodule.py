@@ -233,7 +233,7 @@ class PretrainData(L.LightningDataModule):
     def val_dataloader(self) -> StreamingDataLoader | list[StreamingDataLoader]:
         """Read in this process: held-out blocks are read in order, a few ms for the quickstart's whole split, while
         a worker forked at each validation makes every page this process writes fault once while it lives (the
-        quickstart's held-out loss: 100 ms per batch with one, 78 ms without)."""
+        quickstart's held-out loss: 100 ms per batch with one, 78-79 ms without; docs/design.md)."""
         loaders = [self._loader(dataset, workers=0) for dataset in self.val_sets.values()]
         return loaders if len(loaders) > 1 else loaders[0]
 
