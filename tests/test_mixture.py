@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing
 import re
@@ -15,8 +16,9 @@ from tokenizers import Tokenizer
 
 from pretrain.cli import data_module_from_args
 from pretrain.data import PretrainData
+from pretrain.data.block_loader import BlockLoader
+from pretrain.data.block_reader import BlockReader
 from pretrain.data.mixture import check_mixture
-from pretrain.data.mixture_loader import MixtureLoader
 from pretrain.errors import UserError
 from tests.helpers import TINY_VOCAB, Result, scalars_by_step, tiny_fit_args
 
@@ -35,14 +37,24 @@ def test_each_dataset_is_built_with_the_shared_tokenizer_and_the_manifest_says_h
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 72
 
 
+def mixture_loader(mixture: dict, built: Path, **options: int) -> BlockLoader:
+    data = PretrainData(mixture=mixture, data_dir=str(built), vocab_size=TINY_VOCAB, val_fraction=0.1,
+                        **{"seq_len": 16, "batch_size": 8, "num_workers": 0, **options})  # fmt: skip
+    data.setup("fit")
+    return data.train_dataloader()
+
+
+def first_batches(loader: BlockLoader, count: int) -> list[torch.Tensor]:
+    """The loader's first ``count`` batches, over as many of its iterators (Lightning's epochs) as it takes."""
+    return list(itertools.islice(itertools.chain.from_iterable(itertools.repeat(loader)), count))
+
+
 def test_training_samples_follow_the_weights_and_the_seed(mixture: dict, built: Path) -> None:
     def stream(seed: int, workers: int = 0) -> list[list[int]]:
-        data = PretrainData(mixture=mixture, data_dir=str(built), vocab_size=TINY_VOCAB, val_fraction=0.1,
-                            seq_len=16, batch_size=8, num_workers=workers, seed=seed)  # fmt: skip
-        data.setup("fit")
-        loader = data.train_dataloader()
-        sequences = [seq for _, batch in zip(range(60), loader, strict=False) for seq in batch.tolist()]
-        assert loader.state_dict()["digits"]["loader"]["current_epoch"] > 1  # ran out and restarted on its own
+        loader = mixture_loader(mixture, built, seed=seed, num_workers=workers)
+        sequences = [seq for batch in first_batches(loader, 60) for seq in batch.tolist()]
+        digits = list(mixture).index("digits")
+        assert loader.state.taken[digits] > loader.reader.sizes[digits]  # ran out and went on with its next pass
         return sequences
 
     decode = Tokenizer.from_file(str(built / "tokenizer.json")).decode
@@ -57,60 +69,21 @@ def test_training_samples_follow_the_weights_and_the_seed(mixture: dict, built: 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_the_mixture_loader_resumes_exactly_wherever_it_stopped(mixture: dict, built: Path, workers: int) -> None:
-    """Stopped after n batches, with one more fetched ahead as Lightning does, before and after the
-    digits have run out and restarted (about every 33 batches here)."""
-
-    def loader() -> MixtureLoader:
-        data = PretrainData(mixture=mixture, data_dir=str(built), vocab_size=TINY_VOCAB, val_fraction=0.1,
-                            seq_len=16, batch_size=8, num_workers=workers)  # fmt: skip
-        data.setup("fit")
-        return data.train_dataloader()
-
-    reference = [batch for _, batch in zip(range(60), loader(), strict=False)]
+    """Stopped after n batches, before and after the digits have run out and started their next pass (about every
+    33 batches here); the loader's workers draw batches ahead of the ones handed out."""
+    reference = first_batches(mixture_loader(mixture, built, num_workers=workers), 60)
     for n in (10, 45):
-        stopped = loader()
-        batches = iter(stopped)
-        for _ in range(n + 1):
-            next(batches)
-        resumed = loader()
+        stopped = mixture_loader(mixture, built, num_workers=workers)
+        first_batches(stopped, n)
+        resumed = mixture_loader(mixture, built, num_workers=workers)
         resumed.load_state_dict(stopped.state_dict())
-        rest = [batch for _, batch in zip(range(60 - n), resumed, strict=False)]
+        rest = first_batches(resumed, 60 - n)
         assert all(torch.equal(a, b) for a, b in zip(reference[n:], rest, strict=True)), n
 
 
-def test_a_resume_on_another_number_of_processes_skips_the_unused_samples_with_a_warning(
-    mixture: dict, built: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    def loader() -> MixtureLoader:
-        data = PretrainData(mixture=mixture, data_dir=str(built), vocab_size=TINY_VOCAB, val_fraction=0.1,
-                            seq_len=16, batch_size=8, num_workers=0)  # fmt: skip
-        data.setup("fit")
-        return data.train_dataloader()
-
-    stopped = loader()
-    batches = iter(stopped)
-    next(batches), next(batches)  # one batch trained on, one fetched ahead
-    state = stopped.state_dict()
-    assert [len(part["buffer"]) for part in state.values()] == [1, 1]  # one process: its own unused samples
-    assert any(part["buffer"][0] is not None for part in state.values())
-    two_processes = {name: {**part, "buffer": part["buffer"] * 2} for name, part in state.items()}
-    resumed = loader()
-    resumed.load_state_dict(two_processes)
-    assert "saved by 2 process(es) and resumes on 1" in caplog.text
-    assert all(not buffer for buffer in resumed._buffers)  # skipped, not another rank's samples
-    older = {name: {**part, "buffer": part["buffer"][0]} for name, part in state.items()}  # before per-rank buffers
-    from_older, from_current = loader(), loader()
-    from_older.load_state_dict(older)
-    from_current.load_state_dict(state)
-    assert torch.equal(next(iter(from_older)), next(iter(from_current)))
-
-
-def test_a_dataset_smaller_than_a_batch_is_refused_with_the_fix(mixture: dict, built: Path) -> None:
-    data = PretrainData(mixture=mixture, data_dir=str(built), vocab_size=TINY_VOCAB, val_fraction=0.1,
-                        seq_len=64, batch_size=200, num_workers=0)  # fmt: skip
-    data.setup("fit")
-    with pytest.raises(UserError, match="fewer samples than one batch of 200"):
-        next(iter(data.train_dataloader()))
+def test_a_dataset_without_one_whole_block_is_refused_with_the_fix(mixture: dict, built: Path) -> None:
+    with pytest.raises(UserError, match=r"digits/train holds fewer than 100001 tokens in every chunk.*data.seq_len"):
+        mixture_loader(mixture, built, seq_len=100_000)
 
 
 def test_new_weights_reuse_the_build_and_the_manifest_follows(mixture: dict, built: Path, tmp_path: Path) -> None:
@@ -153,12 +126,13 @@ def check_mixture_resume(
     assert len(reference) == 16
     assert scalars_by_step(tmp_path / "halves" / "quickstart" / "version_0", "train/loss") == reference
 
-    def digits_epoch(step: int) -> int:
+    def digits_pass(step: int) -> int:
         path = tmp_path / "whole" / "quickstart" / "version_0" / "checkpoints" / f"step={step:07d}.ckpt"
         state = torch.load(path, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-        return state["digits"]["loader"]["current_epoch"]
+        blocks = BlockReader([built / "digits" / "train"], state["block_len"]).sizes[0]
+        return state["taken"][state["datasets"].index("digits")] // blocks
 
-    assert digits_epoch(16) > digits_epoch(11)
+    assert digits_pass(16) > digits_pass(11)
 
 
 def test_a_mixture_run_resumes_exactly(mixture: dict, built: Path, tmp_path: Path, run_cli) -> None:

@@ -1,14 +1,18 @@
 """A remote data_dir, offline: litdata's ``local:`` URLs take the same path as ``s3://`` (fetch the
-manifest and tokenizer into a cache, stream the chunks through it) without a network."""
+manifest and tokenizer into a cache, then every chunk under the build's identity) without a network."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from pretrain.data import PretrainData
+from pretrain.data.build import prepare
+from pretrain.data.identity import build_identity
 from pretrain.errors import UserError
 from tests.helpers import TINY_VOCAB, scalars, tiny_fit_args
 
@@ -22,7 +26,7 @@ def first_batches(data_dir: str, cache_dir: Path | None = None, n: int = 3) -> l
     return [batch for _, batch in zip(range(n), data.train_dataloader(), strict=False)]
 
 
-def test_a_remote_build_streams_the_same_batches_through_the_cache(prepared: Path, tmp_path: Path) -> None:
+def test_a_remote_build_serves_the_same_batches_from_its_copy_in_the_cache(prepared: Path, tmp_path: Path) -> None:
     before = sorted(p.relative_to(prepared) for p in prepared.rglob("*"))
     cache = tmp_path / "cache"
     remote = first_batches(f"local:{prepared}", cache)
@@ -30,8 +34,24 @@ def test_a_remote_build_streams_the_same_batches_through_the_cache(prepared: Pat
     assert all(torch.equal(a, b) for a, b in zip(remote, local, strict=True))
     assert (cache / "manifest.json").read_bytes() == (prepared / "manifest.json").read_bytes()
     assert (cache / "tokenizer.json").read_bytes() == (prepared / "tokenizer.json").read_bytes()
-    assert any((cache / "train").rglob("*.bin"))  # the chunks read were streamed into the cache
+    copy = cache / build_identity(json.loads((prepared / "manifest.json").read_text()))
+    for chunk in (prepared / "train").glob("*.bin"):  # every chunk, under the build's identity
+        assert (copy / "train" / chunk.name).read_bytes() == chunk.read_bytes()
     assert sorted(p.relative_to(prepared) for p in prepared.rglob("*")) == before  # the build is only read
+
+
+def test_a_build_uploaded_again_under_the_same_url_is_never_served_from_the_older_copy(
+    corpus, prepared: Path, tmp_path: Path
+) -> None:
+    bucket, cache = tmp_path / "bucket", tmp_path / "cache"
+    shutil.copytree(prepared, bucket)
+    before = [batch.tolist() for batch in first_batches(f"local:{bucket}", cache)]
+    shutil.rmtree(bucket)
+    prepare([str(corpus[0])], str(bucket), vocab_size=TINY_VOCAB, val_fraction=0.1, chunk_bytes="2KB")  # another build
+    after = [batch.tolist() for batch in first_batches(f"local:{bucket}", cache)]
+    assert after == [batch.tolist() for batch in first_batches(str(bucket))]
+    assert before != after
+    assert len(list(cache.glob("*/train"))) == 2  # one copy per build
 
 
 def test_a_remote_folder_without_a_finished_build_is_refused_with_the_fix(tmp_path: Path) -> None:

@@ -162,16 +162,6 @@ class PretrainCheckpoint(ModelCheckpoint):
             return False
         return trainer.strategy.reduce_boolean_decision(self._received is not None, all=False)
 
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        # After a mid-epoch resume, litdata's StreamingDataLoader replays the restored position on
-        # every new iterator until one runs to exhaustion, which Lightning never does (it stops at
-        # len()). The epoch is over: let the next one start afresh, as in an uninterrupted run.
-        loader = trainer.train_dataloader
-        loader = getattr(loader, "loader", loader)  # inside a SkippingLoader (data.skip_batches)
-        if getattr(loader, "restore", False):
-            loader.restore = False
-
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save_now(trainer)  # training stopped early for another reason (max_time, a callback ...)
         self._restore_handlers()

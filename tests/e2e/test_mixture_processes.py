@@ -1,4 +1,4 @@
-"""A weighted mixture resumed on two processes: each rank gets back the samples it had fetched itself."""
+"""A weighted mixture resumed on two processes: the global stream goes on where it stood on every rank."""
 
 from __future__ import annotations
 

@@ -11,12 +11,15 @@ import torch
 from litdata import StreamingDataLoader, StreamingDataset
 from litdata.streaming.item_loader import TokensLoader
 
-from pretrain.data.build import CHUNK_BYTES, TOKENIZER_SAMPLE_BYTES, prepare, read_manifest
+from pretrain.data.block_loader import BlockLoader
+from pretrain.data.block_order import BlockStream
+from pretrain.data.block_reader import BlockReader
+from pretrain.data.build import CHUNK_BYTES, SPLITS, TOKENIZER_SAMPLE_BYTES, prepare, read_manifest
+from pretrain.data.identity import build_identity, stream_identity
 from pretrain.data.loader_workers import leave_stopping_to_the_trainer
 from pretrain.data.mixture import check_mixture, prepare_mixture
-from pretrain.data.mixture_loader import MixtureLoader
 from pretrain.data.ranks import Ranks
-from pretrain.data.remote import default_cache_dir, fetch_build_files, is_remote, join
+from pretrain.data.remote import default_cache_dir, fetch_build_files, fetch_splits, is_remote
 from pretrain.data.shards import verify_split
 from pretrain.data.skipping_loader import SkippingLoader
 from pretrain.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
@@ -26,16 +29,17 @@ log = logging.getLogger(__name__)
 
 
 class PretrainData(L.LightningDataModule):
-    """Streams blocks of ``seq_len + 1`` tokens: inputs are ``[:-1]``, targets ``[1:]``.
+    """Serves blocks of ``seq_len + 1`` tokens: inputs are ``[:-1]``, targets ``[1:]``. Training draws them from
+    the whole build in a seeded order (``block_order``); held-out splits are read in order.
 
     Args:
         sources: Files, directories or globs (.txt, .md, .jsonl, .jsonl.gz, .parquet), or ``stdlib``.
         mixture: Instead of ``sources``, named datasets sampled by weight:
             ``{name: {sources: [...], weight: w}}``; each is prepared into ``data_dir/<name>``.
         data_dir: Where tokenizer, shards and manifest are built and read. A bucket URL (``s3://...``,
-            ``gs://``, ``azure://``, ``r2://``, ``hf://``) streams a build made elsewhere and uploaded.
-        cache_dir: Local folder for a remote ``data_dir``'s manifest, tokenizer and streamed chunks
-            (default ``data/remote-cache/<url>``).
+            ``gs://``, ``azure://``, ``r2://``, ``hf://``) serves a build made elsewhere and uploaded.
+        cache_dir: Local folder a remote ``data_dir``'s build is copied into, chunks checked against their
+            digests (default ``data/remote-cache/<url>``).
         seq_len: Tokens the model sees per sequence.
         batch_size: Sequences per micro-batch on each device.
         num_workers: Training DataLoader processes per device (tokenizing uses every core); held-out
@@ -44,17 +48,20 @@ class PretrainData(L.LightningDataModule):
         tokenizer: A ``tokenizer.json`` to use instead of training one.
         val_fraction: Share of documents held out for validation.
         text_field: The JSONL field / Parquet column holding each document's text.
-        seed: Shuffling seed of the training stream.
+        seed: Seed of the training stream's order (each pass over the build has its own).
         overwrite: Rebuild ``data_dir`` even if it was built from other sources or another tokenizer,
             or its source files changed since.
-        chunk_bytes: Size of each shard file (litdata's units: ``16MB``, ``512KB``). Smaller chunks start
-            streaming sooner from a bucket; litdata shuffles chunks and the blocks inside one.
+        chunk_bytes: Size of each shard file (litdata's units: ``16MB``, ``512KB``). Training draws blocks from
+            every chunk at every step, whatever their size.
         tokenizer_sample_bytes: About how much training text the tokenizer is trained on, sampled over
             every source (seeded); the rest of the corpus is only encoded.
         skip_batches: Training micro-batches each process draws and discards before training goes on: after
             ``--ckpt_path``, from the restored position. A run stopped by loss spikes prints the number that
             rolls back past their batches; 0 (the default) leaves resuming exact. Applied once: resuming a
             checkpoint of the run that skipped them, with the same number, skips nothing.
+        allow_new_build: Resume a checkpoint on data other than what it was trained on (another build or
+            tokenizer, another seq_len or seed): the training stream then starts from its beginning. Without
+            it such a resume is refused, naming the change.
     """
 
     def __init__(
@@ -75,6 +82,7 @@ class PretrainData(L.LightningDataModule):
         chunk_bytes: str = CHUNK_BYTES,
         tokenizer_sample_bytes: int | str = TOKENIZER_SAMPLE_BYTES,
         skip_batches: int = 0,
+        allow_new_build: bool = False,
     ) -> None:
         super().__init__()
         if mixture is not None and sources is not None:
@@ -82,9 +90,10 @@ class PretrainData(L.LightningDataModule):
         if skip_batches < 0:
             raise UserError(f"data.skip_batches={skip_batches} must be 0 or more (micro-batches to discard).")
         self.skip_batches = skip_batches
+        self.allow_new_build = allow_new_build
         self._skip_now = skip_batches > 0  # until a checkpoint shows this run already skipped them
         self.mixture = mixture
-        self.mixture_loader: MixtureLoader | None = None  # the training loader of a mixture, once built
+        self.train_loader: BlockLoader | None = None  # once made, to stop its workers at teardown
         if mixture is not None:
             check_mixture(mixture)  # bad names or weights fail here, before anything is built
         self.sources = sources if sources is not None or mixture is not None else ["stdlib"]
@@ -106,9 +115,8 @@ class PretrainData(L.LightningDataModule):
         # Where this process reads the manifest and tokenizer: the build itself, or the local cache of a remote one.
         self.build_dir = self.cache_dir if self.remote else Path(data_dir)
         self.tokenizer_path = self.build_dir / "tokenizer.json"  # written by prepare_data
-        self.train_set: StreamingDataset | None = None
-        self.train_sets: dict[str, StreamingDataset] = {}  # a mixture's, by name
-        self.shares: dict[str, float] = {}  # ... and the share of samples each gets
+        self.manifest: dict[str, Any] | None = None  # the build's, read in setup
+        self.shares: dict[str, float] = {"": 1.0}  # the share of training samples of each dataset ("": the corpus)
         self.val_sets: dict[str, StreamingDataset] = {}  # one held-out set per dataset ("" for a single corpus)
 
     def prepare_data(self) -> None:
@@ -123,7 +131,10 @@ class PretrainData(L.LightningDataModule):
         """
         if self.remote:
             fetch_build_files(self.data_dir, self.cache_dir)
-            return read_manifest(self.cache_dir)
+            manifest = read_manifest(self.cache_dir)
+            splits = [f"{name}/{split}".lstrip("/") for name in manifest.get("mixture", [""]) for split in SPLITS]
+            fetch_splits(self.data_dir, self._chunks_dir(manifest), splits, manifest.get("chunks"))
+            return manifest
         options = {
             "vocab_size": self.vocab_size, "tokenizer": self.tokenizer, "val_fraction": self.val_fraction,
             "text_field": self.text_field, "overwrite": self.overwrite, "progress": progress,
@@ -135,7 +146,7 @@ class PretrainData(L.LightningDataModule):
         return prepare(self.sources, self.data_dir, **options)
 
     def setup(self, stage: str) -> None:
-        # Built here, after the process group exists, so each rank streams its own part of the data.
+        # Here, after the process group exists: each rank reads its own part of the held-out data.
         manifest = read_manifest(self.build_dir)
         if manifest is None:
             raise UserError(
@@ -154,19 +165,14 @@ class PretrainData(L.LightningDataModule):
                 f"but data.mixture is {sorted(self.mixture) if self.mixture else 'not set'}; "
                 "make the config match the build, or point data.data_dir at another one."
             )
-        if self.mixture is None:
-            for split in ("train", "val"):
-                self._verify(split)
-            self.train_set = self._dataset("train", shuffle=True)
-            self.val_sets = {"": self._dataset("val", shuffle=False)}
-            return
-        self.shares = {name: spec["share"] for name, spec in check_mixture(self.mixture).items()}
+        if self.mixture is not None:
+            self.shares = {name: spec["share"] for name, spec in check_mixture(self.mixture).items()}
+        self.manifest = manifest
         for name in self.shares:
-            for split in ("train", "val"):
-                self._verify(f"{name}/{split}")
-        self.train_sets = {name: self._dataset(f"{name}/train", shuffle=True) for name in self.shares}
+            for split in SPLITS:
+                verify_split(self._split_dir(manifest, name, split))
         # Validation reads every dataset whole, each through its own loader: a loss per dataset and in all.
-        self.val_sets = {name: self._dataset(f"{name}/val", shuffle=False) for name in self.shares}
+        self.val_sets = {name: self._held_out(self._split_dir(manifest, name, "val")) for name in self.shares}
 
     @property
     def held_out_names(self) -> list[str]:
@@ -190,51 +196,47 @@ class PretrainData(L.LightningDataModule):
             log.info("data.skip_batches=%d: already skipped by the run this checkpoint comes from.", self.skip_batches)
             self._skip_now = False
 
-    def _verify(self, split: str) -> None:
-        """Local shards are checked against their index now; litdata checks remote ones as it fetches them."""
-        if not self.remote:
-            verify_split(Path(self.data_dir) / split)
+    def _chunks_dir(self, manifest: dict[str, Any]) -> Path:
+        """Where this process reads the chunks: the build itself, or the copy of a remote one under its identity."""
+        return self.cache_dir / build_identity(manifest) if self.remote else Path(self.data_dir)
 
-    def _dataset(self, split: str, shuffle: bool) -> StreamingDataset:
-        return StreamingDataset(
-            join(self.data_dir, split),
-            cache_dir=str(self.cache_dir / split) if self.remote else None,
-            item_loader=TokensLoader(block_size=self.seq_len + 1),
-            shuffle=shuffle,
-            drop_last=True,
-            seed=self.seed,
-        )
+    def _split_dir(self, manifest: dict[str, Any], name: str, split: str) -> Path:
+        return self._chunks_dir(manifest) / name / split if name else self._chunks_dir(manifest) / split
 
-    def _loader(self, dataset: StreamingDataset, workers: int | None = None) -> StreamingDataLoader:
-        return StreamingDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers if workers is None else workers,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=True,
-            worker_init_fn=leave_stopping_to_the_trainer,
-        )
+    def _held_out(self, split_dir: Path) -> StreamingDataset:
+        """Held-out blocks in stored order, every one of them (drop_last only drops a partial batch)."""
+        return StreamingDataset(str(split_dir), item_loader=TokensLoader(block_size=self.seq_len + 1), shuffle=False,
+                                drop_last=True)  # fmt: skip
 
-    def train_dataloader(self) -> StreamingDataLoader | MixtureLoader | SkippingLoader:
-        if self.mixture is None:
-            loader = self._loader(self.train_set)
-        else:  # the workers are shared out among the datasets (at least one each, unless none at all)
-            workers = self.num_workers and max(1, self.num_workers // len(self.train_sets))
-            loaders = {name: self._loader(dataset, workers) for name, dataset in self.train_sets.items()}
-            loader = self.mixture_loader = MixtureLoader(loaders, self.shares, self.batch_size)
-        return SkippingLoader(loader, self.skip_batches) if self._skip_now else loader
+    def _loader(self, dataset: StreamingDataset) -> StreamingDataLoader:
+        return StreamingDataLoader(dataset, batch_size=self.batch_size, num_workers=0,
+                                   pin_memory=torch.cuda.is_available(), drop_last=True)  # fmt: skip
+
+    def train_dataloader(self) -> BlockLoader | SkippingLoader:
+        """This process's part of the global block stream (``block_loader``), over every dataset of the build."""
+        manifest = self.manifest
+        reader = BlockReader([self._split_dir(manifest, name, "train") for name in self.shares], self.seq_len + 1)
+        stream = BlockStream(reader.sizes, list(self.shares.values()), self.seed)
+        rank, processes = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self.train_loader = BlockLoader(
+            reader, stream, self.batch_size, rank, processes,
+            identity=stream_identity(manifest, self.seq_len, self.seed, [name for name in self.shares if name]),
+            num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+            worker_init_fn=leave_stopping_to_the_trainer, allow_new_stream=self.allow_new_build,
+        )  # fmt: skip
+        return SkippingLoader(self.train_loader, self.skip_batches) if self._skip_now else self.train_loader
 
     def teardown(self, stage: str) -> None:
-        """A mixture never runs out, so Lightning never finishes its loaders' iterators: their worker
-        processes are stopped here, or a process that trains again (a notebook, a sweep) keeps them."""
-        if self.mixture_loader is not None:
-            self.mixture_loader.close()
+        """Lightning stops at the step count and never finishes the training loader's iterator: its workers are
+        stopped here, or a process that trains again (a notebook, a sweep) keeps them."""
+        if self.train_loader is not None:
+            self.train_loader.close()
 
     def val_dataloader(self) -> StreamingDataLoader | list[StreamingDataLoader]:
         """Read in this process: held-out blocks are read in order, a few ms for the quickstart's whole split, while
         a worker forked at each validation makes every page this process writes fault once while it lives (the
         quickstart's held-out loss: 100 ms per batch with one, 78-79 ms without; docs/design.md)."""
-        loaders = [self._loader(dataset, workers=0) for dataset in self.val_sets.values()]
+        loaders = [self._loader(dataset) for dataset in self.val_sets.values()]
         return loaders if len(loaders) > 1 else loaders[0]
 
     def test_dataloader(self) -> StreamingDataLoader | list[StreamingDataLoader]:

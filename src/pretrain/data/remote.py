@@ -1,10 +1,14 @@
-"""Shards in object storage (``s3://``, ``gs://``, ``azure://``, ``r2://``, ``hf://``): litdata streams the
-chunks into a local cache as training reads them; the small files the project reads itself, the manifest,
-the tokenizer and the built-in eval task, are fetched into the same cache first. ``local:/path`` takes the
-same road from a local folder (litdata's own stand-in for a bucket)."""
+"""Shards in object storage (``s3://``, ``gs://``, ``azure://``, ``r2://``, ``hf://``), copied into a local cache
+before training: the manifest, the tokenizer and the built-in eval task first, then every chunk, each checked
+against the manifest's digest as it arrives. Training draws its blocks from the whole build at every step, so
+streaming chunk by chunk would fetch all of them at once anyway. The chunks go under the build's identity
+(``<cache_dir>/<identity>/``): a build uploaded again under the same URL is never served from an older copy.
+``local:/path`` takes the same road from a local folder (litdata's own stand-in for a bucket)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -51,12 +55,40 @@ def fetch_build_files(url: str, cache_dir: Path) -> None:
 def _download(downloader: Any, url: str, cache_dir: Path, name: str) -> Exception | None:
     """A fresh copy of ``url/name`` at ``cache_dir/name`` (the downloader keeps whatever is there: never a stale
     copy); the storage backend's error where it failed, each backend raising its own kinds."""
-    target = cache_dir / name
+    return _download_as(downloader, join(url, name), cache_dir / name)
+
+
+def _download_as(downloader: Any, source: str, target: Path) -> Exception | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.unlink(missing_ok=True)
     try:
-        downloader.download_file(join(url, name), str(target))
+        downloader.download_file(source, str(target))
     except Exception as error:
         target.unlink(missing_ok=True)
         return error
     return None
+
+
+def fetch_splits(url: str, cache: Path, splits: list[str], digests: dict[str, str] | None) -> None:
+    """Every chunk of ``splits`` (e.g. ``train``, ``code/val``) and their indexes in ``cache``; a chunk already
+    there was checked when it arrived (it is renamed into place only then). ``digests``: the manifest's
+    ``{path: sha256}``; a chunk that does not match is refused, naming it."""
+    downloader = get_downloader(url, str(cache), [])
+    for split in splits:
+        if (error := _download(downloader, url, cache, f"{split}/index.json")) is not None:
+            raise UserError(f"Could not read {join(url, split, 'index.json')}: {error}. Upload the whole build folder.")
+        for chunk in json.loads((cache / split / "index.json").read_text())["chunks"]:
+            name = f"{split}/{chunk['filename']}"
+            if (cache / name).is_file():
+                continue
+            partial = f"{name}.partial"
+            if (error := _download_as(downloader, join(url, name), cache / partial)) is not None:
+                raise UserError(f"Could not read {join(url, name)}: {error}. Check the upload and the credentials.")
+            expected = (digests or {}).get(name)
+            if expected and hashlib.sha256((cache / partial).read_bytes()).hexdigest() != expected:
+                (cache / partial).unlink()
+                raise UserError(
+                    f"{join(url, name)} does not match the digest its manifest records: the upload is damaged or "
+                    "incomplete. Upload the build again (e.g. `aws s3 sync`), then run again."
+                )
+            (cache / partial).rename(cache / name)
