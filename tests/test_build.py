@@ -271,18 +271,18 @@ def test_a_source_present_but_changed_is_never_served_as_absent(tmp_path: Path) 
 
 
 def test_dictionary_encoded_parquet_text_a_byte_order_mark_and_gzip_sizes(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
     rows = [f"row {i} text" for i in range(20)]
-    pq.write_table(pa.table({"text": pa.array(rows).dictionary_encode()}), tmp_path / "rows.parquet")
+    pq.write_table(pa.table({"text": pa.array(rows).dictionary_encode()}), corpus / "rows.parquet")
     web = [f"line {i} text" for i in range(20)]
-    (tmp_path / "bom.jsonl").write_bytes(
-        b"\xef\xbb\xbf" + "".join(json.dumps({"text": t}) + "\n" for t in web).encode()
-    )
+    (corpus / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps({"text": t}) + "\n" for t in web).encode())
     packed = "".join(json.dumps({"text": t * 50}) + "\n" for t in web).encode()
-    (tmp_path / "packed.jsonl.gz").write_bytes(gzip.compress(packed))
-    files = resolve_sources([str(tmp_path)]).files
+    (corpus / "packed.jsonl.gz").write_bytes(gzip.compress(packed))
+    files = resolve_sources([str(corpus)]).files
     gz_unit = next(unit for unit in plan_units(files, 0.2) if unit.path.endswith(".gz"))
     assert gz_unit.text_size == len(packed) > gz_unit.size  # sampling and buckets count the text, not the gzip
-    manifest = prepare([str(tmp_path)], str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.2)
+    manifest = prepare([str(corpus)], str(tmp_path / "data"), vocab_size=TINY_VOCAB, val_fraction=0.2)
     kept = decoded_documents(tmp_path / "data", "train") + decoded_documents(tmp_path / "data", "val")
     assert sorted(kept) == sorted(rows + web + [t * 50 for t in web])
     assert manifest["skipped_records"] == {"malformed": 0, "empty": 0}

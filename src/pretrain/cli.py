@@ -197,6 +197,9 @@ class DataOnlyCLI(PretrainCLI):
         # A run's saved config.yaml also holds fit's own options: accepted here, and ignored.
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="ignored by prepare")
         parser.add_argument("--weights_only", type=bool | None, default=None, help="ignored by prepare")
+        parser.add_argument("--verify", action="store_true",
+                            help="check the finished build in data.data_dir (every chunk against its checksum, every "
+                            "token id against the vocabulary) instead of building")  # fmt: skip
 
     def before_instantiate_classes(self) -> None:
         pass  # nothing to resume, no schedule to fill
@@ -205,11 +208,15 @@ class DataOnlyCLI(PretrainCLI):
         self.datamodule = PretrainData(**self.config.data.as_dict())
 
 
+def data_cli(argv: list[str] | None) -> DataOnlyCLI:
+    """``pretrain prepare``'s command line: its data module is ``cli.datamodule``, ``--verify`` is ``cli.config``'s."""
+    return DataOnlyCLI(PretrainModule, PretrainData, args=argv, run=False, auto_configure_optimizers=False,
+                       parser_kwargs={"prog": "pretrain prepare"})  # fmt: skip
+
+
 def data_module_from_args(argv: list[str] | None) -> PretrainData:
     """The data module that ``fit`` with the same ``--config`` files and ``--data.*`` options would build."""
-    cli = DataOnlyCLI(PretrainModule, PretrainData, args=argv, run=False, auto_configure_optimizers=False,
-                      parser_kwargs={"prog": "pretrain prepare"})  # fmt: skip
-    return cli.datamodule
+    return data_cli(argv).datamodule
 
 
 def warn_if_restarts_share_the_store() -> None:

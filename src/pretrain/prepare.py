@@ -1,14 +1,15 @@
 """``pretrain prepare --config configs/X.yaml [--data.key value ...]``: raw text to tokenizer and token shards,
-alone (e.g. on CPU nodes before training), with a progress bar and a closing summary.
-Also ``python -m pretrain.prepare``."""
+alone (e.g. on CPU nodes before training), with a progress bar and a closing summary; ``--verify`` checks a
+finished build instead. Also ``python -m pretrain.prepare``."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from pretrain.data.ranks import Ranks
-from pretrain.errors import run_command
+from pretrain.errors import UserError, run_command
 
 
 def summary(manifest: dict) -> str:
@@ -41,16 +42,32 @@ def share_the_cores() -> None:
         os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_processes)))
 
 
+def verify(data_dir: str) -> None:
+    """``--verify``: the build re-read whole, nothing built; a damage is named in one ``error:`` line."""
+    from pretrain.data.remote import is_remote
+    from pretrain.data.verify import verify_build
+
+    if is_remote(data_dir):
+        raise UserError(f"--verify reads a local build, and {data_dir} is in a bucket: verify the folder uploaded.")
+    manifest = verify_build(Path(data_dir))
+    print(f"{data_dir}: {len(manifest['chunks'])} chunks match their checksums; every token id is in the vocabulary.")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``pretrain prepare --config configs/X.yaml [--data.key value ...]``: the shards alone.
+    """``pretrain prepare --config configs/X.yaml [--data.key value ...] [--verify]``: the shards alone, or
+    (``--verify``) a check of the finished build.
 
     Under ``torchrun --nnodes N --nproc-per-node P``, every process takes a share of the work.
     """
-    from pretrain.cli import data_module_from_args  # the training command line's parser (imports Lightning)
+    from pretrain.cli import data_cli  # the training command line's parser (imports Lightning)
 
     share_the_cores()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    data = data_module_from_args(argv)
+    cli = data_cli(argv)
+    data = cli.datamodule
+    if cli.config.verify:
+        verify(data.data_dir)
+        return
     with Ranks.from_launcher() as ranks:
         manifest = data.build(progress=True, ranks=ranks)
         if ranks.first:

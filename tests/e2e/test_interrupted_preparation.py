@@ -1,7 +1,9 @@
-"""Preparation killed half-way, in a real process: nothing half-built is ever served, and a rerun redoes it."""
+"""Preparation killed or stopped half-way, in a real process: nothing half-built is ever served, no lock is left
+in the way, and a rerun redoes it."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ import pytest
 
 from pretrain.data import PretrainData
 from pretrain.data.build import prepare, read_manifest
+from pretrain.data.build_lock import LOCK_NAME
 from pretrain.errors import UserError
 from tests.conftest import make_corpus
 from tests.helpers import TINY_VOCAB
@@ -23,13 +26,33 @@ def test_preparation_killed_halfway_is_redone(tmp_path: Path) -> None:
     options = {"sources": f"[{tmp_path / 'corpus'}]", "data_dir": data_dir, "vocab_size": TINY_VOCAB, "num_workers": 1}
     command = [sys.executable, "-m", "pretrain.prepare", *(f"--data.{k}={v}" for k, v in options.items())]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (data_dir / ".build").exists() and process.poll() is None:
+    while not any(data_dir.glob(".build-*")) and process.poll() is None:
         time.sleep(0.001)
     process.kill()  # the build is under way (its scratch folder exists until just before the manifest)
     process.wait()
     assert read_manifest(data_dir) is None
+    assert (data_dir / LOCK_NAME).exists()  # left behind by a killed builder: its process is gone, so it is stale
     with pytest.raises(UserError, match=r"manifest\.json is missing"):
         PretrainData(data_dir=str(data_dir), vocab_size=TINY_VOCAB).setup("fit")
     prepare([str(tmp_path / "corpus")], str(data_dir), vocab_size=TINY_VOCAB)
     texts = decoded_documents(data_dir, "train") + decoded_documents(data_dir, "val")
     assert sorted(texts) == sorted(docs.values())
+    assert not (data_dir / LOCK_NAME).exists() and not any(data_dir.glob(".build-*"))
+
+
+def test_sigterm_during_preparation_ends_it_cleanly(tmp_path: Path) -> None:
+    """As a scheduler or torchrun stops a job: status 143, one line saying so, the lock removed."""
+    make_corpus(tmp_path / "corpus", n_docs=60)
+    data_dir = tmp_path / "data"
+    command = [sys.executable, "-m", "pretrain.prepare", f"--data.sources=[{tmp_path / 'corpus'}]",
+               f"--data.data_dir={data_dir}", f"--data.vocab_size={TINY_VOCAB}"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not any(data_dir.glob(".build-*")) and process.poll() is None:
+        time.sleep(0.001)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM: stopped building" in err and "Traceback" not in err, err[-3000:]
+    assert not (data_dir / LOCK_NAME).exists() and read_manifest(data_dir) is None
+    prepare([str(tmp_path / "corpus")], str(data_dir), vocab_size=TINY_VOCAB)
+    assert read_manifest(data_dir) is not None and not any(data_dir.glob(".build-*"))

@@ -7,11 +7,14 @@ Output, under ``data_dir``:
   pseudo-random order over the whole corpus (``buckets``), exact duplicates once;
 - ``evals/next_line.jsonl``: a multiple-choice task from the validation documents (``next_line``);
 - ``files.json``: every source file's path, size and modification time, to notice a changed corpus;
-- ``manifest.json``: what was asked for and what was built. Written last, so a build that was
-  interrupted has none and is redone on the next run instead of being served.
+- ``manifest.json``: what was asked for and what was built, with the sha256 of every chunk. Written last, so a
+  build that was interrupted has none and is redone on the next run instead of being served.
+
+The sources are only read (``source_overlap``); only what a build wrote is ever removed (``ownership``); and one
+builder at a time works in a ``data_dir`` (``build_lock``), in a scratch folder of its own.
 
 The work is shared by every process of a torchrun group (``Ranks``); alone, a process does it all:
-1. rank 0 lists the files and decides whether an existing build stands;
+1. rank 0 takes the build lock, lists the files and decides whether an existing build stands;
 2. unless a tokenizer is given, every rank draws its units' part of a seeded sample of the training text
    (about ``tokenizer_sample_bytes`` in all) and rank 0 trains the tokenizer on it;
 3. every rank encodes its units into its part of every bucket;
@@ -43,17 +46,22 @@ from tqdm import tqdm
 
 from pretrain._compat import write_as_single_process
 from pretrain.data.buckets import Bucket, BucketFiles, held_out_rows
+from pretrain.data.build_lock import one_builder
 from pretrain.data.next_line import TASK_PATH, write_mixture_task, write_next_line_task
+from pretrain.data.ownership import claim_outputs, is_build_manifest, mark, new_scratch, remove_leftover_scratch
 from pretrain.data.plan import DocumentSplit, plan_units, share_out, unit_hash
 from pretrain.data.ranks import Ranks
 from pretrain.data.readers import RawDocument, Unit, read_unit
+from pretrain.data.source_overlap import refuse_overlap
 from pretrain.data.sources import Corpus, any_source_found, resolve_sources
 from pretrain.data.tokenizer import eos_id, load_tokenizer, train_tokenizer
+from pretrain.data.verify import sha256_of
 from pretrain.errors import SourcesNotFound, UserError
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 3  # 3: documents mixed over the corpus by hash, keyed by byte offset, duplicates dropped
+# 3: documents mixed over the corpus by hash, keyed by byte offset, duplicates dropped; 4: every chunk's sha256
+MANIFEST_VERSION = 4
 SPLITS = ("train", "val")
 # Text per encode_batch call: enough documents to keep every core busy (about 35 MB of memory per 1M characters).
 ENCODE_BATCH_CHARS = max(4_000_000, 1_000_000 * (os.cpu_count() or 1))
@@ -149,8 +157,8 @@ def existing_build(root: Path, request: dict, listing: Any, overwrite: bool) -> 
     Refuses a build of something else, or of files that changed since, unless ``overwrite``.
     """
     manifest = read_manifest(root)
-    if manifest is None:
-        return None
+    if not is_build_manifest(manifest):
+        return None  # none, or a file of the user's (refused before anything is removed)
     if manifest["request"] == request:
         if manifest.get("version") == MANIFEST_VERSION:
             return manifest
@@ -175,7 +183,9 @@ def build_of_absent_sources(root: Path, request: dict) -> dict | None:
     """A finished build of these sources, when they are not present here (a training node without the raw
     corpus): it is served as it is, since its freshness cannot be checked."""
     manifest = read_manifest(root)
-    if manifest and manifest.get("version") == MANIFEST_VERSION and without_files(manifest["request"]) == request:
+    if not is_build_manifest(manifest) or manifest["version"] != MANIFEST_VERSION:
+        return None
+    if without_files(manifest["request"]) == request:
         log.info("The sources are not present here: serving the build in %s as it is.", root)
         return manifest
     return None
@@ -319,7 +329,8 @@ def _encode_units(
 
 
 def _write_bucket(bucket: Bucket, rows: np.ndarray, split_dir: Path, number: int, chunk_bytes: str) -> None:
-    """The bucket's documents, in the given row order, as chunks ``chunk-<bucket>-<n>.bin`` plus a part index."""
+    """The bucket's documents, in the given row order, as chunks ``chunk-<bucket>-<n>.bin`` plus a part index that
+    also holds each chunk's sha256 (read back at once, from the page cache)."""
     scratch = split_dir / f".bucket-{number}"
     writer = BinaryWriter(str(scratch), chunk_bytes=chunk_bytes, item_loader=TokensLoader())
     write_as_single_process(writer)  # its own folder and names: nothing shared with other processes' writers
@@ -327,22 +338,26 @@ def _write_bucket(bucket: Bucket, rows: np.ndarray, split_dir: Path, number: int
         writer.add_item(item, bucket.document(row))
     writer.done()
     index = json.loads(next(scratch.glob("*.index.json")).read_text())
+    index["sha256"] = {}
     for n, chunk in enumerate(index["chunks"]):
         name = f"chunk-{number}-{n}.bin"
         os.replace(scratch / chunk["filename"], split_dir / name)
         chunk["filename"] = name
+        index["sha256"][name] = sha256_of(split_dir / name)
     write_json_atomic(split_dir / f".bucket-{number}.json", index)
     shutil.rmtree(scratch)
 
 
-def _join_bucket_indexes(split_dir: Path) -> None:
-    """``index.json``: every bucket's chunks, in bucket order (litdata shuffles chunk order itself)."""
+def _join_bucket_indexes(split_dir: Path) -> dict[str, str]:
+    """``index.json``: every bucket's chunks, in bucket order (litdata shuffles chunk order itself). Returns the
+    chunks' digests by file name, in the same order."""
     parts = sorted(split_dir.glob(".bucket-*.json"), key=lambda p: int(p.stem.split("-")[1]))
     indexes = [json.loads(part.read_text()) for part in parts]
     chunks = [chunk for index in indexes for chunk in index["chunks"]]
     write_json_atomic(split_dir / "index.json", {"chunks": chunks, "config": indexes[0]["config"]})
     for part in parts:
         part.unlink()
+    return {name: digest for index in indexes for name, digest in index["sha256"].items()}
 
 
 def build_shards(
@@ -382,13 +397,13 @@ def build_shards(
         raise UserError(f"data.val_fraction={split.val_fraction} leaves no document for training; lower it.")
 
     def finish() -> dict[str, Any]:
-        for name in SPLITS:
-            _join_bucket_indexes(root / name)
+        digests = {f"{name}/{chunk}": digest for name in SPLITS
+                   for chunk, digest in _join_bucket_indexes(root / name).items()}  # fmt: skip
         counts = {name: _shard_counts(root / name) for name in SPLITS}
         tokens = sum(c["tokens"] for c in counts.values())
         for name in SPLITS:
             counts[name]["share"] = round(counts[name]["tokens"] / tokens, 6)
-        return {"splits": counts, "events": events, "duplicates": duplicates, "buckets": buckets}
+        return {"splits": counts, "events": events, "duplicates": duplicates, "buckets": buckets, "chunks": digests}
 
     return ranks.on_first(finish)
 
@@ -411,21 +426,15 @@ def ensure_next_line_task(root: Path, datasets: list[str] | None = None) -> None
     for folder in [root / name for name in datasets] if datasets else [root]:
         if not (folder / TASK_PATH).is_file():
             write_next_line_task(folder, tokenizer)
+            mark(folder / "evals")
     if datasets:
         write_mixture_task(root, [root / name for name in datasets])
+        mark(root / "evals")
 
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far (Linux reports KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def clear_build(root: Path) -> None:
-    """Whatever is there is stale or half-built: without the manifest it is never served."""
-    (root / "manifest.json").unlink(missing_ok=True)
-    for name in (*SPLITS, ".build"):
-        shutil.rmtree(root / name, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
 
 
 @dataclass(frozen=True)
@@ -465,14 +474,14 @@ class BuildOptions:
         }
 
 
-def build_tokenizer(root: Path, plans: list[list[Unit]], options: BuildOptions) -> Tokenizer:
+def build_tokenizer(root: Path, plans: list[list[Unit]], options: BuildOptions, scratch: Path) -> Tokenizer:
     """The given tokenizer, or one trained on a sample of the training documents of every plan."""
     sample = None
     if not options.tokenizer:
         split = DocumentSplit(options.val_fraction)
         sample_bytes = byte_count(options.tokenizer_sample_bytes, "tokenizer_sample_bytes")
         sample = sample_for_tokenizer([(units, split) for units in plans], options.text_field, sample_bytes,
-                                      root / ".build", options.ranks, options.progress)  # fmt: skip
+                                      scratch, options.ranks, options.progress)  # fmt: skip
     return make_tokenizer(root, options.tokenizer, options.vocab_size, sample, options.ranks)
 
 
@@ -485,31 +494,39 @@ def prepare(sources: list[str], data_dir: str, **options: Any) -> dict[str, Any]
     """
     built_with = BuildOptions(**options)
     ranks, root = built_with.ranks, Path(data_dir)
-    val_fraction, text_field = built_with.val_fraction, built_with.text_field
     request = {"sources": list(sources), **built_with.request()}
+    ranks.on_first(lambda: refuse_overlap(sources, root))
+    with one_builder(root, ranks):
+        return _prepare_locked(sources, root, built_with, request)
 
-    def check() -> tuple[dict | None, Corpus | None, dict]:
+
+def _prepare_locked(sources: list[str], root: Path, built_with: BuildOptions, request: dict) -> dict[str, Any]:
+    """``prepare``, by the one builder of ``root``."""
+    ranks, val_fraction, text_field = built_with.ranks, built_with.val_fraction, built_with.text_field
+
+    def check() -> tuple[dict | None, Corpus | None, dict, Path | None]:
+        remove_leftover_scratch(root)
         try:
             corpus = resolve_sources(sources, text_field)
         except SourcesNotFound:
             if not any_source_found(sources) and (served := build_of_absent_sources(root, request)):
-                return served, None, request
+                return served, None, request, None
             raise
         request["files"] = listing_digest(corpus.listing())
         if manifest := existing_build(root, request, corpus.listing(), built_with.overwrite):
-            return manifest, None, request
-        clear_build(root)
-        return None, corpus, request
+            return manifest, None, request, None
+        claim_outputs(root, tokenizer=built_with.tokenizer)
+        return None, corpus, request, new_scratch(root)
 
     started = time.perf_counter()
-    manifest, corpus, request = ranks.on_first(check)
+    manifest, corpus, request, scratch = ranks.on_first(check)
     if manifest is not None:
         ranks.on_first(lambda: ensure_next_line_task(root))
         return manifest
     units, split = ranks.everywhere(lambda: plan_units(corpus.files, val_fraction)), DocumentSplit(val_fraction)
-    tok = build_tokenizer(root, [units], built_with)
+    tok = build_tokenizer(root, [units], built_with, scratch)
     log.info("Tokenizing %d files into %s", len(corpus.files), root)
-    built = build_shards(units, split, text_field, tok, root, root / ".build", built_with.chunk_bytes, ranks,
+    built = build_shards(units, split, text_field, tok, root, scratch, built_with.chunk_bytes, ranks,
                          built_with.progress)  # fmt: skip
     rss = ranks.gather(peak_rss_mb())
 
@@ -518,7 +535,7 @@ def prepare(sources: list[str], data_dir: str, **options: Any) -> dict[str, Any]
                                time.perf_counter() - started)  # fmt: skip
         write_json_atomic(root / "files.json", corpus.listing())
         write_next_line_task(root, tok)
-        shutil.rmtree(root / ".build", ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
         write_json_atomic(root / "manifest.json", manifest)
         warn_on_val_share(root, manifest["splits"], val_fraction)
         log.info("Prepared %s: %s", root, json.dumps(manifest["splits"]))
@@ -552,4 +569,5 @@ def manifest_of(
         "layout": {"units": units, "buckets": built["buckets"], "processes": processes},
         "peak_rss_mb": rss,  # per process
         "seconds": round(seconds, 2),
+        "chunks": built["chunks"],  # sha256 of every chunk, by its path under the build's folder
     }

@@ -25,7 +25,6 @@ from pretrain.data.build import (
     build_of_absent_sources,
     build_shards,
     build_tokenizer,
-    clear_build,
     ensure_next_line_task,
     existing_build,
     listing_digest,
@@ -34,8 +33,11 @@ from pretrain.data.build import (
     warn_on_val_share,
     write_json_atomic,
 )
+from pretrain.data.build_lock import one_builder
 from pretrain.data.next_line import write_mixture_task, write_next_line_task
+from pretrain.data.ownership import claim_outputs, new_scratch, remove_leftover_scratch
 from pretrain.data.plan import DocumentSplit, plan_units
+from pretrain.data.source_overlap import refuse_overlap
 from pretrain.data.sources import Corpus, any_source_found, resolve_sources
 from pretrain.errors import SourcesNotFound, UserError
 
@@ -76,42 +78,49 @@ def prepare_mixture(mixture: dict[str, Any], data_dir: str, **options: Any) -> d
     """
     components = check_mixture(mixture)
     built_with = BuildOptions(**options)
-    ranks, root, val_fraction = built_with.ranks, Path(data_dir), built_with.val_fraction
+    ranks, root = built_with.ranks, Path(data_dir)
     request = {  # what the shards depend on; the weights only act while training
         "mixture": {name: {"sources": c["sources"]} for name, c in components.items()},
         **built_with.request(),
     }
+    ranks.on_first(lambda: refuse_overlap([s for c in components.values() for s in c["sources"]], root))
+    with one_builder(root, ranks):
+        return _prepare_locked(components, root, built_with, request)
 
-    def check() -> tuple[dict | None, dict[str, Corpus] | None, dict]:
+
+def _prepare_locked(components: dict[str, Any], root: Path, built_with: BuildOptions, request: dict) -> dict[str, Any]:
+    """``prepare_mixture``, by the one builder of ``root``."""
+    ranks, val_fraction = built_with.ranks, built_with.val_fraction
+
+    def check() -> tuple[dict | None, dict[str, Corpus] | None, dict, Path | None]:
+        remove_leftover_scratch(root)
         try:
             corpora = {name: resolve_sources(c["sources"], built_with.text_field) for name, c in components.items()}
         except SourcesNotFound:
             every_source = [source for c in components.values() for source in c["sources"]]
             if not any_source_found(every_source) and (served := build_of_absent_sources(root, request)):
-                return _record_weights(root, served, components), None, request
+                return _record_weights(root, served, components), None, request, None
             raise
         listing = {name: corpus.listing() for name, corpus in corpora.items()}
         for name, corpus in corpora.items():
             request["mixture"][name]["files"] = listing_digest(corpus.listing())
         if manifest := existing_build(root, request, listing, built_with.overwrite):
-            return _record_weights(root, manifest, components), None, request
-        clear_build(root)
-        for name in components:
-            clear_build(root / name)
-        return None, corpora, request
+            return _record_weights(root, manifest, components), None, request, None
+        claim_outputs(root, list(components), built_with.tokenizer)
+        return None, corpora, request, new_scratch(root)
 
     started = time.perf_counter()
-    manifest, corpora, request = ranks.on_first(check)
+    manifest, corpora, request, scratch = ranks.on_first(check)
     if manifest is not None:
         ranks.on_first(lambda: ensure_next_line_task(root, list(components)))
         return manifest
     split = DocumentSplit(val_fraction)
     plans = ranks.everywhere(lambda: {name: plan_units(corpus.files, val_fraction) for name, corpus in corpora.items()})
-    tok = build_tokenizer(root, list(plans.values()), built_with)
+    tok = build_tokenizer(root, list(plans.values()), built_with, scratch)
     built = {}
     for name, units in plans.items():
         log.info("Preparing mixture dataset %r", name)
-        shards = build_shards(units, split, built_with.text_field, tok, root / name, root / ".build" / name,
+        shards = build_shards(units, split, built_with.text_field, tok, root / name, scratch / name,
                               built_with.chunk_bytes, ranks, built_with.progress)  # fmt: skip
         built[name] = ranks.on_first(lambda name=name, shards=shards: _dataset_manifest(
             root / name, {"sources": components[name]["sources"]}, tok, root, shards, corpora[name],
@@ -123,7 +132,7 @@ def prepare_mixture(mixture: dict[str, Any], data_dir: str, **options: Any) -> d
         manifest["peak_rss_mb"] = rss
         write_json_atomic(root / "files.json", {name: corpus.listing() for name, corpus in corpora.items()})
         write_mixture_task(root, [root / name for name in components])
-        shutil.rmtree(root / ".build", ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
         write_json_atomic(root / "manifest.json", manifest)
         for name in components:
             warn_on_val_share(root / name, built[name]["splits"], val_fraction)
@@ -184,6 +193,7 @@ def _mixture_manifest(request: dict, components: dict, built: dict, seconds: flo
         "duplicate_documents": sum(m["duplicate_documents"] for m in built.values()),
         "pieces": sum(m["pieces"] for m in built.values()),
         "seconds": round(seconds, 2),
+        "chunks": {f"{name}/{chunk}": digest for name, m in built.items() for chunk, digest in m["chunks"].items()},
     }
 
 

@@ -64,7 +64,7 @@ def _directory_files(source: str) -> tuple[list[SourceFile], int]:
     return files, len(everything) - len(files)
 
 
-def _glob_root(pattern: str) -> Path:
+def glob_root(pattern: str) -> Path:
     """The folder above the pattern's first wildcard: ``corpus/*/x.txt`` -> ``corpus``."""
     parts = Path(pattern).parts
     fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
@@ -92,7 +92,7 @@ def _source_files(source: str) -> tuple[list[SourceFile], int]:
             raise SourcesNotFound(
                 f"Source glob {source!r} matches no files; check the pattern and the working directory."
             )
-        root = _glob_root(source)
+        root = glob_root(source)
         return [SourceFile(str(m), m.relative_to(root).as_posix()) for m in matches], 0
     raise SourcesNotFound(
         f"Source {source!r} does not exist. Give a file, a directory, a glob, or 'stdlib' "
