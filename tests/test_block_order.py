@@ -16,7 +16,7 @@ from pretrain.data.block_loader import BlockLoader
 from pretrain.data.block_order import BlockPermutation, BlockStream
 from pretrain.data.build import prepare
 from pretrain.errors import UserError
-from tests.helpers import TINY_VOCAB
+from tests.helpers import TINY_VOCAB, tiny_fit_args
 
 ALPHABETS = {"books": "abcdefgh", "code": "ijklmnop", "web": "qrstuvwx"}  # a block's letters tell its source
 
@@ -137,3 +137,18 @@ def test_a_resume_on_a_rebuilt_or_retokenized_build_is_refused_unless_allowed(
     allowed = loader_of(rebuilt, allow_new_build=True)
     allowed.load_state_dict(saved)
     assert allowed.state.position == 0
+
+
+def test_fit_resumed_with_another_seed_ends_in_one_error_line_and_allow_new_build_goes_on(
+    corpus, prepared: Path, tmp_path: Path, run_cli
+) -> None:
+    first = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, "--trainer.max_steps", "3"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resume = ("--trainer.max_steps", "5", "--ckpt_path", "last", "--data.seed", "1")
+    refused = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, *resume))
+    assert refused.returncode == 2
+    assert "error: The checkpoint's data order was drawn with data.seed 42, this run's with 1" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    allowed = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, *resume, "--data.allow_new_build", "true"))
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "the data stream starts over" in allowed.stderr

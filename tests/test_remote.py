@@ -54,6 +54,18 @@ def test_a_build_uploaded_again_under_the_same_url_is_never_served_from_the_olde
     assert len(list(cache.glob("*/train"))) == 2  # one copy per build
 
 
+def test_a_damaged_chunk_in_the_bucket_is_named_and_never_served(prepared: Path, tmp_path: Path) -> None:
+    bucket, cache = tmp_path / "bucket", tmp_path / "cache"
+    shutil.copytree(prepared, bucket)
+    chunk = sorted((bucket / "train").glob("*.bin"))[-1]
+    damaged = bytearray(chunk.read_bytes())
+    damaged[-1] ^= 0xFF
+    chunk.write_bytes(bytes(damaged))
+    with pytest.raises(UserError, match=rf"{chunk.name} does not match the digest its manifest records"):
+        first_batches(f"local:{bucket}", cache)
+    assert not list(cache.rglob(chunk.name))  # neither kept nor served on the next run
+
+
 def test_a_remote_folder_without_a_finished_build_is_refused_with_the_fix(tmp_path: Path) -> None:
     (tmp_path / "half-built" / "train").mkdir(parents=True)
     with pytest.raises(UserError, match=r"must hold a finished build.*pretrain prepare"):

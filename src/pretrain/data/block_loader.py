@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,6 +23,11 @@ from pretrain.data.identity import stream_change
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def already_a_batch(batch: torch.Tensor) -> torch.Tensor:
+    """The reader returns whole batches (``BlockReader.__getitems__``): nothing to collate."""
+    return batch
 
 
 class _Rounds(Sampler):
@@ -59,7 +63,7 @@ class BlockLoader:
         self.identity, self.allow_new_stream = identity, allow_new_stream
         self.num_workers, self.pin_memory, self.worker_init_fn = num_workers, pin_memory, worker_init_fn
         self.state = stream.start()
-        self._active: weakref.ref | None = None
+        self._source: tuple[Iterator[torch.Tensor], collections.deque] | None = None
 
     def __len__(self) -> int:
         """Batches per pass over the build: an iterator's length (Lightning's epoch). The next iterator goes on
@@ -67,33 +71,34 @@ class BlockLoader:
         return max(1, len(self.reader) // (self.processes * self.batch_size))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        self.close()  # Lightning leaves each epoch's iterator suspended: its workers stop now, not at collection
-        batches = self._batches()
-        self._active = weakref.ref(batches)  # not the generator itself, which refers to this loader: no cycle
-        return batches
+        """One pass's worth of batches, from where the last iterator stopped. The loader workers live on from one
+        iterator to the next (Lightning's epochs), with the batches they drew ahead."""
+        for _ in range(len(self)):
+            if self._source is None:
+                self._source = self._start()
+            batch = next(self._source[0])  # no local holds the source: close() alone ends its workers
+            self.state = self._source[1].popleft()
+            yield batch
 
-    def close(self) -> None:
-        """Stop the loader workers of the batches in progress."""
-        batches = self._active() if self._active is not None else None
-        if batches is not None:
-            batches.close()
-        self._active = None
-
-    def _batches(self) -> Iterator[torch.Tensor]:
+    def _start(self) -> tuple[Iterator[torch.Tensor], collections.deque]:
+        """Loader workers reading the stream's batches for this process from ``self.state`` on."""
         after: collections.deque = collections.deque()
         rounds = _Rounds(self.stream, self.state, (self.rank, self.processes, self.batch_size), after)
         loader = DataLoader(self.reader, batch_sampler=rounds, num_workers=self.num_workers,
                             pin_memory=self.pin_memory, worker_init_fn=self.worker_init_fn,
-                            collate_fn=torch.stack)  # fmt: skip
-        for _, batch in zip(range(len(self)), loader, strict=False):  # one pass's worth, as len() says
-            self.state = after.popleft()
-            yield batch
+                            collate_fn=already_a_batch)  # fmt: skip
+        return iter(loader), after
+
+    def close(self) -> None:
+        """Stop the loader workers (Lightning stops at a step count and never finishes an iterator)."""
+        self._source = None
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.state.as_dict(), **self.identity}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         change = stream_change(state, self.identity)
+        self.close()  # batches drawn ahead from the old position are dropped
         if change is None:
             self.state = StreamState(int(state["position"]), [int(n) for n in state["taken"]])
         elif self.allow_new_stream:

@@ -68,13 +68,19 @@ class BlockReader(Dataset):
         return int(self.starts[-1])
 
     def __getitem__(self, block: int) -> torch.Tensor:
-        c = int(np.searchsorted(self.starts, block, side="right")) - 1
-        chunk, itemsize = self.chunks[c], self.dtype.itemsize
-        start = chunk.data_offset + (block - int(self.starts[c])) * self.block_len * itemsize
-        data = os.pread(self._file(c), self.block_len * itemsize, start)
-        if len(data) != self.block_len * itemsize:
-            raise UserError(f"Shard {chunk.path} ends early; run `pretrain prepare --verify` and rebuild it.")
-        return torch.from_numpy(np.frombuffer(data, dtype=self.dtype).copy())
+        return self.__getitems__([block])[0]
+
+    def __getitems__(self, blocks: list[int]) -> torch.Tensor:
+        """A batch of blocks as one ``(len(blocks), block_len)`` tensor, read straight into place."""
+        out = np.empty((len(blocks), self.block_len), dtype=self.dtype)
+        size = self.block_len * self.dtype.itemsize
+        for row, (block, c) in enumerate(zip(blocks, np.searchsorted(self.starts, blocks, side="right") - 1,
+                                             strict=True)):  # fmt: skip
+            chunk = self.chunks[c]
+            read = os.preadv(self._file(c), [out[row]], chunk.data_offset + (block - int(self.starts[c])) * size)
+            if read != size:
+                raise UserError(f"Shard {chunk.path} ends early; run `pretrain prepare --verify` and rebuild it.")
+        return torch.from_numpy(out)
 
     def _file(self, c: int) -> int:
         """An open descriptor of chunk ``c`` (a loader worker opens its own after the fork)."""

@@ -7,7 +7,6 @@ streaming chunk by chunk would fetch all of them at once anyway. The chunks go u
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from litdata.streaming.downloader import get_downloader
 
 from pretrain.data.next_line import TASK_PATH
+from pretrain.data.verify import sha256_of
 from pretrain.errors import UserError
 
 REMOTE_PREFIXES = ("s3://", "gs://", "azure://", "r2://", "hf://", "local:")
@@ -85,7 +85,7 @@ def fetch_splits(url: str, cache: Path, splits: list[str], digests: dict[str, st
             if (error := _download_as(downloader, join(url, name), cache / partial)) is not None:
                 raise UserError(f"Could not read {join(url, name)}: {error}. Check the upload and the credentials.")
             expected = (digests or {}).get(name)
-            if expected and hashlib.sha256((cache / partial).read_bytes()).hexdigest() != expected:
+            if expected and sha256_of(cache / partial) != expected:
                 (cache / partial).unlink()
                 raise UserError(
                     f"{join(url, name)} does not match the digest its manifest records: the upload is damaged or "
