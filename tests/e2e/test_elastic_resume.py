@@ -28,15 +28,23 @@ def fit(corpus_root: Path, data_dir: Path, logs: Path, record: Path, processes: 
     return [sorted(tuple(block) for rank in ranks for block in rank[step]) for step in range(len(ranks[0]))]
 
 
-@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+@pytest.mark.parametrize(("before", "after", "data"), [(2, 1, "corpus"), (1, 2, "corpus"), (2, 1, "mixture")])
 def test_a_run_resumed_on_another_number_of_processes_trains_every_block_once(
-    corpus, prepared: Path, tmp_path: Path, before: int, after: int
+    request: pytest.FixtureRequest, tmp_path: Path, before: int, after: int, data: str
 ) -> None:
-    reference = fit(corpus[0], prepared, tmp_path / "straight" / "logs", tmp_path / "straight" / "record", 1, STEPS)
+    if data == "corpus":
+        corpus_root, data_dir, extra = request.getfixturevalue("corpus")[0], request.getfixturevalue("prepared"), ()
+    else:  # letters and digits weighted 3 : 1, the digits passing many times
+        corpus_root, data_dir = Path("unused"), request.getfixturevalue("built")
+        extra = ("--data.sources", "null", "--data.mixture", json.dumps(request.getfixturevalue("mixture")))
+    reference = fit(corpus_root, data_dir, tmp_path / "straight" / "logs", tmp_path / "straight" / "record", 1,
+                    STEPS, *extra)  # fmt: skip
     logs = tmp_path / "resumed" / "logs"
-    first = fit(corpus[0], prepared, logs, tmp_path / "resumed" / "first", before, STEPS // 2)
-    second = fit(corpus[0], prepared, logs, tmp_path / "resumed" / "second", after, STEPS, "--ckpt_path", "last")
+    first = fit(corpus_root, data_dir, logs, tmp_path / "resumed" / "first", before, STEPS // 2, *extra)
+    second = fit(corpus_root, data_dir, logs, tmp_path / "resumed" / "second", after, STEPS, *extra,
+                 "--ckpt_path", "last")  # fmt: skip
     assert len(first) == len(second) == STEPS // 2
     assert first + second == reference
-    blocks = [block for step in reference for block in step]
-    assert len(set(blocks)) == len(blocks) == STEPS * GLOBAL_BATCH  # within one pass: no block twice
+    if data == "corpus":
+        blocks = [block for step in reference for block in step]
+        assert len(set(blocks)) == len(blocks) == STEPS * GLOBAL_BATCH  # within one pass: no block twice
