@@ -217,8 +217,9 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 @contextlib.contextmanager
 def one_builder(root: Path, ranks: Ranks) -> Iterator[None]:
     """Hold ``root``'s lock around a build: rank 0 takes it for its whole group, the other ranks follow rank 0's
-    decisions inside. ``root`` is made if needed (the lock lives there)."""
-    lock = BuildLock(root)
+    decisions inside. ``root`` is made if needed (the lock lives there), and removed again if the build ends
+    before writing anything in it (a source that does not exist): a mistake leaves no empty folder behind."""
+    lock, existed = BuildLock(root), root.exists()
 
     def acquire() -> None:
         root.mkdir(parents=True, exist_ok=True)
@@ -232,3 +233,6 @@ def one_builder(root: Path, ranks: Ranks) -> Iterator[None]:
         raise
     finally:
         lock.release()
+        if ranks.first and not existed:
+            with contextlib.suppress(OSError):  # not empty: a build wrote there
+                root.rmdir()
