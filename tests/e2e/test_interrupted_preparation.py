@@ -16,7 +16,7 @@ from pretrain.data.build import prepare, read_manifest
 from pretrain.data.build_lock import LOCK_NAME
 from pretrain.errors import UserError
 from tests.conftest import make_corpus
-from tests.helpers import TINY_VOCAB
+from tests.helpers import ROOT, TINY_VOCAB, tiny_fit_args
 from tests.test_data import decoded_documents
 
 
@@ -56,3 +56,23 @@ def test_sigterm_during_preparation_ends_it_cleanly(tmp_path: Path) -> None:
     assert not (data_dir / LOCK_NAME).exists() and read_manifest(data_dir) is None
     prepare([str(tmp_path / "corpus")], str(data_dir), vocab_size=TINY_VOCAB)
     assert read_manifest(data_dir) is not None and not any(data_dir.glob(".build-*"))
+
+
+def test_sigterm_during_the_build_inside_fit_ends_it_cleanly_and_the_next_fit_builds(tmp_path: Path) -> None:
+    """``fit`` on a fresh machine builds in ``prepare_data`` first: a scheduler's SIGTERM then stops the build as it
+    stops ``pretrain prepare``, and the next ``fit`` builds and trains."""
+    make_corpus(tmp_path / "corpus", n_docs=60)
+    data_dir = tmp_path / "data"
+    fit = [sys.executable, str(ROOT / "main.py"), *tiny_fit_args(tmp_path / "corpus", data_dir, tmp_path / "logs",
+                                                                 "--trainer.max_steps", "2")]  # fmt: skip
+    process = subprocess.Popen(fit, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not any(data_dir.glob(".build-*")) and process.poll() is None:
+        time.sleep(0.001)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM: stopped building" in err and "Traceback" not in err, err[-3000:]
+    assert not (data_dir / LOCK_NAME).exists() and read_manifest(data_dir) is None
+    again = subprocess.run(fit, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert read_manifest(data_dir) is not None
