@@ -40,13 +40,9 @@ def test_preparation_killed_halfway_is_redone(tmp_path: Path) -> None:
     assert not (data_dir / LOCK_NAME).exists() and not any(data_dir.glob(".build-*"))
 
 
-def test_sigterm_during_preparation_ends_it_cleanly(tmp_path: Path) -> None:
-    """As a scheduler or torchrun stops a job: status 143, one line saying so, the lock removed."""
-    make_corpus(tmp_path / "corpus", n_docs=60)
-    data_dir = tmp_path / "data"
-    command = [sys.executable, "-m", "pretrain.prepare", f"--data.sources=[{tmp_path / 'corpus'}]",
-               f"--data.data_dir={data_dir}", f"--data.vocab_size={TINY_VOCAB}"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def stop_the_build_with_sigterm(command: list[str], data_dir: Path, cwd: Path) -> None:
+    """Start ``command``, send SIGTERM once its build is under way: status 143, one line, no lock, no manifest."""
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while not any(data_dir.glob(".build-*")) and process.poll() is None:
         time.sleep(0.001)
     process.send_signal(signal.SIGTERM)
@@ -54,6 +50,15 @@ def test_sigterm_during_preparation_ends_it_cleanly(tmp_path: Path) -> None:
     assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "SIGTERM: stopped building" in err and "Traceback" not in err, err[-3000:]
     assert not (data_dir / LOCK_NAME).exists() and read_manifest(data_dir) is None
+
+
+def test_sigterm_during_preparation_ends_it_cleanly(tmp_path: Path) -> None:
+    """As a scheduler or torchrun stops a job: status 143, one line saying so, the lock removed."""
+    make_corpus(tmp_path / "corpus", n_docs=60)
+    data_dir = tmp_path / "data"
+    command = [sys.executable, "-m", "pretrain.prepare", f"--data.sources=[{tmp_path / 'corpus'}]",
+               f"--data.data_dir={data_dir}", f"--data.vocab_size={TINY_VOCAB}"]  # fmt: skip
+    stop_the_build_with_sigterm(command, data_dir, tmp_path)
     prepare([str(tmp_path / "corpus")], str(data_dir), vocab_size=TINY_VOCAB)
     assert read_manifest(data_dir) is not None and not any(data_dir.glob(".build-*"))
 
@@ -65,14 +70,7 @@ def test_sigterm_during_the_build_inside_fit_ends_it_cleanly_and_the_next_fit_bu
     data_dir = tmp_path / "data"
     fit = [sys.executable, str(ROOT / "main.py"), *tiny_fit_args(tmp_path / "corpus", data_dir, tmp_path / "logs",
                                                                  "--trainer.max_steps", "2")]  # fmt: skip
-    process = subprocess.Popen(fit, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while not any(data_dir.glob(".build-*")) and process.poll() is None:
-        time.sleep(0.001)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
-    assert "SIGTERM: stopped building" in err and "Traceback" not in err, err[-3000:]
-    assert not (data_dir / LOCK_NAME).exists() and read_manifest(data_dir) is None
+    stop_the_build_with_sigterm(fit, data_dir, tmp_path)
     again = subprocess.run(fit, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert read_manifest(data_dir) is not None
