@@ -41,9 +41,10 @@ class _Rounds(Sampler):
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:
-            blocks, self.state = self.stream.take(self.state, self.processes * self.batch_size)
+            mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+            blocks, self.state = self.stream.take(self.state, self.processes * self.batch_size, mine)
             self.after.append(self.state)
-            yield blocks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size].tolist()
+            yield blocks.tolist()
 
 
 class BlockLoader:

@@ -101,16 +101,16 @@ class BlockStream:
     def start(self) -> StreamState:
         return StreamState(0, [0] * len(self.sizes))
 
-    def take(self, state: StreamState, count: int) -> tuple[np.ndarray, StreamState]:
-        """The next ``count`` blocks from ``state`` and the state after them."""
+    def take(self, state: StreamState, count: int, part: slice = slice(None)) -> tuple[np.ndarray, StreamState]:
+        """The blocks of entries ``part`` of the next ``count`` from ``state``, and the state after all ``count``.
+        A process asks only for its own part of a step: the others' blocks are never computed."""
         datasets, samples = self._next_samples(state.taken, count)
-        blocks = np.empty(count, dtype=np.int64)
-        taken = list(state.taken)
-        for k in range(len(self.sizes)):
+        taken = [n + int((datasets == k).sum()) for k, n in enumerate(state.taken)]
+        datasets, samples = datasets[part], samples[part]
+        blocks = np.empty(len(samples), dtype=np.int64)
+        for k in np.unique(datasets):
             mine = datasets == k
-            if mine.any():
-                blocks[mine] = self.offsets[k] + self._blocks_of(k, samples[mine])
-                taken[k] += int(mine.sum())
+            blocks[mine] = self.offsets[k] + self._blocks_of(int(k), samples[mine])
         return blocks, StreamState(state.position + count, taken)
 
     def _next_samples(self, taken: list[int], count: int) -> tuple[np.ndarray, np.ndarray]:
