@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from pretrain.data import PretrainData
 from pretrain.data.block_reader import BlockReader
-from pretrain.data.build import prepare
+from pretrain.data.prepare.build import prepare
 
 ALPHABETS = {"books": "abcdefgh", "code": "ijklmnop", "web": "qrstuvwx"}
 
@@ -76,11 +76,17 @@ def main() -> None:
     print(f"largest single-source share per batch of {args.batch_size}, first {args.batches} batches")
     print(f"{'order':<22}{'seed':>6}{'mean':>8}{'median':>8}{'max':>8}")
     for seed in args.seeds:
-        data = PretrainData(data_dir=str(data_dir), seq_len=args.seq_len, batch_size=args.batch_size, num_workers=0,
-                            seed=seed)  # fmt: skip
+        data = PretrainData(
+            data_dir=str(data_dir), seq_len=args.seq_len, batch_size=args.batch_size, num_workers=0, seed=seed
+        )
         data.setup("fit")
-        litdata = StreamingDataset(str(data_dir / "train"), item_loader=TokensLoader(block_size=block_len),
-                                   shuffle=True, drop_last=True, seed=seed)  # fmt: skip
+        litdata = StreamingDataset(
+            str(data_dir / "train"),
+            item_loader=TokensLoader(block_size=block_len),
+            shuffle=True,
+            drop_last=True,
+            seed=seed,
+        )
         orders = {
             "training loader": data.train_dataloader(),
             "litdata shuffle": StreamingDataLoader(litdata, batch_size=args.batch_size, num_workers=0),
@@ -88,8 +94,10 @@ def main() -> None:
         }
         for name, batches in orders.items():
             shares = largest_shares(batches, decode, args.batches)
-            print(f"{name:<22}{seed:>6}{statistics.mean(shares):>8.3f}{statistics.median(shares):>8.3f}"
-                  f"{max(shares):>8.3f}")  # fmt: skip
+            print(
+                f"{name:<22}{seed:>6}{statistics.mean(shares):>8.3f}{statistics.median(shares):>8.3f}"
+                f"{max(shares):>8.3f}"
+            )
 
 
 if __name__ == "__main__":

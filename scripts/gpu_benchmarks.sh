@@ -23,7 +23,7 @@ run() {  # name, time cap in seconds, then benchmark arguments
   if ((left < 60)); then echo "skipped $name: out of time" | tee "$out/$name.log"; return; fi
   ((cap > left)) && cap=$left
   echo "== $name (at most $cap s)"
-  timeout --kill-after 10 "$cap" python -m pretrain.benchmark train "$@" > "$out/$name.log" 2>&1
+  timeout --kill-after 10 "$cap" python -m pretrain.commands.benchmark train "$@" > "$out/$name.log" 2>&1
   local status=$?
   ((status == 124 || status == 137)) && echo "timed out after $cap s" >> "$out/$name.log"
   echo "   exit $status; $(tail -n 1 "$out/$name.log" | cut -c1-300)"
@@ -33,7 +33,7 @@ declare -A DEFAULT_KERNEL
 while read -r model kernel; do DEFAULT_KERNEL[$model]=$kernel; done < <(python - <<'PY' | tee -a "$out/gpu.txt"
 import torch
 from torch.nn.attention import SDPBackend
-from pretrain.model import PRESETS
+from pretrain.model.config import PRESETS
 names = {SDPBackend.CUDNN_ATTENTION: "cudnn", SDPBackend.FLASH_ATTENTION: "flash",
          SDPBackend.EFFICIENT_ATTENTION: "efficient", SDPBackend.MATH: "math"}
 for model in ("gpt2-124m", "llama-1b"):
@@ -50,7 +50,9 @@ PY
 timeout 120 python - <<'PY' 2>&1 | tee -a "$out/gpu.txt"
 import torch
 from torch.profiler import ProfilerActivity, profile
-from pretrain.model import Llama, PRESETS, next_token_loss
+from pretrain.model.llama import Llama
+from pretrain.model.config import PRESETS
+from pretrain.model.losses import next_token_loss
 from dataclasses import replace
 model = Llama(replace(PRESETS["llama-1b"], n_layer=1, vocab_size=512)).to("cuda")
 model.init_weights(0)
@@ -59,7 +61,7 @@ words = ("flash", "fmha", "sdpa", "cudnn", "attention")
 for name in ("flash", "cudnn", "efficient", None):
     model.use_attention_kernel(name)
     with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.autocast("cuda", torch.bfloat16):
-        next_token_loss(model, batch).backward()
+        next_token_loss(model, batch).ce.backward()
         torch.cuda.synchronize()
     ran = sorted({e.key[:70] for e in prof.key_averages() if any(w in e.key.lower() for w in words)})
     print(f"attention_kernel {name}: {ran}")
@@ -81,7 +83,7 @@ run llama-1b-fsdp1 240 $LLAMA --config configs/fsdp.yaml --warmup 8 --steps 50
 # Document masking (FlexAttention) on each: MFU counts the attention the mask leaves to do.
 run gpt2-124m-docmask 200 $GPT2 --model.attention_mask document --warmup 10 --steps 100
 run llama-1b-docmask 240 $LLAMA --config configs/fsdp.yaml --model.attention_mask document --warmup 8 --steps 50
-run gpt2-124m-muon 150 $GPT2 --model.optimizer pretrain.muon.MuonWithAdamW --model.optimizer.init_args.lr 0.02 \
+run gpt2-124m-muon 150 $GPT2 --model.optimizer pretrain.train.MuonWithAdamW --model.optimizer.init_args.lr 0.02 \
   --warmup 10 --steps 100 --no-bare
 kernel gpt2-124m cudnn 120 $GPT2 --warmup 10 --steps 100
 kernel gpt2-124m flash 120 $GPT2 --warmup 10 --steps 100

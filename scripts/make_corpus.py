@@ -16,7 +16,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from pretrain.data.sources import stdlib_files
+from pretrain.data.prepare.sources import stdlib_files
 
 SHARES = {"web": 0.5, "code": 0.3, "books": 0.2}
 WEB_FILE_BYTES = 256 * 2**20

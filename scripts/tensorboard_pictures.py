@@ -46,8 +46,17 @@ def wait_for(url: str, seconds: float = 60) -> None:
 
 def screenshot(browser: str, url: str, out: Path, size: str, wait_ms: int) -> None:
     """The page after ``wait_ms`` of its own time (TensorBoard loads its data after the page itself)."""
-    command = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-               f"--window-size={size}", f"--virtual-time-budget={wait_ms}", f"--screenshot={out}", url]  # fmt: skip
+    command = [
+        browser,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--window-size={size}",
+        f"--virtual-time-budget={wait_ms}",
+        f"--screenshot={out}",
+        url,
+    ]
     subprocess.run(command, check=True, capture_output=True, timeout=120)
 
 
@@ -61,9 +70,20 @@ def main() -> None:
     options = parser.parse_args()
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(options.logdir), "--port", str(port),
-         "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(options.logdir),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(f"http://127.0.0.1:{port}/")
         options.prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -11,12 +11,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from pretrain.data.build import byte_count, sample_for_tokenizer
-from pretrain.data.plan import DocumentSplit, plan_units
-from pretrain.data.ranks import Ranks
-from pretrain.data.readers import read_unit
-from pretrain.data.sources import resolve_sources
-from pretrain.data.tokenizer import train_tokenizer
+from pretrain.data.prepare.options import byte_count
+from pretrain.data.prepare.plan import DocumentSplit, plan_units
+from pretrain.data.prepare.ranks import Ranks
+from pretrain.data.prepare.readers import read_unit
+from pretrain.data.prepare.sources import resolve_sources
+from pretrain.data.prepare.tokenizer import train_tokenizer
+from pretrain.data.prepare.tokenizer_sample import sample_for_tokenizer
 
 HELD_OUT_BYTES = 20_000_000
 
@@ -38,8 +39,9 @@ def main() -> None:
     print(f"held-out text: {held_out_bytes:,} bytes\nsample      seconds  tokens per held-out byte")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as scratch:
-            sample = sample_for_tokenizer([(units, split)], "text", byte_count(size, "size"), Path(scratch), Ranks(),
-                                          progress=False)  # fmt: skip
+            sample = sample_for_tokenizer(
+                [(units, split)], "text", byte_count(size, "size"), Path(scratch), Ranks(), progress=False
+            )
             started = time.perf_counter()
             tokenizer = train_tokenizer(sample, args.vocab_size)
             seconds = time.perf_counter() - started

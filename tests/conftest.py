@@ -3,7 +3,6 @@ and a guard that fails any test leaving the checkout changed."""
 
 from __future__ import annotations
 
-import random
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,13 +10,11 @@ from pathlib import Path
 import pytest
 
 from pretrain.data import PretrainData
-from pretrain.data.build import prepare
-from tests.helpers import ROOT, TINY_VOCAB, Result, run_in_process, run_quietly, tiny_fit_args
+from pretrain.data.prepare.build import prepare
+from tests.helpers.corpora import make_corpus, write_docs
+from tests.helpers.resume import TRAINED_STEPS
+from tests.helpers.runs import ROOT, TINY_VOCAB, Result, run_in_process, run_quietly, tiny_fit_args
 
-WORDS = (
-    "the cat dog bird sees eats likes a small big red blue tree house river under over near quickly slowly "
-    "and then because while"
-).split()
 END_TO_END = ROOT / "tests" / "e2e"
 
 
@@ -31,8 +28,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def checkout_state() -> str | None:
     """What git sees changed or added in the checkout, ignored files included (caches and the venv left out)."""
     try:
-        listing = subprocess.run(["git", "status", "--porcelain", "--ignored=matching"], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=30, check=True).stdout  # fmt: skip
+        listing = subprocess.run(
+            ["git", "status", "--porcelain", "--ignored=matching"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None  # not a git checkout
     caches = ("__pycache__", ".pytest_cache", ".ruff_cache", ".egg-info", ".venv/", ".whl/")
@@ -49,23 +52,6 @@ def checkout_stays_clean() -> Iterator[None]:
         pytest.fail(f"The test changed the checkout (tests must write under tmp_path): {new}")
 
 
-def make_corpus(root: Path, n_docs: int = 40, seed: int = 0) -> dict[str, str]:
-    """Write ``n_docs`` small documents of grammar-like text; return {relative path: text}."""
-    rng = random.Random(seed)
-    docs = {}
-    for i in range(n_docs):
-        sentences = [
-            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
-            for _ in range(rng.randint(3, 30))
-        ]
-        name = f"{'notes' if i % 3 else 'more'}/doc{i:03d}.{'md' if i % 4 == 0 else 'txt'}"
-        docs[name] = "\n".join(sentences) + ("\n" if i % 2 else "")
-        path = root / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(docs[name], encoding="utf-8")
-    return docs
-
-
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("corpus")
@@ -80,9 +66,6 @@ def prepared(corpus: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempP
     return data_dir
 
 
-TRAINED_STEPS = 50  # validated at 20 and 40 (the interval) and at 50 (the last step)
-
-
 @pytest.fixture(scope="session")
 def trained(corpus, prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run folder of one short quickstart run (text samples, throughput), shared by every test that reads
@@ -90,14 +73,6 @@ def trained(corpus, prepared: Path, tmp_path_factory: pytest.TempPathFactory) ->
     logs = tmp_path_factory.mktemp("trained")
     run_quietly(tiny_fit_args(corpus[0], prepared, logs, "--trainer.max_steps", str(TRAINED_STEPS)), logs)
     return logs / "quickstart" / "version_0"
-
-
-def write_docs(root: Path, words: list[str], n_docs: int = 60, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    root.mkdir(parents=True)
-    for i in range(n_docs):
-        (root / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(rng.randint(80, 160))))
-    return root
 
 
 @pytest.fixture(scope="session")

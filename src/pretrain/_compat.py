@@ -23,11 +23,12 @@ PRIVATE_NAMES: dict[str, str] = {
     "lightning.pytorch.loops.training_epoch_loop:_TrainingEpochLoop": "take_over_lightning_sigterm",
     "lightning.pytorch.callbacks:ModelCheckpoint._save_checkpoint": "PretrainCheckpoint (overrides)",
     "lightning.pytorch.callbacks:ModelCheckpoint._link_checkpoint": "PretrainCheckpoint (overrides)",
-    "lightning.pytorch.callbacks:ModelCheckpoint._save_topk_checkpoint": "PretrainCheckpoint.save_now",
-    "lightning.pytorch.callbacks:ModelCheckpoint._save_last_checkpoint": "PretrainCheckpoint.save_now",
-    "lightning.pytorch.callbacks:ModelCheckpoint._monitor_candidates": "PretrainCheckpoint.save_now",
+    "lightning.pytorch.callbacks:ModelCheckpoint._save_topk_checkpoint": "save_checkpoint_now",
+    "lightning.pytorch.callbacks:ModelCheckpoint._save_last_checkpoint": "save_checkpoint_now",
+    "lightning.pytorch.callbacks:ModelCheckpoint._monitor_candidates": "save_checkpoint_now",
     "lightning.pytorch.cli:LightningCLI._parse_ckpt_path": "PretrainCLI (overrides)",
-    "lightning.pytorch.cli:LightningCLI._get": "PretrainCLI.instantiate_trainer",
+    "lightning.pytorch.cli:LightningCLI._get": "cli_config_value",
+    "lightning.pytorch.callbacks:Callback._generate_state_key": "callback_state_key",
     "lightning.pytorch.strategies:ModelParallelStrategy": "set_data_parallel_size",
     "litdata.utilities.env:_DistributedEnv": "write_as_single_process",
     "litdata.constants:_NUMPY_DTYPES_MAPPING": "numpy_dtype_of_code",
@@ -36,6 +37,8 @@ PRIVATE_NAMES: dict[str, str] = {
     "torch.distributed.checkpoint.filesystem:_StorageInfo": "storage_info_class",
     "pickle:_Unpickler": "PurePythonUnpickler (Python's own; stable)",
     "torch.utils.tensorboard.writer:SummaryWriter._get_file_writer": "event_file_writer (as Lightning uses it)",
+    "torch._inductor.cpp_builder:get_cpp_compiler": "has_cpp_compiler (model.compile: auto)",
+    "torch.cpu:_is_amx_tile_supported": "cpu_has_amx (Muon's Newton-Schulz precision)",
 }
 # Private attributes set or read on instances, checked by tests/test_compat.py on a real trainer.
 PRIVATE_ATTRIBUTES = {
@@ -44,8 +47,11 @@ PRIVATE_ATTRIBUTES = {
     "_TrainingEpochLoop._broadcast_sigterm_tensor": "take_over_lightning_sigterm (Lightning 2.6 only)",
     "ModelParallelStrategy._data_parallel_size": "set_data_parallel_size",
     "BinaryWriter._distributed_env": "write_as_single_process",
-    "ModelCheckpoint._last_global_step_saved": "PretrainCheckpoint.save_now",
-    "ModelCheckpoint._last_checkpoint_saved": "PretrainCheckpoint",
+    "ModelCheckpoint._last_global_step_saved": "save_checkpoint_now",
+    "ModelCheckpoint._last_checkpoint_saved": "last_checkpoint_saved",
+    "LightningModule._trainer": "attached_trainer",
+    "LRScheduler._step_count": "scheduler_step_count, set_scheduler_position",
+    "LRScheduler._last_lr": "set_scheduler_position",
 }
 
 PurePythonUnpickler = pickle._Unpickler  # Python's pure-Python unpickler: its steps can be overridden one by one
@@ -115,3 +121,63 @@ def load_into_empty(entries: dict[str, Any], reader: Any, keys: set[str]) -> Non
     private("torch.distributed.checkpoint.state_dict_loader:_load_state_dict")(
         entries, storage_reader=reader, planner=planner, no_dist=True
     )
+
+
+def has_cpp_compiler() -> bool:
+    """Whether inductor finds the C++ compiler it builds CPU kernels with."""
+    try:
+        private("torch._inductor.cpp_builder:get_cpp_compiler")()
+    except Exception:  # inductor raises its own InvalidCxxCompiler, or fails to import where it cannot run
+        return False
+    return True
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (bf16 matmuls at several times fp32's speed); False where torch cannot tell."""
+    try:
+        return bool(private("torch.cpu:_is_amx_tile_supported")())
+    except (ImportError, AttributeError):
+        return False
+
+
+def scheduler_step_count(scheduler: Any) -> int:
+    """How many times a learning-rate scheduler has stepped (torch warns on a step before the optimizer's)."""
+    return scheduler._step_count
+
+
+def set_scheduler_position(scheduler: Any, step_count: int, learning_rates: list[float]) -> None:
+    """Set a scheduler's step count and the learning rates ``get_last_lr`` reports, as its own step would."""
+    scheduler._step_count = step_count
+    scheduler._last_lr = learning_rates
+
+
+def save_checkpoint_now(callback: Any, trainer: Any) -> None:
+    """Save the current step through a ``ModelCheckpoint`` (unless already saved) and point ``last`` at it,
+    as its own end-of-step save would, outside its schedule (a preemption signal)."""
+    if callback._last_global_step_saved == trainer.global_step:
+        return
+    candidates = callback._monitor_candidates(trainer)
+    callback._save_topk_checkpoint(trainer, candidates)
+    if callback._last_global_step_saved != trainer.global_step:  # save_top_k: 0 keeps no step files
+        callback._save_checkpoint(trainer, callback.format_checkpoint_name(candidates))
+    callback._save_last_checkpoint(trainer, candidates)
+
+
+def last_checkpoint_saved(callback: Any) -> str:
+    """The path a ``ModelCheckpoint`` saved last."""
+    return callback._last_checkpoint_saved
+
+
+def attached_trainer(module: Any) -> Any:
+    """The trainer a LightningModule is attached to, or None (its ``trainer`` property raises instead)."""
+    return module._trainer
+
+
+def callback_state_key(callback: Any, **identity: Any) -> str:
+    """A callback's key in a checkpoint, told apart from others of its class by ``identity``."""
+    return callback._generate_state_key(**identity)
+
+
+def cli_config_value(cli: Any, config: Any, key: str, default: Any = None) -> Any:
+    """A value of a LightningCLI's config for the subcommand being run."""
+    return cli._get(config, key, default=default)

@@ -10,25 +10,38 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pretrain.data.build_lock import LOCK_NAME
-from tests.e2e.test_prepare_processes import write_corpus
-from tests.helpers import TINY_VOCAB
+from pretrain.data.prepare.build_lock import LOCK_NAME
+from tests.helpers.corpora import write_corpus
+from tests.helpers.runs import TINY_VOCAB
 
 RUN_BY_RUN = ("seconds", "peak_rss_mb")  # how long this build took and the memory it used
 
 
 def start(corpus: Path, data_dir: Path) -> subprocess.Popen:
-    options = [f"--data.sources=[{corpus}]", f"--data.data_dir={data_dir}", f"--data.vocab_size={TINY_VOCAB}",
-               "--data.val_fraction=0.1", "--data.chunk_bytes=64KB", "--data.tokenizer_sample_bytes=300KB"]  # fmt: skip
+    options = [
+        f"--data.sources=[{corpus}]",
+        f"--data.data_dir={data_dir}",
+        f"--data.vocab_size={TINY_VOCAB}",
+        "--data.val_fraction=0.1",
+        "--data.chunk_bytes=64KB",
+        "--data.tokenizer_sample_bytes=300KB",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pretrain.prepare", *options], cwd=data_dir.parent, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "pretrain.commands.prepare", *options],
+        cwd=data_dir.parent,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
 
 
 def contents(data_dir: Path) -> dict[str, object]:
     """Every file under ``data_dir``; the manifest without what differs from run to run."""
-    files: dict[str, object] = {str(p.relative_to(data_dir)): p.read_bytes() for p in data_dir.rglob("*")
-                                if p.is_file()}  # fmt: skip
+    files: dict[str, object] = {
+        str(p.relative_to(data_dir)): p.read_bytes() for p in data_dir.rglob("*") if p.is_file()
+    }
     manifest = json.loads(files.pop("manifest.json"))
     files["manifest.json"] = {key: value for key, value in manifest.items() if key not in RUN_BY_RUN}
     return files

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import QUICKSTART, ROOT
+from tests.helpers.runs import QUICKSTART, ROOT
 
 PRETRAIN = Path(sys.executable).parent / "pretrain"  # the console script pip installs beside the interpreter
 MISSING = ("--data.sources", "[no/such/corpus]", "--data.data_dir", "data")
@@ -33,11 +33,17 @@ def test_the_pretrain_command_lists_its_subcommands(tmp_path: Path) -> None:
     [
         [str(PRETRAIN), "prepare", "--config", QUICKSTART, *MISSING],
         [sys.executable, str(ROOT / "main.py"), "fit", "--config", QUICKSTART, *MISSING],
-        [sys.executable, "-m", "pretrain.prepare", "--config", QUICKSTART, *MISSING],
-        [sys.executable, "-m", "pretrain.generate", "no/such.ckpt"],
-        [sys.executable, "-m", "pretrain.export", "no/such.ckpt", "out"],
+        [sys.executable, "-m", "pretrain.commands.prepare", "--config", QUICKSTART, *MISSING],
+        [sys.executable, "-m", "pretrain.commands.generate", "no/such.ckpt"],
+        [sys.executable, "-m", "pretrain.commands.export", "no/such.ckpt", "out"],
     ],
-    ids=["pretrain prepare", "main.py fit", "-m pretrain.prepare", "-m pretrain.generate", "-m pretrain.export"],
+    ids=[
+        "pretrain prepare",
+        "main.py fit",
+        "-m pretrain.commands.prepare",
+        "-m pretrain.commands.generate",
+        "-m pretrain.commands.export",
+    ],
 )
 def test_a_user_mistake_is_one_line_with_status_2(command: list[str], tmp_path: Path) -> None:
     if command[0] == str(PRETRAIN) and not PRETRAIN.exists():

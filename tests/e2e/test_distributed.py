@@ -15,20 +15,26 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pretrain.data.build import prepare
+from pretrain.data.prepare.build import prepare
 from pretrain.data.shards import verify_split
-from tests.e2e.test_preemption import wait_for_checkpoint
-from tests.helpers import ROOT, TINY_VOCAB, scalars, tiny_fit_args
+from tests.helpers.processes import wait_for_checkpoint
+from tests.helpers.runs import ROOT, TINY_VOCAB, assert_ok, scalars, tiny_fit_args
 
 
 def test_ddp_on_two_processes_trains_and_each_rank_reads_its_own_data(corpus, prepared: Path, tmp_path: Path) -> None:
     two_processes = ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_steps", "20")
-    record = ("--trainer.callbacks+", "tests.helpers.RecordBatches")
+    record = ("--trainer.callbacks+", "tests.helpers.runs.RecordBatches")
     args = tiny_fit_args(corpus[0], prepared, tmp_path, *two_processes, *record)
     env = {**os.environ, "RECORD_BATCHES_DIR": str(tmp_path)}
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert_ok(result)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 20
     # Within an epoch (~9 batches per rank here) the ranks split the data: no sequence on both.
@@ -52,8 +58,9 @@ def _prepare_on_rank_zero(rank: int, rendezvous: str, corpus_root: str, data_dir
 
 def test_a_first_build_inside_a_process_group_does_not_wait_for_the_other_ranks(corpus, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    context = mp.spawn(_prepare_on_rank_zero, args=(str(tmp_path / "rendezvous"), str(corpus[0]), str(data_dir)),
-                       nprocs=2, join=False)  # fmt: skip
+    context = mp.spawn(
+        _prepare_on_rank_zero, args=(str(tmp_path / "rendezvous"), str(corpus[0]), str(data_dir)), nprocs=2, join=False
+    )
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -67,10 +74,24 @@ def test_a_first_build_inside_a_process_group_does_not_wait_for_the_other_ranks(
 
 def test_a_signal_to_one_rank_stops_both_at_the_same_step_with_a_checkpoint(corpus, prepared: Path, tmp_path: Path):
     """Only rank 0 (the launching process) is told to stop; the ranks agree at the next signal check."""
-    args = tiny_fit_args(corpus[0], prepared, tmp_path, "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                         "--trainer.max_steps", "2000")  # fmt: skip
-    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    args = tiny_fit_args(
+        corpus[0],
+        prepared,
+        tmp_path,
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.max_steps",
+        "2000",
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     checkpoints = tmp_path / "quickstart" / "version_0" / "checkpoints"
     wait_for_checkpoint(process, checkpoints, "step=0000020.ckpt")
     process.send_signal(signal.SIGTERM)

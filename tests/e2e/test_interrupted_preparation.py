@@ -12,19 +12,19 @@ from pathlib import Path
 import pytest
 
 from pretrain.data import PretrainData
-from pretrain.data.build import prepare, read_manifest
-from pretrain.data.build_lock import LOCK_NAME
+from pretrain.data.prepare.build import prepare
+from pretrain.data.prepare.build_lock import LOCK_NAME
+from pretrain.data.prepare.manifest import read_manifest
 from pretrain.errors import UserError
-from tests.conftest import make_corpus
-from tests.helpers import ROOT, TINY_VOCAB, tiny_fit_args
-from tests.test_data import decoded_documents
+from tests.helpers.corpora import decoded_documents, make_corpus
+from tests.helpers.runs import ROOT, TINY_VOCAB, assert_ok, tiny_fit_args
 
 
 def test_preparation_killed_halfway_is_redone(tmp_path: Path) -> None:
     docs = make_corpus(tmp_path / "corpus", n_docs=60)
     data_dir = tmp_path / "data"
     options = {"sources": f"[{tmp_path / 'corpus'}]", "data_dir": data_dir, "vocab_size": TINY_VOCAB, "num_workers": 1}
-    command = [sys.executable, "-m", "pretrain.prepare", *(f"--data.{k}={v}" for k, v in options.items())]
+    command = [sys.executable, "-m", "pretrain.commands.prepare", *(f"--data.{k}={v}" for k, v in options.items())]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not any(data_dir.glob(".build-*")) and process.poll() is None:
         time.sleep(0.001)
@@ -56,8 +56,14 @@ def test_sigterm_during_preparation_ends_it_cleanly(tmp_path: Path) -> None:
     """As a scheduler or torchrun stops a job: status 143, one line saying so, the lock removed."""
     make_corpus(tmp_path / "corpus", n_docs=60)
     data_dir = tmp_path / "data"
-    command = [sys.executable, "-m", "pretrain.prepare", f"--data.sources=[{tmp_path / 'corpus'}]",
-               f"--data.data_dir={data_dir}", f"--data.vocab_size={TINY_VOCAB}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pretrain.commands.prepare",
+        f"--data.sources=[{tmp_path / 'corpus'}]",
+        f"--data.data_dir={data_dir}",
+        f"--data.vocab_size={TINY_VOCAB}",
+    ]
     stop_the_build_with_sigterm(command, data_dir, tmp_path)
     prepare([str(tmp_path / "corpus")], str(data_dir), vocab_size=TINY_VOCAB)
     assert read_manifest(data_dir) is not None and not any(data_dir.glob(".build-*"))
@@ -68,9 +74,12 @@ def test_sigterm_during_the_build_inside_fit_ends_it_cleanly_and_the_next_fit_bu
     stops ``pretrain prepare``, and the next ``fit`` builds and trains."""
     make_corpus(tmp_path / "corpus", n_docs=60)
     data_dir = tmp_path / "data"
-    fit = [sys.executable, str(ROOT / "main.py"), *tiny_fit_args(tmp_path / "corpus", data_dir, tmp_path / "logs",
-                                                                 "--trainer.max_steps", "2")]  # fmt: skip
+    fit = [
+        sys.executable,
+        str(ROOT / "main.py"),
+        *tiny_fit_args(tmp_path / "corpus", data_dir, tmp_path / "logs", "--trainer.max_steps", "2"),
+    ]
     stop_the_build_with_sigterm(fit, data_dir, tmp_path)
     again = subprocess.run(fit, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert_ok(again)
     assert read_manifest(data_dir) is not None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.helpers import run_main
-from tests.test_mixture import check_mixture_resume
+from tests.helpers.resume import check_mixture_resume
+from tests.helpers.runs import run_main
 
 
 def test_a_mixture_run_on_two_processes_resumes_exactly(mixture: dict, built: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""FSDP on two CPU processes. FSDP2 (pretrain.parallel): sharded creation, training, exact resume, reading
+"""FSDP on two CPU processes. FSDP2 (pretrain.train.parallel): sharded creation, training, exact resume, reading
 back, Muon's steps. FSDP1 (Lightning's FSDPStrategy): the optimizer's groups, text samples."""
 
 from __future__ import annotations
@@ -21,20 +21,27 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import distribute_tensor
 
-from pretrain.callbacks import TextSamples
-from pretrain.loading import load_checkpoint, load_model
-from pretrain.model import Block, Llama, LlamaConfig, build_model
-from pretrain.module import PretrainModule
-from pretrain.muon import MuonWithAdamW
-from pretrain.optim import param_groups
-from pretrain.parallel import build_sharded_model
-from tests.helpers import ROOT, TINY_VOCAB, scalars_by_step, tiny_fit_args
+from pretrain.callbacks.text_samples import TextSamples
+from pretrain.checkpoints.loading import load_checkpoint, load_model
+from pretrain.model.config import LlamaConfig
+from pretrain.model.llama import Block, Llama, build_model
+from pretrain.train.module import PretrainModule
+from pretrain.train.muon import MuonWithAdamW
+from pretrain.train.parallel import build_sharded_model
+from pretrain.train.param_groups import param_groups
+from tests.helpers.runs import ROOT, TINY_VOCAB, assert_ok, scalars_by_step, tiny_fit_args
 
 CONFIG = LlamaConfig(
     vocab_size=300, seq_len=32, d_model=48, n_layer=3, n_head=4, n_kv_head=2, ffn_dim=96, tie_embeddings=True
 )
-FSDP2 = ("--trainer.strategy", '{"class_path": "pretrain.parallel.FSDP2Strategy"}', "--trainer.devices", "2",
-         "--model.activation_checkpointing", "true")  # fmt: skip
+FSDP2 = (
+    "--trainer.strategy",
+    '{"class_path": "pretrain.train.FSDP2Strategy"}',
+    "--trainer.devices",
+    "2",
+    "--model.activation_checkpointing",
+    "true",
+)
 
 
 def close_process_group() -> None:
@@ -73,8 +80,9 @@ def test_sharded_creation_gives_the_single_device_weights(tmp_path: Path) -> Non
 def _rope_dtypes_on_rank(rank: int, rendezvous: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
-        model = build_sharded_model(CONFIG, init_device_mesh("cpu", (2,)), torch.device("cpu"), seed=3,
-                                    param_dtype=torch.bfloat16)  # fmt: skip
+        model = build_sharded_model(
+            CONFIG, init_device_mesh("cpu", (2,)), torch.device("cpu"), seed=3, param_dtype=torch.bfloat16
+        )
         seen = []
         for block in model.blocks:
             block.attn.register_forward_pre_hook(lambda module, args: seen.append((args[0].dtype, args[1].dtype)))
@@ -92,30 +100,54 @@ def test_bf16_weights_leave_the_rotary_table_in_fp32(tmp_path: Path) -> None:
 
 
 def run_fsdp2(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=tempfile.gettempdir(),
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *args],
+        cwd=tempfile.gettempdir(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_fsdp2_trains_resumes_exactly_and_its_sharded_checkpoint_reads_back(corpus, prepared: Path, tmp_path: Path):
-    steps = ("--model.lr_scheduler.init_args.max_steps", "16", "--model.lr_scheduler.init_args.warmup_steps", "4",
-             "--checkpoint.every_n_train_steps", "8")  # fmt: skip
-    whole = run_fsdp2(*tiny_fit_args(corpus[0], prepared, tmp_path / "whole", *FSDP2, *steps,
-                                     "--trainer.max_steps", "16"))  # fmt: skip
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    steps = (
+        "--model.lr_scheduler.init_args.max_steps",
+        "16",
+        "--model.lr_scheduler.init_args.warmup_steps",
+        "4",
+        "--checkpoint.every_n_train_steps",
+        "8",
+    )
+    whole = run_fsdp2(
+        *tiny_fit_args(corpus[0], prepared, tmp_path / "whole", *FSDP2, *steps, "--trainer.max_steps", "16")
+    )
+    assert_ok(whole)
     halves = tmp_path / "halves"
     for max_steps, resume in (("8", ()), ("16", ("--ckpt_path", "last"))):
-        half = run_fsdp2(*tiny_fit_args(corpus[0], prepared, halves, *FSDP2, *steps, "--trainer.max_steps", max_steps,
-                                        *resume))  # fmt: skip
-        assert half.returncode == 0, half.stderr[-3000:]
+        half = run_fsdp2(
+            *tiny_fit_args(corpus[0], prepared, halves, *FSDP2, *steps, "--trainer.max_steps", max_steps, *resume)
+        )
+        assert_ok(half)
     reference = scalars_by_step(tmp_path / "whole" / "quickstart" / "version_0", "train/loss")
     assert len(reference) == 16
     assert scalars_by_step(halves / "quickstart" / "version_0", "train/loss") == reference
 
     # Compiled (each block, and the loss apart): the same training, up to the order of float operations.
-    compiled = run_fsdp2(*tiny_fit_args(corpus[0], prepared, tmp_path / "compiled", *FSDP2, *steps,
-                                        "--trainer.max_steps", "6", "--model.compile", "true"))  # fmt: skip
-    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    compiled = run_fsdp2(
+        *tiny_fit_args(
+            corpus[0],
+            prepared,
+            tmp_path / "compiled",
+            *FSDP2,
+            *steps,
+            "--trainer.max_steps",
+            "6",
+            "--model.compile",
+            "true",
+        )
+    )
+    assert_ok(compiled)
     compiled_losses = scalars_by_step(tmp_path / "compiled" / "quickstart" / "version_0", "train/loss")
     assert compiled_losses == pytest.approx({step: reference[step] for step in range(6)}, rel=1e-4)
 
@@ -131,8 +163,9 @@ def _fsdp1_groups_on_rank(rank: int, rendezvous: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         model = Llama(CONFIG)
-        wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True,
-                                           device_id=torch.device("cpu"))  # fmt: skip
+        wrapped = FullyShardedDataParallel(
+            model, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True, device_id=torch.device("cpu")
+        )
         names = {id(p): n.replace("_fsdp_wrapped_module.", "") for n, p in wrapped.named_parameters()}
         assert all(p.dim() == 1 for p in wrapped.parameters())  # what the optimizer is built over
         if rank == 0:
@@ -192,8 +225,9 @@ def _fsdp1_samples_on_rank(rank: int, rendezvous: str, tokenizer: str, out: str)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         module = fsdp1_test_module()
-        wrapped = FullyShardedDataParallel(module, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True,
-                                           device_id=torch.device("cpu"))  # fmt: skip
+        wrapped = FullyShardedDataParallel(
+            module, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True, device_id=torch.device("cpu")
+        )
         wrapped(torch.randint(0, TINY_VOCAB, (2, 16))).sum().backward()  # a training step's forward and backward
         callback = TextSamples(prompts=["def ", "import "], max_new_tokens=6)
         callback.tokenizer = Tokenizer.from_file(tokenizer)
@@ -204,8 +238,11 @@ def _fsdp1_samples_on_rank(rank: int, rendezvous: str, tokenizer: str, out: str)
 
 
 def fsdp1_test_module() -> PretrainModule:
-    module = PretrainModule(overrides={"d_model": 32, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "ffn_dim": 64},
-                            vocab_size=TINY_VOCAB, seq_len=16)  # fmt: skip
+    module = PretrainModule(
+        overrides={"d_model": 32, "n_layer": 2, "n_head": 2, "n_kv_head": 2, "ffn_dim": 64},
+        vocab_size=TINY_VOCAB,
+        seq_len=16,
+    )
     module.configure_model()
     return module
 

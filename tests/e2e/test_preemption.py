@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, run_main, scalars_by_step
-from tests.test_resume import STEPS, fit_args
+from tests.helpers.processes import wait_for_checkpoint
+from tests.helpers.resume import STEPS, fit_args
+from tests.helpers.runs import ROOT, assert_ok, run_main, scalars_by_step
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +25,13 @@ def reference(corpus, prepared: Path, tmp_path_factory: pytest.TempPathFactory) 
     """Per-step train/loss of the uninterrupted run, in a process of its own like the interrupted ones."""
     logs = tmp_path_factory.mktemp("reference")
     result = run_main(*fit_args(corpus[0], prepared, logs, STEPS), cwd=logs)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     return scalars_by_step(logs / "quickstart" / "version_0", "train/loss")
 
 
 def resume_and_compare(corpus, prepared: Path, logs: Path, reference: dict[int, float]) -> None:
     result = run_main(*fit_args(corpus[0], prepared, logs, STEPS, "--ckpt_path", "last"), cwd=logs)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_ok(result)
     assert "Resuming" in result.stderr
     assert sorted(p.name for p in (logs / "quickstart").iterdir()) == ["version_0"]  # same run folder
     assert scalars_by_step(logs / "quickstart" / "version_0", "train/loss") == reference  # bit-exact
@@ -39,8 +40,15 @@ def resume_and_compare(corpus, prepared: Path, logs: Path, reference: dict[int, 
 def start_training(corpus, prepared: Path, logs: Path) -> subprocess.Popen:
     """The run in a process group of its own (so a group signal reaches it and its loader workers only)."""
     args = [sys.executable, str(ROOT / "main.py"), *fit_args(corpus[0], prepared, logs, STEPS)]
-    return subprocess.Popen(args, cwd=logs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, preexec_fn=as_from_a_terminal)  # fmt: skip
+    return subprocess.Popen(
+        args,
+        cwd=logs,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=as_from_a_terminal,
+    )
 
 
 def as_from_a_terminal() -> None:
@@ -54,31 +62,6 @@ def send(process: subprocess.Popen, signum: signal.Signals, to_group: bool) -> N
         os.killpg(process.pid, signum)
     else:
         process.send_signal(signum)
-
-
-def wait_for_checkpoint(process: subprocess.Popen, checkpoints: Path, name: str, timeout: float = 120) -> None:
-    """Block until ``last.ckpt`` points at ``name`` (the save and the link are both done)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        last = checkpoints / "last.ckpt"
-        if last.is_symlink() and os.readlink(last) == name:
-            return
-        time.sleep(0.02)
-    kill_with_its_children(process)
-    pytest.fail(f"no {name} appeared; output: {process.communicate(timeout=60)[1][-3000:]}")
-
-
-def kill_with_its_children(process: subprocess.Popen) -> None:
-    """kill -9 the process and what it started (torchrun's ranks, loader workers): an orphan left running
-    holds the output pipes open, and reading them would then wait for it instead of failing the test."""
-    descendants, parents = [], [process.pid]
-    while parents:
-        listed = subprocess.run(["pgrep", "-P", ",".join(map(str, parents))], capture_output=True, text=True)
-        parents = [int(pid) for pid in listed.stdout.split()]
-        descendants += parents
-    for pid in [process.pid, *descendants]:
-        with contextlib.suppress(ProcessLookupError):  # one that ended since it was listed
-            os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("to_group", [False, True], ids=["to the process", "to its process group"])
@@ -107,7 +90,7 @@ def test_resume_after_kill_9(corpus, prepared: Path, tmp_path: Path, reference: 
 
 
 def test_ctrl_c_saves_and_exits_130(corpus, prepared: Path, tmp_path: Path, reference: dict[int, float]) -> None:
-    """A terminal sends SIGINT to the whole foreground process group. (A second Ctrl-C: tests/test_resume.py.)"""
+    """A terminal sends SIGINT to the whole foreground process group. (A second Ctrl-C: checkpoints/test_resume.py.)"""
     (tmp_path / "once").mkdir()
     process = start_training(corpus, prepared, tmp_path / "once")
     checkpoints = tmp_path / "once" / "quickstart" / "version_0" / "checkpoints"

@@ -13,22 +13,38 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e.test_preemption import kill_with_its_children, wait_for_checkpoint
-from tests.helpers import ROOT, scalars_by_step
-from tests.test_resume import STEPS, fit_args
+from tests.helpers.processes import kill_with_its_children, wait_for_checkpoint
+from tests.helpers.resume import STEPS, fit_args
+from tests.helpers.runs import ROOT, scalars_by_step
 
 TWO_RANKS = ("--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.num_workers", "1")
 
 
 def torchrun(corpus, prepared: Path, logs: Path, *extra: str, restarts: int = 0) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "--max-restarts", str(restarts),
-               str(ROOT / "main.py"), *fit_args(corpus[0], prepared, logs, STEPS, *TWO_RANKS, *extra)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        str(restarts),
+        str(ROOT / "main.py"),
+        *fit_args(corpus[0], prepared, logs, STEPS, *TWO_RANKS, *extra),
+    ]
     logs.mkdir(exist_ok=True)
     # A store of its own for the ranks of each restart (docs/checkpointing.md: a lost rank).
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    return subprocess.Popen(command, cwd=logs, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=environment)  # fmt: skip
+    return subprocess.Popen(
+        command,
+        cwd=logs,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=environment,
+    )
 
 
 def finished(process: subprocess.Popen, timeout: float = 300) -> str:
@@ -48,8 +64,9 @@ def reference(corpus, prepared: Path, tmp_path_factory: pytest.TempPathFactory) 
     return scalars_by_step(logs / "quickstart" / "version_0", "train/loss")
 
 
-def test_sigterm_to_torchrun_saves_once_and_resumes_exactly(corpus, prepared: Path, tmp_path: Path,
-                                                            reference: dict[int, float]) -> None:  # fmt: skip
+def test_sigterm_to_torchrun_saves_once_and_resumes_exactly(
+    corpus, prepared: Path, tmp_path: Path, reference: dict[int, float]
+) -> None:
     process = torchrun(corpus, prepared, tmp_path)
     checkpoints = tmp_path / "quickstart" / "version_0" / "checkpoints"
     wait_for_checkpoint(process, checkpoints, "step=0000020.ckpt")
@@ -73,8 +90,10 @@ def test_a_rank_killed_under_max_restarts_resumes_from_the_newest_checkpoint(
     process = torchrun(corpus, prepared, tmp_path, "--ckpt_path", "last", restarts=1)
     checkpoints = tmp_path / "quickstart" / "version_0" / "checkpoints"
     wait_for_checkpoint(process, checkpoints, "step=0000020.ckpt")
-    ranks = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
-                                                text=True).stdout.split()]  # fmt: skip
+    ranks = [
+        int(pid)
+        for pid in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    ]
     assert len(ranks) == 2
     os.kill(ranks[-1], signal.SIGKILL)
     stderr = finished(process)

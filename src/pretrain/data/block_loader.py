@@ -34,8 +34,9 @@ class _Rounds(Sampler):
     """Batches of block numbers for one process: round after round of the stream from ``state``. The state after
     each batch is queued in ``after``, since the loader draws batches ahead of the ones handed out."""
 
-    def __init__(self, stream: BlockStream, state: StreamState, layout: tuple[int, int, int],
-                 after: collections.deque) -> None:  # fmt: skip
+    def __init__(
+        self, stream: BlockStream, state: StreamState, layout: tuple[int, int, int], after: collections.deque
+    ) -> None:
         self.stream, self.state, self.after = stream, state, after
         self.rank, self.processes, self.batch_size = layout
 
@@ -55,10 +56,18 @@ class BlockLoader:
     """
 
     def __init__(
-        self, reader: BlockReader, stream: BlockStream, batch_size: int, rank: int, processes: int,
-        identity: dict[str, Any], num_workers: int = 0, pin_memory: bool = False,
-        worker_init_fn: Callable[[int], None] | None = None, allow_new_stream: bool = False,
-    ) -> None:  # fmt: skip
+        self,
+        reader: BlockReader,
+        stream: BlockStream,
+        batch_size: int,
+        rank: int,
+        processes: int,
+        identity: dict[str, Any],
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        worker_init_fn: Callable[[int], None] | None = None,
+        allow_new_stream: bool = False,
+    ) -> None:
         self.reader, self.stream, self.batch_size = reader, stream, batch_size
         self.rank, self.processes = rank, processes
         self.identity, self.allow_new_stream = identity, allow_new_stream
@@ -85,9 +94,14 @@ class BlockLoader:
         """Loader workers reading the stream's batches for this process from ``self.state`` on."""
         after: collections.deque = collections.deque()
         rounds = _Rounds(self.stream, self.state, (self.rank, self.processes, self.batch_size), after)
-        loader = DataLoader(self.reader, batch_sampler=rounds, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, worker_init_fn=self.worker_init_fn,
-                            collate_fn=already_a_batch)  # fmt: skip
+        loader = DataLoader(
+            self.reader,
+            batch_sampler=rounds,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            worker_init_fn=self.worker_init_fn,
+            collate_fn=already_a_batch,
+        )
         return iter(loader), after
 
     def close(self) -> None:

@@ -74,8 +74,9 @@ class BlockReader(Dataset):
         """A batch of blocks as one ``(len(blocks), block_len)`` tensor, read straight into place."""
         out = np.empty((len(blocks), self.block_len), dtype=self.dtype)
         size = self.block_len * self.dtype.itemsize
-        for row, (block, c) in enumerate(zip(blocks, np.searchsorted(self.starts, blocks, side="right") - 1,
-                                             strict=True)):  # fmt: skip
+        for row, (block, c) in enumerate(
+            zip(blocks, np.searchsorted(self.starts, blocks, side="right") - 1, strict=True)
+        ):
             chunk = self.chunks[c]
             read = os.preadv(self._file(c), [out[row]], chunk.data_offset + (block - int(self.starts[c])) * size)
             if read != size:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,17 @@ from litdata.streaming.item_loader import TokensLoader
 from pretrain.data.block_loader import BlockLoader
 from pretrain.data.block_order import BlockStream
 from pretrain.data.block_reader import BlockReader
-from pretrain.data.build import CHUNK_BYTES, SPLITS, TOKENIZER_SAMPLE_BYTES, prepare, read_manifest
 from pretrain.data.identity import build_identity, stream_identity
 from pretrain.data.loader_workers import leave_stopping_to_the_trainer
-from pretrain.data.mixture import check_mixture, prepare_mixture
-from pretrain.data.ranks import Ranks
+from pretrain.data.prepare.build import build
+from pretrain.data.prepare.manifest import SPLITS, read_manifest
+from pretrain.data.prepare.mixture import check_mixture, single_corpus
+from pretrain.data.prepare.options import CHUNK_BYTES, TOKENIZER_SAMPLE_BYTES, BuildOptions
+from pretrain.data.prepare.ranks import Ranks
+from pretrain.data.prepare.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from pretrain.data.remote import default_cache_dir, fetch_build_files, fetch_splits, is_remote
 from pretrain.data.shards import verify_split
 from pretrain.data.skipping_loader import SkippingLoader
-from pretrain.data.tokenizer import eos_id, load_tokenizer, token_byte_lengths
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -92,24 +95,27 @@ class PretrainData(L.LightningDataModule):
         self.skip_batches = skip_batches
         self.allow_new_build = allow_new_build
         self._skip_now = skip_batches > 0  # until a checkpoint shows this run already skipped them
-        self.mixture = mixture
         self.train_loader: BlockLoader | None = None  # once made, to stop its workers at teardown
-        if mixture is not None:
-            check_mixture(mixture)  # bad names or weights fail here, before anything is built
-        self.sources = sources if sources is not None or mixture is not None else ["stdlib"]
+        # A single corpus is a mixture of one; bad names or weights fail here, before anything is built.
+        self.datasets = (
+            check_mixture(mixture) if mixture is not None else single_corpus(["stdlib"] if sources is None else sources)
+        )
         self.data_dir = data_dir
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.tokenizer = tokenizer
-        self.val_fraction = val_fraction
-        self.text_field = text_field
         self.seed = seed
-        self.overwrite = overwrite
-        self.chunk_bytes = chunk_bytes
-        self.tokenizer_sample_bytes = tokenizer_sample_bytes
         # A given tokenizer fixes the vocabulary; the model reads it from here.
         self.vocab_size = load_tokenizer(tokenizer).get_vocab_size() if tokenizer else vocab_size
+        self.build_options = BuildOptions(
+            self.vocab_size,
+            tokenizer,
+            val_fraction,
+            text_field,
+            overwrite,
+            chunk_bytes=chunk_bytes,
+            tokenizer_sample_bytes=tokenizer_sample_bytes,
+        )
         self.remote = is_remote(data_dir)
         self.cache_dir = Path(cache_dir or default_cache_dir(data_dir)) if self.remote else None
         # Where this process reads the manifest and tokenizer: the build itself, or the local cache of a remote one.
@@ -135,15 +141,8 @@ class PretrainData(L.LightningDataModule):
             splits = [f"{name}/{split}".lstrip("/") for name in manifest.get("mixture", [""]) for split in SPLITS]
             fetch_splits(self.data_dir, self._chunks_dir(manifest), splits, manifest.get("chunks"))
             return manifest
-        options = {
-            "vocab_size": self.vocab_size, "tokenizer": self.tokenizer, "val_fraction": self.val_fraction,
-            "text_field": self.text_field, "overwrite": self.overwrite, "progress": progress,
-            "chunk_bytes": self.chunk_bytes, "tokenizer_sample_bytes": self.tokenizer_sample_bytes,
-            "ranks": ranks or Ranks(),
-        }  # fmt: skip
-        if self.mixture is not None:
-            return prepare_mixture(self.mixture, self.data_dir, **options)
-        return prepare(self.sources, self.data_dir, **options)
+        options = replace(self.build_options, progress=progress, ranks=ranks or Ranks())
+        return build(self.datasets, self.data_dir, options)
 
     def setup(self, stage: str) -> None:
         # Here, after the process group exists: each rank reads its own part of the held-out data.
@@ -158,15 +157,14 @@ class PretrainData(L.LightningDataModule):
                 f"{self.data_dir} was tokenized with {manifest['tokenizer']['vocab_size']} tokens, "
                 f"more than the model's vocab_size {self.vocab_size}; set data.vocab_size to match."
             )
-        built_mixture = sorted(manifest.get("mixture", {}))
-        if built_mixture != sorted(self.mixture or {}):
+        built_mixture, mixture = sorted(manifest.get("mixture", {})), sorted(name for name in self.datasets if name)
+        if built_mixture != mixture:
             raise UserError(
                 f"{self.data_dir} holds {f'the mixture {built_mixture}' if built_mixture else 'a single corpus'}, "
-                f"but data.mixture is {sorted(self.mixture) if self.mixture else 'not set'}; "
+                f"but data.mixture is {mixture or 'not set'}; "
                 "make the config match the build, or point data.data_dir at another one."
             )
-        if self.mixture is not None:
-            self.shares = {name: spec["share"] for name, spec in check_mixture(self.mixture).items()}
+        self.shares = {name: dataset["share"] for name, dataset in self.datasets.items()}
         self.manifest = manifest
         for name in self.shares:
             for split in SPLITS:
@@ -201,16 +199,18 @@ class PretrainData(L.LightningDataModule):
         return self.cache_dir / build_identity(manifest) if self.remote else Path(self.data_dir)
 
     def _split_dir(self, manifest: dict[str, Any], name: str, split: str) -> Path:
-        return self._chunks_dir(manifest) / name / split if name else self._chunks_dir(manifest) / split
+        return self._chunks_dir(manifest) / name / split  # a single corpus's name is "": the build's own folder
 
     def _held_out(self, split_dir: Path) -> StreamingDataset:
         """Held-out blocks in stored order, every one of them (drop_last only drops a partial batch)."""
-        return StreamingDataset(str(split_dir), item_loader=TokensLoader(block_size=self.seq_len + 1), shuffle=False,
-                                drop_last=True)  # fmt: skip
+        return StreamingDataset(
+            str(split_dir), item_loader=TokensLoader(block_size=self.seq_len + 1), shuffle=False, drop_last=True
+        )
 
     def _loader(self, dataset: StreamingDataset) -> StreamingDataLoader:
-        return StreamingDataLoader(dataset, batch_size=self.batch_size, num_workers=0,
-                                   pin_memory=torch.cuda.is_available(), drop_last=True)  # fmt: skip
+        return StreamingDataLoader(
+            dataset, batch_size=self.batch_size, num_workers=0, pin_memory=torch.cuda.is_available(), drop_last=True
+        )
 
     def train_dataloader(self) -> BlockLoader | SkippingLoader:
         """This process's part of the global block stream (``block_loader``), over every dataset of the build."""
@@ -219,11 +219,17 @@ class PretrainData(L.LightningDataModule):
         stream = BlockStream(reader.sizes, list(self.shares.values()), self.seed)
         rank, processes = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         self.train_loader = BlockLoader(
-            reader, stream, self.batch_size, rank, processes,
+            reader,
+            stream,
+            self.batch_size,
+            rank,
+            processes,
             identity=stream_identity(manifest, self.seq_len, self.seed, [name for name in self.shares if name]),
-            num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-            worker_init_fn=leave_stopping_to_the_trainer, allow_new_stream=self.allow_new_build,
-        )  # fmt: skip
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=leave_stopping_to_the_trainer,
+            allow_new_stream=self.allow_new_build,
+        )
         return SkippingLoader(self.train_loader, self.skip_batches) if self._skip_now else self.train_loader
 
     def teardown(self, stage: str) -> None:
@@ -233,9 +239,8 @@ class PretrainData(L.LightningDataModule):
             self.train_loader.close()
 
     def val_dataloader(self) -> StreamingDataLoader | list[StreamingDataLoader]:
-        """Read in this process: held-out blocks are read in order, a few ms for the quickstart's whole split, while
-        a worker forked at each validation makes every page this process writes fault once while it lives (the
-        quickstart's held-out loss: 100 ms per batch with one, 78-79 ms without; docs/design.md)."""
+        """Read in this process: held-out blocks are read in order, in a few ms, while a worker forked at each
+        validation makes every page this process writes fault once while it lives (docs/design.md)."""
         loaders = [self._loader(dataset) for dataset in self.val_sets.values()]
         return loaders if len(loaders) > 1 else loaders[0]
 

@@ -36,16 +36,22 @@ def stream_change(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
     if "build" not in saved:
         return "The checkpoint's data position comes from another data loader (no build identity)"
     if saved["tokenizer"] != now["tokenizer"]:
-        return (f"The checkpoint was trained on the ids of tokenizer {saved['tokenizer']}, but data.data_dir holds a "
-                f"build of tokenizer {now['tokenizer']}: the same ids stand for other text")  # fmt: skip
+        return (
+            f"The checkpoint was trained on the ids of tokenizer {saved['tokenizer']}, but data.data_dir holds a "
+            f"build of tokenizer {now['tokenizer']}: the same ids stand for other text"
+        )
     if saved["datasets"] != now["datasets"]:
         return f"The checkpoint was trained on the datasets {saved['datasets']}, this run reads {now['datasets']}"
     if saved["build"] != now["build"]:
-        return (f"The checkpoint's data position is in build {saved['build']}, but data.data_dir holds build "
-                f"{now['build']} (rebuilt or changed since)")  # fmt: skip
+        return (
+            f"The checkpoint's data position is in build {saved['build']}, but data.data_dir holds build "
+            f"{now['build']} (rebuilt or changed since)"
+        )
     if saved["block_len"] != now["block_len"]:
-        return (f"The checkpoint's data position counts blocks of data.seq_len + 1 = {saved['block_len']} tokens, "
-                f"this run reads blocks of {now['block_len']}: set data.seq_len: {saved['block_len'] - 1}")  # fmt: skip
+        return (
+            f"The checkpoint's data position counts blocks of data.seq_len + 1 = {saved['block_len']} tokens, "
+            f"this run reads blocks of {now['block_len']}: set data.seq_len: {saved['block_len'] - 1}"
+        )
     if saved["seed"] != now["seed"]:
         return f"The checkpoint's data order was drawn with data.seed {saved['seed']}, this run's with {now['seed']}"
     return None

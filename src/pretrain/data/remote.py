@@ -14,8 +14,8 @@ from typing import Any
 
 from litdata.streaming.downloader import get_downloader
 
-from pretrain.data.next_line import TASK_PATH
-from pretrain.data.verify import sha256_of
+from pretrain.data.prepare.next_line import TASK_PATH
+from pretrain.data.prepare.verify import sha256_of
 from pretrain.errors import UserError
 
 REMOTE_PREFIXES = ("s3://", "gs://", "azure://", "r2://", "hf://", "local:")

@@ -12,8 +12,9 @@ import lightning as L
 import torch
 from tokenizers import Tokenizer
 
-from pretrain.callbacks import gathered_weights
-from pretrain.data.tokenizer import eos_id, load_tokenizer
+from pretrain._compat import callback_state_key
+from pretrain.callbacks.text_samples import gathered_weights
+from pretrain.data.prepare.tokenizer import eos_id, load_tokenizer
 from pretrain.errors import UserError
 from pretrain.evals.scoring import Batch, batch_of, choice_scores, count_correct, scoring_rows, token_loglikelihoods
 from pretrain.evals.tasks import Question, read_task
@@ -69,7 +70,7 @@ class MultipleChoice(L.Callback):
     @property
     def state_key(self) -> str:
         """Told apart by their tasks: a config may hold more than one (each with its own interval)."""
-        return self._generate_state_key(tasks=sorted(self.tasks))
+        return callback_state_key(self, tasks=sorted(self.tasks))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Read, check and tokenize every task (after ``prepare_data``, which writes the built-in one)."""
@@ -84,11 +85,16 @@ class MultipleChoice(L.Callback):
             questions = read_task(path, self.limit, empty_ok=built_in)
             if not questions:  # the corpus gave none (e.g. a validation split of one document): not a user error
                 if trainer.is_global_zero:
-                    log.warning("Task %s: %s holds no questions (too few held-out documents of several lines to "
-                                "ask about); it is not scored.", name, path)  # fmt: skip
+                    log.warning(
+                        "Task %s: %s holds no questions (too few held-out documents of several lines to "
+                        "ask about); it is not scored.",
+                        name,
+                        path,
+                    )
                 continue
-            self.shares.append(self._share(name, str(path), questions, tokenizer, prefix, pl_module.config.seq_len,
-                                           trainer, pinned))  # fmt: skip
+            self.shares.append(
+                self._share(name, str(path), questions, tokenizer, prefix, pl_module.config.seq_len, trainer, pinned)
+            )
 
     @staticmethod
     def _path(name: str, path: str, datamodule: Any) -> Path:
@@ -105,8 +111,17 @@ class MultipleChoice(L.Callback):
                 )
         return Path(path)
 
-    def _share(self, name: str, source: str, questions: list[Question], tokenizer: Tokenizer, prefix: int,
-               max_length: int, trainer: L.Trainer, pinned: bool) -> RankShare:  # fmt: skip
+    def _share(
+        self,
+        name: str,
+        source: str,
+        questions: list[Question],
+        tokenizer: Tokenizer,
+        prefix: int,
+        max_length: int,
+        trainer: L.Trainer,
+        pinned: bool,
+    ) -> RankShare:
         """This rank's questions (every ``world``-th), tokenized with all the others so that a bad one stops
         every rank alike. ``pinned``: host tensors in page-locked memory, copied to the GPU without waiting."""
         host = torch.Tensor.pin_memory if pinned else lambda tensor: tensor

@@ -88,8 +88,9 @@ def single_row(question: int, choice: int, context: list[int], continuation: lis
     return Row(question, inputs, list(range(len(inputs))), [0] * len(inputs), scored)
 
 
-def scoring_rows(questions: list[Question], tokenizer: Tokenizer, max_length: int, prefix_id: int,
-                 source: str = "task") -> list[Row]:  # fmt: skip
+def scoring_rows(
+    questions: list[Question], tokenizer: Tokenizer, max_length: int, prefix_id: int, source: str = "task"
+) -> list[Row]:
     """Every choice of ``questions`` (read from ``source``) in model rows, each choice's sequence at most
     ``max_length`` tokens, longest rows first (little padding in a batch)."""
     pairs = [(q.context, c) for q in questions for c in q.continuations]
@@ -146,8 +147,14 @@ def batch_of(rows: list[Row]) -> Batch:
             targets.append(target)
             places.append((row.question, choice))
     shared = any(max(row.branches) > 0 for row in rows)
-    return Batch(tokens, positions if shared else None, branches if shared else None, torch.tensor(picks),
-                 torch.tensor(targets), torch.tensor(places))  # fmt: skip
+    return Batch(
+        tokens,
+        positions if shared else None,
+        branches if shared else None,
+        torch.tensor(picks),
+        torch.tensor(targets),
+        torch.tensor(places),
+    )
 
 
 def branch_mask(branches: torch.Tensor) -> torch.Tensor:

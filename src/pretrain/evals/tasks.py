@@ -94,8 +94,9 @@ def _hellaswag(record: dict[str, Any]) -> Question:
     endings = tuple(_clean(ending) for ending in _choices(record["endings"], "endings"))
     label, first, second = (_text(record, name) for name in ("activity_label", "ctx_a", "ctx_b"))
     context = _clean(f"{label}: {first} {second.capitalize()}")
-    return Question(context, tuple(" " + e for e in endings), tuple(map(len, endings)),
-                    _answer(record["label"], endings, "label"))  # fmt: skip
+    return Question(
+        context, tuple(" " + e for e in endings), tuple(map(len, endings)), _answer(record["label"], endings, "label")
+    )
 
 
 def _clean(text: str) -> str:

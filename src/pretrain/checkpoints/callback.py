@@ -1,0 +1,202 @@
+"""Checkpoints that make every run resumable: periodic, at the end, and on preemption signals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+
+from pretrain._compat import (
+    ends_optimizer_step,
+    last_checkpoint_saved,
+    save_checkpoint_now,
+    take_over_lightning_sigterm,
+)
+from pretrain.data.loader_workers import STOP_SIGNALS
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint to a temporary file beside it, fsync, then rename over the target.
+
+    A crash mid-save leaves the previous checkpoint untouched and never a torn file under a
+    checkpoint's name (Lightning's default writes through the system temp dir and moves the file,
+    which is a plain copy when that is another filesystem).
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if "://" in str(path):  # object stores write whole objects: nothing can be torn
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class PretrainCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also saves when training ends and when the job is told to stop.
+
+    On SIGTERM or SIGUSR1 (clusters send these before preempting or requeueing a job) the run
+    finishes the current step, saves a checkpoint, points ``last`` at it and exits normally;
+    ``--ckpt_path last`` then continues exactly where it stopped. In multi-process runs the
+    ranks agree on stopping every ``signal_check_interval`` steps (a small all-reduce that waits for
+    the GPU), not at every step.
+    """
+
+    def __init__(self, *args, signal_check_interval: int = 10, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.signal_check_interval = signal_check_interval
+        self._received: int | None = None
+        self.stopped_by: int | None = None  # the signal this process stopped for, once saved (None: another rank's)
+        self._previous_handlers: dict[int, object] = {}
+        self._step_metrics: tuple[int, dict[str, float]] | None = None  # see _save_checkpoint
+        self._batch_layout: dict[str, int | None] | None = None  # this run's; saved for a resumed run to compare
+        self._saved_batch_layout: dict[str, int | None] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # sharded strategies keep their own
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        """Point ``last`` at the new checkpoint in one rename: it is never missing or dangling."""
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            tmp = f"{linkpath}.{os.getpid()}.tmp"
+            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
+            os.replace(tmp, linkpath)
+        trainer.strategy.barrier()
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # Lightning hands a step's metrics to the loggers only after this hook; a run killed right
+        # after the save would lose them for good. They travel in the checkpoint and are written
+        # when the run resumes, so TensorBoard has no hole at the resumed step.
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+        self._step_metrics = (trainer.global_step - 1, metrics)
+        super()._save_checkpoint(trainer, filepath)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "step_metrics": self._step_metrics, "batch_layout": self._batch_layout}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._step_metrics = state_dict.get("step_metrics")
+        self._saved_batch_layout = state_dict.get("batch_layout")
+
+    def save_now(self, trainer: L.Trainer) -> None:
+        """Save the current step (unless already saved) and point ``last`` at it."""
+        save_checkpoint_now(self, trainer)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self._step_metrics is not None and trainer.ckpt_path:  # resumed: rewrite the saved step's metrics
+            step, metrics = self._step_metrics
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        self._batch_layout = batch_layout(trainer)
+        if trainer.ckpt_path and self._saved_batch_layout not in (None, self._batch_layout):
+            rank_zero_warn(batch_change_message(self._saved_batch_layout, self._batch_layout))
+        # A SIGTERM since Lightning put its own handler in (during the sanity check) would make it end
+        # the run after the next batch without a checkpoint: it is taken over and handled here instead.
+        # Lightning (2.6) also broadcasts its own SIGTERM flag at every step of a multi-process run and reads
+        # it on the host: a wait for the GPU each step. Its handler is replaced below, so that flag never
+        # changes; the ranks agree on stopping in _stop_requested instead.
+        self._received = signal.SIGTERM if take_over_lightning_sigterm(trainer) else None
+        self.stopped_by = None
+        for signum in STOP_SIGNALS:
+            if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # a background job whose shell made it immune to Ctrl-C stays so
+            self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT:  # a second Ctrl-C stops at once, without saving
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self._received is None:
+            self._received = signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args, **kwargs) -> None:
+        if not ends_optimizer_step(trainer):  # mid-step: a save would lose the gradients gathered so far
+            return  # (periodic saves included: after a resume Lightning would save the restored step again)
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        # The final step, or one after which something asked training to stop, is saved here like
+        # periodic steps, so resuming from it behaves the same.
+        if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:
+            self.save_now(trainer)
+        if self._stop_requested(trainer):
+            self.save_now(trainer)
+            self.stopped_by = self._received
+            name = signal.Signals(self._received).name if self._received else "a stop signal on another rank"
+            log.info(
+                "Received %s: saved step %d to %s; continue with --ckpt_path last",
+                name,
+                trainer.global_step,
+                last_checkpoint_saved(self),
+            )
+            trainer.should_stop = True
+
+    def _stop_requested(self, trainer: L.Trainer) -> bool:
+        if trainer.world_size == 1:
+            return self._received is not None
+        if trainer.global_step % self.signal_check_interval:
+            return False
+        return trainer.strategy.reduce_boolean_decision(self._received is not None, all=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.save_now(trainer)  # training stopped early for another reason (max_time, a callback ...)
+        self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            if signum == signal.SIGINT and signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # Lightning's KeyboardInterrupt shutdown ignores further Ctrl-C until it is done
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+
+def batch_layout(trainer: L.Trainer) -> dict[str, int | None]:
+    """What makes up one optimizer step's batch: processes x accumulated micro-batches x sequences."""
+    return {
+        "processes": trainer.world_size,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "micro_batch": getattr(trainer.datamodule, "batch_size", None),
+    }
+
+
+def batch_change_message(saved: dict[str, int | None], now: dict[str, int | None]) -> str:
+    def describe(layout: dict[str, int | None]) -> str:
+        return (
+            f"{layout['processes']} process(es) x {layout['accumulate_grad_batches']} micro-batch(es) "
+            f"of {layout['micro_batch'] or '?'} sequences"
+        )
+
+    message = (
+        f"This run was saved with {describe(saved)} per optimizer step and resumes with {describe(now)}: each "
+        "step now sees a different batch, while the learning-rate schedule and max_steps stay as they were."
+    )
+    if saved["micro_batch"] == now["micro_batch"]:
+        sequences = saved["processes"] * saved["accumulate_grad_batches"]
+        if sequences % now["processes"] == 0:
+            message += f" To keep the batch, set --trainer.accumulate_grad_batches {sequences // now['processes']}."
+    return message

@@ -1,0 +1,107 @@
+"""Export a checkpoint as a Hugging Face Llama folder (Qwen3 with QK-norm): ``pretrain export CKPT OUT``.
+
+The folder loads with ``AutoModelForCausalLM.from_pretrained(OUT_DIR)`` and
+``AutoTokenizer.from_pretrained(OUT_DIR)``: safetensors weights, config.json, tokenizer files.
+Post-training tools (fine-tuning, instruction tuning, RLHF) read it as they read any Llama.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from jsonargparse import auto_cli
+from safetensors.torch import save_file
+
+from pretrain.checkpoints.loading import load_checkpoint, load_tokenizer_from_checkpoint, model_config, model_state_dict
+from pretrain.data.prepare.tokenizer import eos_id
+from pretrain.errors import UserError, run_command
+from pretrain.model.config import LlamaConfig
+from pretrain.model.hf_layout import to_hf_state_dict
+
+
+def hf_config(config: LlamaConfig, eos: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Llama's architecture; with ``qk_norm``, Qwen3's: Llama's blocks plus an RMSNorm of each head's queries
+    and keys before the rotary embedding, as ours."""
+    qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
+    return {
+        "architectures": ["Qwen3ForCausalLM" if config.qk_norm else "LlamaForCausalLM"],
+        "model_type": "qwen3" if config.qk_norm else "llama",
+        **(qwen3 if config.qk_norm else {}),
+        "vocab_size": config.padded_vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_base,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": eos,  # documents are separated, and so begin, with end-of-text
+        "eos_token_id": eos,
+        "initializer_range": 0.02,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def export(checkpoint: str, out_dir: str, overwrite: bool = False) -> Path:
+    """Write the Hugging Face folder; built beside ``out_dir`` and renamed into place when complete.
+
+    Args:
+        checkpoint: A .ckpt file or a sharded checkpoint folder written by training.
+        out_dir: The folder to create.
+        overwrite: Replace ``out_dir`` if it exists.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; choose another OUT_DIR or add --overwrite true.")
+    loaded = load_checkpoint(checkpoint)
+    config = model_config(loaded)
+    tokenizer = load_tokenizer_from_checkpoint(loaded)
+    state = to_hf_state_dict(model_state_dict(loaded), config)
+    eos = eos_id(tokenizer)
+    eos_token = tokenizer.id_to_token(eos)
+
+    staging = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+    dtype = next(iter(state.values())).dtype
+    (staging / "config.json").write_text(json.dumps(hf_config(config, eos, dtype), indent=2) + "\n")
+    # Training encoded without the tokenizer's post-processor (a supplied Llama-style tokenizer.json may
+    # carry one that prepends a BOS): Hugging Face's tokenizer must give the same ids, so it goes.
+    tokenizer.post_processor = None
+    tokenizer.save(str(staging / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": eos_token,
+        "eos_token": eos_token,
+        "model_max_length": config.seq_len,
+        "add_bos_token": False,
+        "add_eos_token": False,
+    }
+    (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    (staging / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": eos_token, "eos_token": eos_token}) + "\n"
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``pretrain export CHECKPOINT OUT_DIR``."""
+    print(f"Exported to {auto_cli(export, args=argv, as_positional=True, prog='pretrain export')}")
+
+
+if __name__ == "__main__":
+    run_command(main)

@@ -1,0 +1,101 @@
+"""What a build may remove: only what a build wrote. Every folder preparation makes holds a marker file, and a
+folder that holds one owns its build files too (``tokenizer.json``, ``files.json``, ``manifest.json``); anything
+else under those names is the user's, and preparation refuses to touch it. Other files in ``data_dir`` are never
+looked at.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pretrain.errors import UserError
+
+MARKER = ".pretrain-build"
+MARKER_TEXT = "Made by `pretrain prepare`: the build files in this folder are removed and rebuilt when it is redone.\n"
+BUILD_FILES = ("tokenizer.json", "files.json", "manifest.json")
+BUILD_FOLDERS = ("train", "val", "evals")
+SCRATCH_PREFIX = ".build-"
+
+
+def mark(folder: Path) -> None:
+    """Make ``folder`` (if needed) and mark it as made by a build."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / MARKER).is_file():
+        (folder / MARKER).write_text(MARKER_TEXT)
+
+
+def is_build_manifest(manifest: Any) -> bool:
+    """Whether a ``manifest.json``'s content is a build's (a file of that name may be anything)."""
+    return isinstance(manifest, dict) and {"version", "request", "splits"} <= manifest.keys()
+
+
+def _folder_is_ours(path: Path) -> bool:
+    """Marked, or empty (nothing to lose)."""
+    return path.is_dir() and ((path / MARKER).is_file() or not any(path.iterdir()))
+
+
+def _file_is_ours(path: Path) -> bool:
+    return path.is_file() and (path.parent / MARKER).is_file()
+
+
+def _foreign(folder: Path, subfolders: Sequence[str], keep: Path | None) -> Path | None:
+    """The first build output in ``folder`` that a build did not write, if any."""
+    for name in subfolders:
+        path = folder / name
+        if path.exists() and not _folder_is_ours(path):
+            return path
+    for name in BUILD_FILES:
+        path = folder / name
+        if path.exists() and not _file_is_ours(path) and not (keep and path.resolve() == keep):
+            return path
+    return None
+
+
+def claim_outputs(root: Path, datasets: Sequence[str] = (), tokenizer: str | None = None) -> None:
+    """Clear the previous build of ``root`` (a mixture's ``datasets`` each in its folder) and mark the folders
+    of the next one. Refuses, before anything is removed, where a build output is not a build's own.
+
+    ``tokenizer``: the given tokenizer file, which may be ``root/tokenizer.json`` itself (it is kept).
+    """
+    keep = Path(tokenizer).resolve() if tokenizer else None
+    folders = {root: [*BUILD_FOLDERS, *datasets], **{root / name: list(BUILD_FOLDERS) for name in datasets}}
+    made = [root, root / "evals"] + [root / name / sub for name in datasets for sub in ("", *BUILD_FOLDERS)]
+    if not datasets:
+        made += [root / "train", root / "val"]
+    for folder, subfolders in folders.items():
+        if (found := _foreign(folder, subfolders, keep)) is not None:
+            kind = "folder" if found.is_dir() else "file"
+            raise UserError(
+                f"{found} is a {kind} that preparation did not make (no {MARKER} marker), and building {root} "
+                f"would remove or overwrite it. Point data.data_dir at another folder, or move {found} away."
+            )
+    for folder in folders:
+        (folder / "manifest.json").unlink(missing_ok=True)  # first: a build without it is never served
+        for name in ("train", "val"):
+            shutil.rmtree(folder / name, ignore_errors=True)
+    for folder in made:
+        mark(folder)
+
+
+def new_scratch(root: Path) -> Path:
+    """A marked scratch folder for one build, named after its host and process (several builds never share one)."""
+    host = re.sub(r"[^A-Za-z0-9.-]+", "_", socket.gethostname())
+    scratch = root / f"{SCRATCH_PREFIX}{host}-{os.getpid()}-{secrets.token_hex(4)}"
+    mark(scratch)
+    return scratch
+
+
+def remove_leftover_scratch(root: Path) -> None:
+    """The scratch folders of builds that ended without cleaning up (killed, failed). Called under the build
+    lock, so no live build of ``root`` owns one; folders without the marker are not ours and stay, unless empty
+    (a build stopped between making its folder and marking it)."""
+    for scratch in root.glob(f"{SCRATCH_PREFIX}*"):
+        if scratch.is_dir() and ((scratch / MARKER).is_file() or not any(scratch.iterdir())):
+            shutil.rmtree(scratch, ignore_errors=True)
