@@ -11,21 +11,13 @@ import sys
 from pathlib import Path
 
 from pretrain.data.prepare.build_lock import LOCK_NAME
-from tests.helpers.corpora import write_corpus
-from tests.helpers.runs import TINY_VOCAB
+from tests.helpers.corpora import small_build_options, write_corpus
 
 RUN_BY_RUN = ("seconds", "peak_rss_mb")  # how long this build took and the memory it used
 
 
 def start(corpus: Path, data_dir: Path) -> subprocess.Popen:
-    options = [
-        f"--data.sources=[{corpus}]",
-        f"--data.data_dir={data_dir}",
-        f"--data.vocab_size={TINY_VOCAB}",
-        "--data.val_fraction=0.1",
-        "--data.chunk_bytes=64KB",
-        "--data.tokenizer_sample_bytes=300KB",
-    ]
+    options = small_build_options(corpus, data_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "pretrain.commands.prepare", *options],

@@ -9,19 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers.corpora import write_corpus
-from tests.helpers.runs import TINY_VOCAB, assert_ok
+from tests.helpers.corpora import small_build_options, write_corpus
+from tests.helpers.runs import assert_ok
 
 
 def prepare(corpus: Path, data_dir: Path, processes: int) -> subprocess.CompletedProcess:
-    options = [
-        f"--data.sources=[{corpus}]",
-        f"--data.data_dir={data_dir}",
-        f"--data.vocab_size={TINY_VOCAB}",
-        "--data.val_fraction=0.1",
-        "--data.chunk_bytes=64KB",
-        "--data.tokenizer_sample_bytes=300KB",
-    ]
+    options = small_build_options(corpus, data_dir)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
     return subprocess.run(
         [*launcher, "-m", "pretrain.commands.prepare", *options],

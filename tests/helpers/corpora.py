@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from pretrain.data.prepare.manifest import read_manifest
 from pretrain.data.shards import iter_documents
+from tests.helpers.runs import TINY_VOCAB
 
 WORDS = (
     "the cat dog bird sees eats likes a small big red blue tree house river under over near quickly slowly "
@@ -81,3 +82,15 @@ def source_text(rng: random.Random, letters: str, words: int) -> str:
 
 def one_file_text(rng: random.Random, lines: int) -> str:
     return "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 15))) + ".\n" for _ in range(lines))
+
+
+def small_build_options(corpus: Path, data_dir: Path) -> list[str]:
+    """``pretrain prepare`` options that build ``corpus`` (``write_corpus``) in small chunks, quickly."""
+    return [
+        f"--data.sources=[{corpus}]",
+        f"--data.data_dir={data_dir}",
+        f"--data.vocab_size={TINY_VOCAB}",
+        "--data.val_fraction=0.1",
+        "--data.chunk_bytes=64KB",
+        "--data.tokenizer_sample_bytes=300KB",
+    ]

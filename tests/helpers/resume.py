@@ -9,12 +9,7 @@ from pathlib import Path
 import torch
 
 from pretrain.data.block_reader import BlockReader
-from tests.helpers.runs import (
-    Result,
-    assert_ok,
-    scalars_by_step,
-    tiny_fit_args,
-)
+from tests.helpers.runs import Result, assert_ok, scalars_by_step, tiny_fit_args
 
 STEPS = 60
 

@@ -130,13 +130,7 @@ class PretrainModule(L.LightningModule):
         bf16 = mesh is not None and str(self.trainer.precision).startswith("bf16")  # FSDP2 gathers in bf16
         compile_mode = self.hparams.compile_mode if compiles(self.hparams.compile, target) else None
         self.model, self.loss_fn = build_training_model(
-            self.config,
-            seed,
-            device,
-            mesh,
-            torch.bfloat16 if bf16 else None,
-            compile_mode,
-            weights,
+            self.config, seed, device, mesh, torch.bfloat16 if bf16 else None, compile_mode, weights
         )
         # Held-out text is scored token by token (bits per byte); compiled like the loss where it is compiled whole,
         # on GPUs only, where it spares GBs of fp32 logits (on a CPU its compile outweighs its gain: docs/design.md).
