@@ -97,7 +97,16 @@ class PretrainCheckpoint(ModelCheckpoint):
         return {**super().state_dict(), "step_metrics": self._step_metrics, "batch_layout": self._batch_layout}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning keeps the saved paths only where the save folder is spelled as it was; the same folder under
+        another spelling (``./logs``, an absolute path) or moved keeps them too; and the run's ``last`` link is
+        relinked, never saved again as ``last-v1`` (also when resuming a checkpoint saved before the link was)."""
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and saved != self.dirpath and _same_folder(saved, self.dirpath, state_dict):
+            state_dict = _respelled(state_dict, saved, self.dirpath)
         super().load_state_dict(state_dict)
+        link = os.path.join(self.dirpath or "", self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+        if self.save_last == "link" and os.path.islink(link):  # ours, saved after this checkpoint: relinked
+            self.last_model_path = link
         self._step_metrics = state_dict.get("step_metrics")
         self._saved_batch_layout = state_dict.get("batch_layout")
 
@@ -173,6 +182,33 @@ class PretrainCheckpoint(ModelCheckpoint):
                 continue  # Lightning's KeyboardInterrupt shutdown ignores further Ctrl-C until it is done
             signal.signal(signum, handler)
         self._previous_handlers.clear()
+
+
+def _same_folder(saved: str, now: str, state: dict[str, Any]) -> bool:
+    """Whether a checkpoint saved into ``saved`` belongs in ``now``: the same folder, or it moved there."""
+    if "://" in saved or "://" in now:
+        return False
+    if os.path.isdir(saved) and os.path.isdir(now):
+        return os.path.samefile(saved, now)
+    last = state.get("last_model_path")
+    return not os.path.exists(saved) and bool(last) and os.path.lexists(os.path.join(now, os.path.basename(last)))
+
+
+def _respelled(state: dict[str, Any], saved: str, now: str) -> dict[str, Any]:
+    """The callback's state with every path under ``saved`` written under ``now``."""
+
+    def respell(path: Any) -> Any:
+        if not isinstance(path, str) or not path:
+            return path
+        return os.path.join(now, os.path.relpath(path, saved))
+
+    paths = ("best_model_path", "kth_best_model_path", "last_model_path")
+    return {
+        **state,
+        "dirpath": now,
+        **{key: respell(state[key]) for key in paths if key in state},
+        "best_k_models": {respell(path): score for path, score in state.get("best_k_models", {}).items()},
+    }
 
 
 def batch_layout(trainer: L.Trainer) -> dict[str, int | None]:

@@ -77,6 +77,15 @@ def check_sharded_folder(folder: Path) -> dict:
         raise UserError(f"{folder} is not a sharded checkpoint: it has no .metadata file.")
     try:
         metadata = _IndexUnpickler(io.BytesIO(index.read_bytes())).load()
+    except Exception:  # judged below, with the same reading
+        metadata = None
+    if isinstance(metadata, dcp_metadata.Metadata) and (missing := missing_data(folder, metadata)):
+        raise UserError(
+            f"The sharded checkpoint {folder} is incomplete: {missing}. A save that did not finish, or a copy "
+            "that left files out; resume from another checkpoint (--ckpt_path last picks the newest whole one)."
+        )
+    try:
+        metadata = _IndexUnpickler(io.BytesIO(index.read_bytes())).load()
         if not isinstance(metadata, dcp_metadata.Metadata):
             raise pickle.UnpicklingError(f"a {type(metadata).__name__!r} object instead of an index")
         _check_non_tensor_entries(folder, metadata)
@@ -87,6 +96,20 @@ def check_sharded_folder(folder: Path) -> dict:
             "where it came from, --ckpt_path accepts it with --weights_only false."
         ) from None
     return metadata
+
+
+def missing_data(folder: Path, metadata: Any) -> str | None:
+    """What the index points at that is not in the folder: a missing data file, or one cut short."""
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size < size:
+            return f"{name} holds {path.stat().st_size} bytes of the {size} its index reads"
+    return None
 
 
 def _check_non_tensor_entries(folder: Path, metadata: Any) -> None:

@@ -176,10 +176,13 @@ def _use_last_checkpoint(config: Namespace, continue_run: bool) -> None:
         return  # no versioned logger to search: leave "last" to Lightning
     name = init_args.get("name") or "lightning_logs"
     found = find_last_checkpoint(init_args.save_dir, name)
-    if found is None:
+    if found is None or found[1] is None:
+        why = "yet" if found is None else f"that is whole in version_{found[0]} (see the warnings above)"
         if not continue_run:
-            raise UserError(f"No checkpoint of {name} under {init_args.save_dir}; give --ckpt_path a .ckpt file.")
-        log.info("No checkpoint of %s under %s yet: starting a new run", name, init_args.save_dir)
+            raise UserError(f"No checkpoint of {name} under {init_args.save_dir} {why}; give --ckpt_path a .ckpt file.")
+        (log.info if found is None else log.warning)(
+            "No checkpoint of %s under %s %s: starting a new run", name, init_args.save_dir, why
+        )
         config.ckpt_path = None
         return
     version, path = found
