@@ -97,9 +97,8 @@ class PretrainData(L.LightningDataModule):
         self._skip_now = skip_batches > 0  # until a checkpoint shows this run already skipped them
         self.train_loader: BlockLoader | None = None  # once made, to stop its workers at teardown
         # A single corpus is a mixture of one; bad names or weights fail here, before anything is built.
-        self.datasets = (
-            check_mixture(mixture) if mixture is not None else single_corpus(["stdlib"] if sources is None else sources)
-        )
+        sources = ["stdlib"] if sources is None else sources
+        self.datasets = check_mixture(mixture) if mixture is not None else single_corpus(sources)
         self.data_dir = data_dir
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -107,12 +106,12 @@ class PretrainData(L.LightningDataModule):
         self.seed = seed
         # A given tokenizer fixes the vocabulary; the model reads it from here.
         self.vocab_size = load_tokenizer(tokenizer).get_vocab_size() if tokenizer else vocab_size
-        self.build_options = BuildOptions(
-            self.vocab_size,
-            tokenizer,
-            val_fraction,
-            text_field,
-            overwrite,
+        self.build_options = BuildOptions(  # what the build depends on, kept once (progress and ranks: per call)
+            vocab_size=self.vocab_size,
+            tokenizer=tokenizer,
+            val_fraction=val_fraction,
+            text_field=text_field,
+            overwrite=overwrite,
             chunk_bytes=chunk_bytes,
             tokenizer_sample_bytes=tokenizer_sample_bytes,
         )

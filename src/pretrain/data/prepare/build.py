@@ -101,10 +101,9 @@ def _build_locked(datasets: Datasets, root: Path, built_with: BuildOptions, requ
         return manifest
     plans = ranks.everywhere(lambda: {name: plan_units(corpus.files, val_fraction) for name, corpus in corpora.items()})
     tokenizer = build_tokenizer(root, list(plans.values()), built_with, scratch)
-    built = {}
+    split, built = DocumentSplit(val_fraction), {}
     for name, units in plans.items():
         log.info("Tokenizing %d files into %s", len(corpora[name].files), root / name)
-        split = DocumentSplit(val_fraction)
         options = (built_with.text_field, tokenizer, root / name, scratch / name, built_with.chunk_bytes)
         shards = build_shards(units, split, *options, ranks, built_with.progress)
         counts = (shards, corpora[name], len(units), ranks.world_size)
