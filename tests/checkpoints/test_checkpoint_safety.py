@@ -28,9 +28,11 @@ def test_unknown_config_key_is_readable(run_cli) -> None:
 def test_checkpoint_that_does_not_fit_the_config_is_refused(
     corpus, prepared: Path, trained: Path, tmp_path: Path, run_cli
 ) -> None:
-    shutil.copytree(trained, tmp_path / "quickstart" / "version_0", symlinks=True)  # a run to continue
+    """Read by validate (fit refuses another experiment sooner: tests/checkpoints/test_resume_check.py)."""
+    shutil.copytree(trained, tmp_path / "quickstart" / "version_0", symlinks=True)  # a run to read
     other = "{d_model: 32, n_layer: 2, n_head: 2, n_kv_head: 2, ffn_dim: 128}"
-    result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, "--model.overrides", other, "--ckpt_path", "last"))
+    args = tiny_fit_args(corpus[0], prepared, tmp_path, "--model.overrides", other, "--ckpt_path", "last")
+    result = run_cli("validate", *args[1:])
     assert_clean_failure(
         result, "does not fit the configured model", "model.embed.weight: (320, 64) vs config (320, 32)"
     )

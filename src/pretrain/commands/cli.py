@@ -20,16 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from pretrain._compat import cli_config_value
 from pretrain.callbacks.progress_bar import LossProgressBar
 from pretrain.callbacks.run_review import RunReview
 from pretrain.checkpoints.callback import PretrainCheckpoint
-from pretrain.checkpoints.last import find_last_checkpoint
+from pretrain.checkpoints.last import checkpoint_problem, find_last_checkpoint
+from pretrain.checkpoints.resume_check import read_checkpoint_record, run_changes, saved_config_path, setting_changes
 from pretrain.checkpoints.sharded import check_sharded_folder
 from pretrain.data import PretrainData
 from pretrain.errors import Interrupted, LoaderWorkerDied, UserError, run_command
@@ -123,11 +126,9 @@ class PretrainCLI(LightningCLI):
             ) from None
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyperparameters before anything else runs.
-        try:
-            super()._parse_ckpt_path()
-        except pickle.UnpicklingError:
-            raise _unsafe_checkpoint(self.config[self.config.subcommand].get("ckpt_path")) from None
+        """Nothing: Lightning would lay the checkpoint's module arguments over the command line and the configs
+        here, so that an explicit ``--ckpt_path`` dropped e.g. ``--model.z_loss``. What the user gives applies,
+        as with ``--ckpt_path last``; ``_check_resume`` prints what differs from the run's saved settings."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -135,10 +136,46 @@ class PretrainCLI(LightningCLI):
         _fill_schedule_length(config)
         if "weights_only" in config and config.weights_only is None:
             config.weights_only = True  # checkpoints hold tensors and plain values: refuse any that runs code
-        if config.get("ckpt_path") == "last":
+        chosen_by_last = config.get("ckpt_path") == "last"
+        if chosen_by_last:
             _use_last_checkpoint(config, continue_run=self.subcommand == "fit")
         if config.get("ckpt_path"):  # the checkpoint's weights replace any init_from weights: they are not read
             config.model.init_from = None
+            if self.subcommand == "fit":
+                self._check_resume(config, chosen_by_last)
+
+    def _check_resume(self, config: Namespace, chosen_by_last: bool) -> None:
+        """Refuse a checkpoint of another experiment before anything is written; print the settings that differ
+        from the run's saved ``config.yaml`` once."""
+        path = Path(config.ckpt_path)
+        if "://" in config.ckpt_path or not path.exists():
+            return  # an object store's, read by Lightning; a missing one is named in _run
+        if not chosen_by_last and (problem := checkpoint_problem(path)):
+            raise UserError(
+                f"Checkpoint {path} cannot be resumed: {problem}. --ckpt_path last picks the newest whole one."
+            )
+        try:
+            record = read_checkpoint_record(path, weights_only=config.get("weights_only") is not False)
+        except pickle.UnpicklingError:
+            raise _unsafe_checkpoint(str(path)) from None
+        changes = run_changes(record, config.model.as_dict(), config.data.as_dict())
+        saved_config = saved_config_path(path)
+        if changes and chosen_by_last:
+            raise UserError(
+                f"{path.parent.parent} is another experiment's run ({'; '.join(changes)}). Give this experiment its "
+                "own --trainer.logger.init_args.name to start a new run; to go on from that checkpoint on purpose, "
+                f"give it as --ckpt_path {path}."
+            )
+        if model_changes := [change for change in changes if change.startswith("model ")]:
+            where = f" (--config {saved_config})" if saved_config else ""
+            raise UserError(
+                f"Checkpoint {path} holds another model ({'; '.join(model_changes)}); resume it with the model "
+                f"settings it was saved with{where}."
+            )
+        saved = yaml.safe_load(saved_config.read_text()) if saved_config else {"model": record.get("hyper_parameters")}
+        now = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+        if (differences := setting_changes(saved or {}, now)) and rank_zero_only.rank == 0:
+            log.info("Resuming with settings that differ from the run's: %s", "; ".join(differences))
 
 
 def _unsafe_checkpoint(path: str | None) -> UserError:
