@@ -153,6 +153,9 @@ def test_fsdp2_trains_resumes_exactly_and_its_sharded_checkpoint_reads_back(corp
 
     checkpoint = halves / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     assert (checkpoint.resolve() / ".metadata").is_file()  # a folder of shards, one file per rank
+    saved = sorted(path.name for path in checkpoint.parent.iterdir())  # committed whole, by a rename
+    assert saved == ["last.ckpt", "step=0000016.ckpt"]  # the quickstart's save_top_k: 1
+    assert (checkpoint.resolve() / "meta.pt").is_file()
     consolidated = load_checkpoint(checkpoint)
     assert consolidated["global_step"] == 16
     assert load_model(consolidated)(torch.zeros(1, 4, dtype=torch.long)).isfinite().all()

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from pretrain._compat import (
@@ -21,6 +22,7 @@ from pretrain._compat import (
     save_checkpoint_now,
     take_over_lightning_sigterm,
 )
+from pretrain.checkpoints.commit import commit_saves_by_rename, remove_unfinished_saves
 from pretrain.data.loader_workers import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -73,14 +75,18 @@ class PretrainCheckpoint(ModelCheckpoint):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # sharded strategies keep their own
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):  # they write folders in place
+            commit_saves_by_rename(trainer.strategy)
+        if stage == "fit" and trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
+            remove_unfinished_saves(Path(self.dirpath))
 
     @staticmethod
     def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
         """Point ``last`` at the new checkpoint in one rename: it is never missing or dangling."""
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            tmp = f"{linkpath}.{os.getpid()}.tmp"
+            tmp = os.path.join(os.path.dirname(linkpath), f".{os.path.basename(linkpath)}.{os.getpid()}.tmp")
             os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
             os.replace(tmp, linkpath)
         trainer.strategy.barrier()

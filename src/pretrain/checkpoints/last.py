@@ -42,7 +42,11 @@ def checkpoints_newest_first(folder: Path) -> list[Path]:
     own name, then the step files, by step, and by modification time among names without one."""
     if not folder.is_dir():
         return []
-    found = {path for path in folder.iterdir() if path.suffix == ".ckpt" and not path.is_symlink()}
+    found = {
+        path
+        for path in folder.iterdir()
+        if path.suffix == ".ckpt" and not path.is_symlink() and not path.name.startswith(".")  # hidden: unfinished
+    }
     last = folder / "last.ckpt"
     if last.is_symlink():
         found.add(last)  # judged by its target, which may be missing
@@ -77,7 +81,8 @@ def checkpoint_problem(path: Path) -> str | None:
             check_sharded_folder(path)
         except UserError as error:
             return str(error)
-        return None
+        # Lightning writes the rest of the state (steps, loops, schedule) last, from rank 0
+        return None if (path / "meta.pt").is_file() else "it has no meta.pt: a save that did not finish"
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()

@@ -8,12 +8,13 @@ with ``rollback_command``'s advice.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+
+from pretrain.checkpoints.last import STEP, checkpoint_problem, checkpoints_newest_first
 
 
 class LossSpikeDetector:
@@ -65,14 +66,15 @@ def rollback_command(trainer: L.Trainer, first_spike: int, last_spike: int) -> s
     checkpoint (already past them) where no earlier one is kept."""
     callback = trainer.checkpoint_callback
     folder = Path(callback.dirpath) if callback is not None and callback.dirpath else None
-    earlier = []
-    for path in folder.glob("*.ckpt") if folder else []:
-        match = re.search(r"step=(\d+)", path.name)
-        if match and not path.is_symlink() and int(match.group(1)) <= first_spike:
-            earlier.append((int(match.group(1)), path))
+    earlier = (
+        (int(match.group(1)), path)
+        for path in (checkpoints_newest_first(folder) if folder else [])
+        if (match := STEP.search(path.name)) and not path.is_symlink() and int(match.group(1)) <= first_spike
+    )
     config = Path(trainer.log_dir or ".") / "config.yaml"
-    if not earlier:
+    found = next(((step, path) for step, path in earlier if checkpoint_problem(path) is None), None)
+    if found is None:
         return f"pretrain fit --config {config} --ckpt_path last"
-    step, path = max(earlier)
+    step, path = found
     batches = (last_spike + 1 - step) * trainer.accumulate_grad_batches
     return f"pretrain fit --config {config} --ckpt_path {path} --data.skip_batches {batches}"

@@ -1,0 +1,90 @@
+"""Checkpoints appear under their name only once whole; what a killed save left behind is removed at the next start.
+
+A single file is written beside its target and renamed over it (``AtomicCheckpointIO``). A sharded checkpoint
+is a folder every rank writes into, and Lightning's FSDP strategies write it in place: here it is written as
+``.partial-NAME`` and renamed to ``NAME`` by rank 0 once every rank has written its shard and the folder is on
+disk. The rename is the commit: a folder under a checkpoint's name is always complete, so ``--ckpt_path last``
+and the spike rollback never pick a partial one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.strategies import Strategy
+
+log = logging.getLogger(__name__)
+PARTIAL = ".partial-"  # a save in progress, or one that was killed
+REPLACED = ".replaced-"  # the older checkpoint of the same name, removed once the new one is in place
+# What the saves of this package write before they commit: a file's temporary copy (``.NAME.PID.tmp``), the
+# ``last`` link's (``.last.ckpt.PID.tmp``), a folder in progress and one being replaced.
+UNFINISHED = re.compile(rf"(\..+\.ckpt\.\d+\.tmp|{re.escape(PARTIAL)}.+\.ckpt|{re.escape(REPLACED)}.+\.ckpt)")
+
+
+def commit_saves_by_rename(strategy: Strategy) -> None:
+    """Make ``strategy`` write each checkpoint under a temporary name and rename it when every rank is done."""
+    save = strategy.save_checkpoint
+    if getattr(save, "commits_by_rename", False):  # set up by an earlier stage of the same trainer
+        return
+
+    def save_then_commit(checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
+        final = Path(strategy.broadcast(str(filepath)))
+        partial = final.with_name(PARTIAL + final.name)
+        if strategy.is_global_zero:
+            _remove(partial)  # a killed save's, under the same name
+        strategy.barrier()
+        save(checkpoint, partial, storage_options)
+        strategy.barrier()  # every rank's shard is written
+        if strategy.is_global_zero:
+            _commit(partial, final)
+        strategy.barrier()
+
+    save_then_commit.commits_by_rename = True  # type: ignore[attr-defined]
+    strategy.save_checkpoint = save_then_commit  # type: ignore[method-assign]
+
+
+def _commit(partial: Path, final: Path) -> None:
+    """Flush ``partial`` to disk, then put it in ``final``'s place in one rename (an older one moved aside)."""
+    for path in [*partial.rglob("*"), partial] if partial.is_dir() else [partial]:
+        _fsync(path)
+    if final.is_dir() and not final.is_symlink():  # a folder cannot be renamed over a folder that holds files
+        replaced = final.with_name(REPLACED + final.name)
+        _remove(replaced)
+        os.replace(final, replaced)
+        os.replace(partial, final)
+        _remove(replaced)
+    else:
+        os.replace(partial, final)
+    _fsync(final.parent)
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_unfinished_saves(folder: Path, log_line: Callable[..., None] = log.warning) -> list[Path]:
+    """Remove what a killed save left in a checkpoint folder (only names this package writes), each named."""
+    removed = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if UNFINISHED.fullmatch(path.name):
+            _remove(path)
+            log_line("Removed %s: a checkpoint save that did not finish", path)
+            removed.append(path)
+    return removed
