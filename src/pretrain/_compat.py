@@ -23,11 +23,13 @@ PRIVATE_NAMES: dict[str, str] = {
     "lightning.pytorch.loops.training_epoch_loop:_TrainingEpochLoop": "take_over_lightning_sigterm",
     "lightning.pytorch.callbacks:ModelCheckpoint._save_checkpoint": "PretrainCheckpoint (overrides)",
     "lightning.pytorch.callbacks:ModelCheckpoint._link_checkpoint": "PretrainCheckpoint (overrides)",
+    "lightning.pytorch.callbacks:ModelCheckpoint._remove_checkpoint": "PretrainCheckpoint (overrides)",
     "lightning.pytorch.callbacks:ModelCheckpoint._save_topk_checkpoint": "save_checkpoint_now",
     "lightning.pytorch.callbacks:ModelCheckpoint._save_last_checkpoint": "save_checkpoint_now",
     "lightning.pytorch.callbacks:ModelCheckpoint._monitor_candidates": "save_checkpoint_now",
     "lightning.pytorch.cli:LightningCLI._parse_ckpt_path": "PretrainCLI (overrides)",
     "lightning.pytorch.cli:LightningCLI._get": "cli_config_value",
+    "lightning.pytorch.cli:LightningCLI._parser": "cli_config_dump",
     "lightning.pytorch.callbacks:Callback._generate_state_key": "callback_state_key",
     "lightning.pytorch.strategies:ModelParallelStrategy": "set_data_parallel_size",
     "litdata.utilities.env:_DistributedEnv": "write_as_single_process",
@@ -181,3 +183,8 @@ def callback_state_key(callback: Any, **identity: Any) -> str:
 def cli_config_value(cli: Any, config: Any, key: str, default: Any = None) -> Any:
     """A value of a LightningCLI's config for the subcommand being run."""
     return cli._get(config, key, default=default)
+
+
+def cli_config_dump(cli: Any, config: Any) -> str:
+    """A subcommand's config as YAML, as LightningCLI writes it to the run's ``config.yaml``."""
+    return cli._parser(cli.subcommand).dump(config, skip_none=False)

@@ -133,6 +133,17 @@ def test_fsdp2_trains_resumes_exactly_and_its_sharded_checkpoint_reads_back(corp
     assert len(reference) == 16
     assert scalars_by_step(halves / "quickstart" / "version_0", "train/loss") == reference
 
+    # Saved in the background (torch.distributed.checkpoint.async_save), then resumed: the same losses.
+    background = tmp_path / "background"
+    for max_steps, resume in (("8", ()), ("16", ("--ckpt_path", "last"))):
+        args = (*steps, "--trainer.max_steps", max_steps, "--checkpoint.async_save", "true", *resume)
+        assert_ok(run_fsdp2(*tiny_fit_args(corpus[0], prepared, background, *FSDP2, *args)))
+    assert scalars_by_step(background / "quickstart" / "version_0", "train/loss") == reference
+    assert sorted(path.name for path in (background / "quickstart" / "version_0" / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "step=0000016.ckpt",
+    ]
+
     # Compiled (each block, and the loss apart): the same training, up to the order of float operations.
     compiled = run_fsdp2(
         *tiny_fit_args(

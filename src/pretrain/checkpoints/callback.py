@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -22,6 +24,7 @@ from pretrain._compat import (
     save_checkpoint_now,
     take_over_lightning_sigterm,
 )
+from pretrain.checkpoints.background import BackgroundWrites, host_copy
 from pretrain.checkpoints.commit import commit_saves_by_rename, remove_unfinished_saves
 from pretrain.data.loader_workers import STOP_SIGNALS
 
@@ -33,10 +36,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A crash mid-save leaves the previous checkpoint untouched and never a torn file under a
     checkpoint's name (Lightning's default writes through the system temp dir and moves the file,
-    which is a plain copy when that is another filesystem).
+    which is a plain copy when that is another filesystem). With ``writes``, the state is copied to
+    host memory and written in the background.
     """
 
+    def __init__(self, writes: BackgroundWrites | None = None) -> None:
+        super().__init__()
+        self.writes = writes
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        if self.writes is None:
+            self._write(checkpoint, path, storage_options)
+            return
+        self.writes.wait()  # at most one save in flight
+        copied = host_copy(checkpoint)
+        self.writes.submit(lambda: self._write(copied, path, storage_options))
+
+    def _write(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any) -> None:
         if "://" in str(path):  # object stores write whole objects: nothing can be torn
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -61,11 +77,19 @@ class PretrainCheckpoint(ModelCheckpoint):
     ``--ckpt_path last`` then continues exactly where it stopped. In multi-process runs the
     ranks agree on stopping every ``signal_check_interval`` steps (a small all-reduce that waits for
     the GPU), not at every step.
+
+    Args:
+        signal_check_interval: Steps between the ranks' agreement on a stop signal (multi-process runs).
+        async_save: Write checkpoints in the background: training waits only for the copy of the state to
+            host memory (``pretrain.checkpoints.background``); the end of the run and a stop signal wait
+            for the write. Each save's stall is logged as ``perf/checkpoint_block_sec``.
     """
 
-    def __init__(self, *args, signal_check_interval: int = 10, **kwargs) -> None:
+    def __init__(self, *args, signal_check_interval: int = 10, async_save: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.signal_check_interval = signal_check_interval
+        self._writes = BackgroundWrites() if async_save else None  # see pretrain.checkpoints.background
+        self.blocked_sec: float | None = None  # how long the last save held up training
         self._received: int | None = None
         self.stopped_by: int | None = None  # the signal this process stopped for, once saved (None: another rank's)
         self._previous_handlers: dict[int, object] = {}
@@ -76,20 +100,32 @@ class PretrainCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO(self._writes)
         if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):  # they write folders in place
-            commit_saves_by_rename(trainer.strategy)
+            commit_saves_by_rename(trainer.strategy, self._writes)
         if stage == "fit" and trainer.is_global_zero and self.dirpath and "://" not in str(self.dirpath):
             remove_unfinished_saves(Path(self.dirpath))
 
-    @staticmethod
-    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
-        """Point ``last`` at the new checkpoint in one rename: it is never missing or dangling."""
+    def _link_checkpoint(self, trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        """Point ``last`` at the new checkpoint in one rename, once it is written: never missing or dangling."""
         if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
-            tmp = os.path.join(os.path.dirname(linkpath), f".{os.path.basename(linkpath)}.{os.getpid()}.tmp")
-            os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
-            os.replace(tmp, linkpath)
+            self._after_writes(lambda: _relink(filepath, linkpath))
         trainer.strategy.barrier()
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """The checkpoint a new one replaces goes only once the new one is written."""
+        self._after_writes(lambda: trainer.strategy.remove_checkpoint(filepath))  # as Lightning removes one
+
+    def _after_writes(self, work: Callable[[], Any]) -> None:
+        if self._writes is None:
+            work()
+        else:
+            self._writes.after_writes(work)
+
+    def wait_for_writes(self) -> None:
+        """Return once every checkpoint asked for is on disk (at once without ``async_save``)."""
+        if self._writes is not None:
+            self._writes.wait()
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         # Lightning hands a step's metrics to the loggers only after this hook; a run killed right
@@ -97,7 +133,12 @@ class PretrainCheckpoint(ModelCheckpoint):
         # when the run resumes, so TensorBoard has no hole at the resumed step.
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         self._step_metrics = (trainer.global_step - 1, metrics)
+        started = time.perf_counter()
         super()._save_checkpoint(trainer, filepath)
+        self.blocked_sec = time.perf_counter() - started
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:  # a save's stall, beside the throughput it costs
+                logger.log_metrics({"perf/checkpoint_block_sec": self.blocked_sec}, step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "step_metrics": self._step_metrics, "batch_layout": self._batch_layout}
@@ -157,6 +198,7 @@ class PretrainCheckpoint(ModelCheckpoint):
             self.save_now(trainer)
         if self._stop_requested(trainer):
             self.save_now(trainer)
+            self.wait_for_writes()  # the job may be killed soon after: the checkpoint must be on disk
             self.stopped_by = self._received
             name = signal.Signals(self._received).name if self._received else "a stop signal on another rank"
             log.info(
@@ -176,10 +218,15 @@ class PretrainCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save_now(trainer)  # training stopped early for another reason (max_time, a callback ...)
+        self.wait_for_writes()
         self._restore_handlers()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
+        try:
+            self.wait_for_writes()  # a checkpoint being written is finished: the resume starts from it
+        except Exception as error:  # the run's own exception is the one reported
+            log.warning("A checkpoint write failed too: %s", error)
         self._restore_handlers()
 
     def _restore_handlers(self) -> None:
@@ -188,6 +235,12 @@ class PretrainCheckpoint(ModelCheckpoint):
                 continue  # Lightning's KeyboardInterrupt shutdown ignores further Ctrl-C until it is done
             signal.signal(signum, handler)
         self._previous_handlers.clear()
+
+
+def _relink(filepath: str, linkpath: str) -> None:
+    tmp = os.path.join(os.path.dirname(linkpath), f".{os.path.basename(linkpath)}.{os.getpid()}.tmp")
+    os.symlink(os.path.relpath(filepath, os.path.dirname(linkpath)), tmp)
+    os.replace(tmp, linkpath)
 
 
 def _same_folder(saved: str, now: str, state: dict[str, Any]) -> bool:

@@ -17,7 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.strategies import Strategy
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from torch.distributed.tensor import DTensor
+
+from pretrain.checkpoints.background import BackgroundWrites, host_copy
 
 log = logging.getLogger(__name__)
 PARTIAL = ".partial-"  # a save in progress, or one that was killed
@@ -27,26 +33,73 @@ REPLACED = ".replaced-"  # the older checkpoint of the same name, removed once t
 UNFINISHED = re.compile(rf"(\..+\.ckpt\.\d+\.tmp|{re.escape(PARTIAL)}.+\.ckpt|{re.escape(REPLACED)}.+\.ckpt)")
 
 
-def commit_saves_by_rename(strategy: Strategy) -> None:
-    """Make ``strategy`` write each checkpoint under a temporary name and rename it when every rank is done."""
+def commit_saves_by_rename(strategy: Strategy, writes: BackgroundWrites | None = None) -> None:
+    """Make ``strategy`` write each checkpoint under a temporary name and rename it when every rank is done.
+
+    With ``writes``, a sharded state (DTensors: FSDP2) is staged in host memory and written in the background
+    (``torch.distributed.checkpoint.async_save``), then committed; other states are written as the strategy
+    writes them (a full state through the checkpoint IO, in the background too), and committed after.
+    """
     save = strategy.save_checkpoint
     if getattr(save, "commits_by_rename", False):  # set up by an earlier stage of the same trainer
         return
+    background_group: list[Any] = []  # the gloo group of the background writes, made at the first one
 
     def save_then_commit(checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
         final = Path(strategy.broadcast(str(filepath)))
         partial = final.with_name(PARTIAL + final.name)
+        if writes is not None:
+            writes.wait()  # at most one save in flight
         if strategy.is_global_zero:
             _remove(partial)  # a killed save's, under the same name
         strategy.barrier()
+        if writes is not None and _holds_shards(checkpoint):
+            if not background_group:
+                background_group.append(dist.new_group(backend="gloo") if dist.is_initialized() else None)
+            key = "model" if isinstance(strategy, FSDPStrategy) else "state_dict"  # where each reads its weights
+            _save_shards_in_background(strategy, checkpoint, key, partial, final, writes, background_group[0])
+            return
         save(checkpoint, partial, storage_options)
-        strategy.barrier()  # every rank's shard is written
+        strategy.barrier()  # every rank's shard is written (or queued, where the checkpoint IO writes later)
         if strategy.is_global_zero:
-            _commit(partial, final)
+            if writes is None:
+                _commit(partial, final)
+            else:
+                writes.after_writes(lambda: _commit(partial, final))
         strategy.barrier()
 
     save_then_commit.commits_by_rename = True  # type: ignore[attr-defined]
     strategy.save_checkpoint = save_then_commit  # type: ignore[method-assign]
+
+
+def _holds_shards(checkpoint: dict[str, Any]) -> bool:
+    return any(isinstance(value, DTensor) for value in checkpoint.get("state_dict", {}).values())
+
+
+def _save_shards_in_background(
+    strategy: Strategy,
+    checkpoint: dict[str, Any],
+    key: str,
+    partial: Path,
+    final: Path,
+    writes: BackgroundWrites,
+    group: Any,
+) -> None:
+    """Lightning's sharded layout (weights under ``key``, ``optimizer_N``, the rest in ``meta.pt`` from
+    rank 0), staged to host memory now and written by every rank in the background. Rank 0's write ends once
+    every rank's shard is written (it gathers their results for the index): it then commits the folder."""
+    shards = {key: checkpoint.pop("state_dict")}
+    shards.update({f"optimizer_{i}": state for i, state in enumerate(checkpoint.pop("optimizer_states", []))})
+    written = dcp.async_save(shards, checkpoint_id=partial, process_group=group)
+    rest = host_copy(checkpoint)
+
+    def finish() -> None:
+        written.result()
+        if strategy.is_global_zero:
+            torch.save(rest, partial / "meta.pt")
+            _commit(partial, final)
+
+    writes.submit(finish)
 
 
 def _commit(partial: Path, final: Path) -> None:

@@ -53,14 +53,16 @@ def checkpoints_newest_first(folder: Path) -> list[Path]:
     return sorted(found, key=_recency, reverse=True)
 
 
-def _recency(path: Path) -> tuple[int, float]:
-    """(global step, modification time): the step from the name (a link's target's), else from the file."""
+def _recency(path: Path) -> tuple[int, float, bool]:
+    """(global step, modification time, is the link): the step from the name (a link's target's), else from the
+    file. The link goes before its own target, so the run resumes from ``last`` as Lightning's own ``last``
+    would, and its ``save_top_k`` later removes the step file as usual (never the one resumed from)."""
     match = STEP.search(path.resolve().name if path.is_symlink() else path.name)
     try:
         modified = path.stat().st_mtime
     except OSError:  # a dangling link
         modified = 0.0
-    return (int(match.group(1)) if match else _saved_step(path), modified)
+    return (int(match.group(1)) if match else _saved_step(path), modified, path.is_symlink())
 
 
 def _saved_step(path: Path) -> int:

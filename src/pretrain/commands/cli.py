@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
-from pretrain._compat import cli_config_value
+from pretrain._compat import cli_config_dump, cli_config_value
 from pretrain.callbacks.progress_bar import LossProgressBar
 from pretrain.callbacks.run_review import RunReview
 from pretrain.checkpoints.callback import PretrainCheckpoint
@@ -173,7 +173,7 @@ class PretrainCLI(LightningCLI):
                 f"settings it was saved with{where}."
             )
         saved = yaml.safe_load(saved_config.read_text()) if saved_config else {"model": record.get("hyper_parameters")}
-        now = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
+        now = yaml.safe_load(cli_config_dump(self, config))
         if (differences := setting_changes(saved or {}, now)) and rank_zero_only.rank == 0:
             log.info("Resuming with settings that differ from the run's: %s", "; ".join(differences))
 
