@@ -2,10 +2,11 @@
 
     python scripts/checkpoint_stalls.py                       # 1 CPU process, single-file checkpoints
     python scripts/checkpoint_stalls.py --fsdp2 --devices 2   # 2 processes, sharded folders
-    python scripts/checkpoint_stalls.py -- --config configs/gpu.yaml --config configs/gpt2-124m.yaml  # on a GPU
+    python scripts/checkpoint_stalls.py --model "{}" -- --config configs/gpu.yaml --config configs/gpt2-124m.yaml
 
-Each variant is one short ``pretrain fit`` of the quickstart config (the embedded corpus unless ``--`` options
-say otherwise) that saves every ``--every`` steps; the stalls are the runs' ``perf/checkpoint_block_sec``.
+Each variant is one short ``pretrain fit`` of the quickstart config and the configs after ``--`` (the last line:
+on a GPU, the preset's own shape), on the embedded corpus, saving every ``--every`` steps; the stalls are the
+runs' ``perf/checkpoint_block_sec``.
 Run on a quiet machine: a second job changes the write times.
 """
 
@@ -48,12 +49,12 @@ def main() -> None:
             logs = Path(scratch) / f"async-{mode}"
             command = [
                 sys.executable, str(ROOT / "main.py"), "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-                "--data.data_dir", str(Path(scratch) / "data"), "--model.overrides", options.model,
+                *options.fit_args, "--data.data_dir", str(Path(scratch) / "data"), "--model.overrides", options.model,
                 "--trainer.max_steps", str(options.steps), "--trainer.val_check_interval", str(options.steps),
                 "--trainer.limit_val_batches", "1", "--trainer.devices", str(options.devices),
                 "--trainer.logger.init_args.save_dir", str(logs), "--trainer.logger.init_args.name", "stalls",
                 "--trainer.enable_progress_bar", "false", "--checkpoint.every_n_train_steps", str(options.every),
-                "--checkpoint.async_save", mode, *strategy, *options.fit_args,
+                "--checkpoint.async_save", mode, *strategy,
             ]  # fmt: skip
             done = subprocess.run(command, cwd=scratch, capture_output=True, text=True, env={**os.environ})
             if done.returncode:

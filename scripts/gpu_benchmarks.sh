@@ -96,6 +96,12 @@ run llama-1b-1gpu 150 $LLAMA \
   --warmup 8 --steps 50 --no-bare
 run gpt2-124m-autotune 300 $GPT2 --model.compile_mode max-autotune-no-cudagraphs \
   --warmup 10 --steps 100 --no-bare
+# How long a checkpoint save stalls training: written in place against in the background (one GPU).
+if ((deadline - SECONDS > 240)); then
+  echo "== checkpoint-stalls (at most 300 s)"
+  timeout --kill-after 10 300 python scripts/checkpoint_stalls.py --model "{}" --steps 40 --every 10 -- \
+    --config configs/gpu.yaml --config configs/gpt2-124m.yaml > "$out/checkpoint-stalls.txt" 2>&1
+fi
 
 python - "$out" <<'PY'
 import json, pathlib, sys
@@ -111,3 +117,6 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.log"), key=lambda p: p.stat
         reported = lines and lines[-1].startswith(("skipped", "timed out"))
         print(f"{path.stem:<20} {lines[-1][:100] if reported else 'failed: see ' + path.name}")
 PY
+if [[ -f "$out/checkpoint-stalls.txt" ]]; then
+  echo; echo "checkpoint-stalls (gpt2-124m):"; tail -n 3 "$out/checkpoint-stalls.txt"
+fi
