@@ -38,7 +38,7 @@ def flops_per_token(config: LlamaConfig, attention_share: float = 1.0) -> float:
     with torch.device("meta"):
         model = Llama(config)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    return 6 * linear + 12 * config.n_layer * config.d_model * config.seq_len * attention_share
+    return 6 * linear + 12 * config.n_layer * config.attention_dim * config.seq_len * attention_share
 
 
 def causal_share(batch: torch.Tensor, eot_id: int) -> torch.Tensor:

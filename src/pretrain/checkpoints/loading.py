@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from pretrain.checkpoints.sharded import read_sharded_weights
 from pretrain.errors import UserError
 from pretrain.model.config import LlamaConfig
-from pretrain.model.hf_layout import load_exported_weights
+from pretrain.model.hf_layout import is_hf_folder, load_exported_weights
 from pretrain.model.llama import Llama
 
 # Lightning stores the data module's state_dict under its class name (a test checks it is PretrainData's):
@@ -44,7 +44,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_config(checkpoint: dict[str, Any]) -> LlamaConfig:
-    """The architecture recorded in the checkpoint's hyperparameters (preset, overrides, vocab, seq_len)."""
+    """The architecture the checkpoint records: whole, or as its hyperparameters (preset, overrides, vocab,
+    seq_len) in checkpoints saved before the architecture was."""
+    if "architecture" in checkpoint:
+        return LlamaConfig(**checkpoint["architecture"])
     hparams = checkpoint["hyper_parameters"]
     return LlamaConfig.from_preset(
         hparams["preset"], vocab_size=hparams["vocab_size"], seq_len=hparams["seq_len"], **(hparams["overrides"] or {})
@@ -95,10 +98,8 @@ def raise_on_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.
 def load_weights(path: str, config: LlamaConfig) -> dict[str, torch.Tensor]:
     """The model's weights from a checkpoint (file or sharded folder) or an exported folder, refused
     (each differing tensor named) unless they fit ``config``."""
-    if (Path(path) / "model.safetensors").is_file():
-        weights = load_exported_weights(path, config)
-    else:
-        weights = model_state_dict(load_checkpoint(path))
+    hf = is_hf_folder(path)
+    weights = load_exported_weights(path, config) if hf else model_state_dict(load_checkpoint(path))
     with torch.device("meta"):  # shapes only
         expected = Llama(config).state_dict()
     raise_on_mismatch(expected, weights, f"The weights in {path}")

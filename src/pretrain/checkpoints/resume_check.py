@@ -19,7 +19,8 @@ import torch
 from pretrain.checkpoints.loading import model_config
 from pretrain.data.identity import build_identity
 from pretrain.data.prepare.manifest import read_manifest
-from pretrain.model.config import LlamaConfig
+from pretrain.errors import UserError
+from pretrain.model.hf_config import model_architecture
 
 # Settings that name a resume rather than the run: never reported as changes.
 NOT_SETTINGS = {"ckpt_path", "config", "trainer.logger.init_args.version", "model.init_from"}
@@ -31,7 +32,7 @@ def read_checkpoint_record(path: Path, weights_only: bool = True) -> dict[str, A
     if not source.is_file():
         return {}
     checkpoint = torch.load(source, map_location="cpu", weights_only=weights_only, mmap=True)
-    return {key: checkpoint[key] for key in ("hyper_parameters", "loops") if key in checkpoint}
+    return {key: checkpoint[key] for key in ("architecture", "hyper_parameters", "loops") if key in checkpoint}
 
 
 def run_changes(record: dict[str, Any], model: dict[str, Any], data: dict[str, Any]) -> list[str]:
@@ -41,20 +42,28 @@ def run_changes(record: dict[str, Any], model: dict[str, Any], data: dict[str, A
 
 
 def _model_changes(record: dict[str, Any], model: dict[str, Any]) -> list[str]:
-    """Architecture fields that differ; vocabulary and length follow the data and are judged there."""
+    """Architecture fields that differ; vocabulary and length follow the data and are judged there (a Hugging Face
+    folder's vocabulary is its own, compared through its other fields)."""
     hparams = record.get("hyper_parameters")
-    if not hparams or "preset" not in hparams:
+    if "architecture" not in record and (not hparams or "preset" not in hparams):
         return []
     saved = model_config(record)
     try:
-        now = LlamaConfig.from_preset(
+        now = model_architecture(
             model.get("preset") or "tiny",
-            **{**(model.get("overrides") or {}), "vocab_size": saved.vocab_size, "seq_len": saved.seq_len},
+            model.get("overrides"),
+            saved.vocab_size,
+            saved.seq_len,
+            model.get("init_from"),
         )
-    except (ValueError, TypeError):  # the module reports a bad preset or override in its own words
+    except (UserError, TypeError):  # the module reports a bad preset, override or folder in its own words
         return []
     before, after = dataclasses.asdict(saved), dataclasses.asdict(now)
-    return [f"model {name} {before[name]} -> {after[name]}" for name in before if before[name] != after[name]]
+    return [
+        f"model {name} {before[name]} -> {after[name]}"
+        for name in before
+        if name not in ("vocab_size", "seq_len") and before[name] != after[name]
+    ]
 
 
 def _data_changes(record: dict[str, Any], data: dict[str, Any]) -> list[str]:

@@ -113,6 +113,7 @@ class PretrainCLI(LightningCLI):
             )
         if ckpt_path and kwargs.get("weights_only") is not False and Path(ckpt_path).is_dir():
             check_sharded_folder(Path(ckpt_path))  # Lightning's sharded loading unpickles it unchecked
+        model.restoring = bool(ckpt_path)  # the checkpoint's weights replace any init_from weights: not read
         try:
             method(model, ckpt_path=ckpt_path, **kwargs)
         except pickle.UnpicklingError:
@@ -139,10 +140,8 @@ class PretrainCLI(LightningCLI):
         chosen_by_last = config.get("ckpt_path") == "last"
         if chosen_by_last:
             _use_last_checkpoint(config, continue_run=self.subcommand == "fit")
-        if config.get("ckpt_path"):  # the checkpoint's weights replace any init_from weights: they are not read
-            config.model.init_from = None
-            if self.subcommand == "fit":
-                self._check_resume(config, chosen_by_last)
+        if config.get("ckpt_path") and self.subcommand == "fit":
+            self._check_resume(config, chosen_by_last)
 
     def _check_resume(self, config: Namespace, chosen_by_last: bool) -> None:
         """Refuse a checkpoint of another experiment before anything is written; print the settings that differ
@@ -159,6 +158,8 @@ class PretrainCLI(LightningCLI):
         except pickle.UnpicklingError:
             raise _unsafe_checkpoint(str(path)) from None
         changes = run_changes(record, config.model.as_dict(), config.data.as_dict())
+        if config.data.get("allow_new_build"):  # other data on purpose: the data loader says what starts over
+            changes = [change for change in changes if change.startswith("model ")]
         saved_config = saved_config_path(path)
         if changes and chosen_by_last:
             raise UserError(

@@ -41,6 +41,7 @@ def hf_config(config: LlamaConfig, eos: int, dtype: torch.dtype) -> dict[str, An
         "max_position_embeddings": config.seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_base,
+        **({"rope_scaling": llama3_scaling(config)} if config.rope_scaling else {}),
         "hidden_act": "silu",
         "attention_bias": False,
         "mlp_bias": False,
@@ -49,6 +50,17 @@ def hf_config(config: LlamaConfig, eos: int, dtype: torch.dtype) -> dict[str, An
         "eos_token_id": eos,
         "initializer_range": 0.02,
         "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def llama3_scaling(config: LlamaConfig) -> dict[str, Any]:
+    """Llama 3's rotary scaling as ``transformers`` reads it."""
+    return {
+        "rope_type": "llama3",
+        "factor": config.rope_factor,
+        "low_freq_factor": config.rope_low_freq_factor,
+        "high_freq_factor": config.rope_high_freq_factor,
+        "original_max_position_embeddings": config.rope_original_context,
     }
 
 

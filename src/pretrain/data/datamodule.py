@@ -48,7 +48,8 @@ class PretrainData(L.LightningDataModule):
         num_workers: Training DataLoader processes per device (tokenizing uses every core); held-out
             splits are read in the training process.
         vocab_size: Size of the tokenizer trained when ``tokenizer`` is not given.
-        tokenizer: A ``tokenizer.json`` to use instead of training one.
+        tokenizer: A ``tokenizer.json``, or a model folder holding one (a Hugging Face model's, to continue
+            pretraining it), to use instead of training one: documents end with its end-of-text token.
         val_fraction: Share of documents held out for validation.
         text_field: The JSONL field / Parquet column holding each document's text.
         seed: Seed of the training stream's order (each pass over the build has its own).

@@ -22,18 +22,38 @@ class LlamaConfig:
     tie_embeddings: bool = False
     qk_norm: bool = False  # RMSNorm of each head's queries and keys before rotary (OLMo 2, Qwen3)
     padding_multiple: int = 64
+    attention_head_dim: int | None = None  # None: d_model // n_head; set where a model differs (Qwen3: 128)
+    # Llama 3's rotary frequencies for long contexts (rope_type llama3); factor 1.0: plain rotary.
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
 
     def __post_init__(self) -> None:
-        if self.d_model % self.n_head:
+        if self.attention_head_dim is None and self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} must be divisible by n_head={self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.rope_factor != 1.0 and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+            raise ValueError("rope_high_freq_factor must be above rope_low_freq_factor")
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_head
+        return self.attention_head_dim or self.d_model // self.n_head
+
+    @property
+    def rope_scaling(self) -> tuple[float, float, float, int] | None:
+        """Llama 3's rotary scaling (factor, low and high frequency factors, original context), if any."""
+        if self.rope_factor == 1.0:
+            return None
+        return (self.rope_factor, self.rope_low_freq_factor, self.rope_high_freq_factor, self.rope_original_context)
+
+    @property
+    def attention_dim(self) -> int:
+        """The width of the queries of all heads together (d_model, unless the heads say otherwise)."""
+        return self.n_head * self.head_dim
 
     @property
     def padded_vocab_size(self) -> int:

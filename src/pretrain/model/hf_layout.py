@@ -3,11 +3,13 @@ exported folder back."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from pretrain.errors import UserError
 from pretrain.model.config import LlamaConfig
 
 # Our parameter names -> Hugging Face Llama's, per block and for the rest.
@@ -52,19 +54,49 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig) -> dic
 
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """The inverse of ``to_hf_state_dict``: an exported folder's weights under our names."""
+    """The inverse of ``to_hf_state_dict``: a Hugging Face folder's weights under our names. A tensor left over
+    (a bias, a layer the config does not have) is refused by name: it would be dropped silently otherwise."""
     out = {ours: hf[theirs] for ours, theirs in TOP_NAMES.items() if theirs in hf}
+    used = {theirs for theirs in TOP_NAMES.values() if theirs in hf}
     if config.tie_embeddings or "lm_head.weight" not in hf:
         out["lm_head.weight"] = out["embed.weight"]
+    names = {**BLOCK_NAMES, **QK_NORM_NAMES} if config.qk_norm else BLOCK_NAMES
     for i in range(config.n_layer):
         prefix = f"model.layers.{i}."
-        qkv = [hf[f"{prefix}self_attn.{p}_proj.weight"] for p in "qkv"]
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat(qkv)
-        names = {**BLOCK_NAMES, **QK_NORM_NAMES} if config.qk_norm else BLOCK_NAMES
+        qkv = [f"{prefix}self_attn.{p}_proj.weight" for p in "qkv"]
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([hf[name] for name in qkv])
         out |= {f"blocks.{i}.{ours}": hf[prefix + theirs] for ours, theirs in names.items()}
+        used |= {*qkv, *(prefix + theirs for theirs in names.values())}
+    if left := sorted(name for name in set(hf) - used if not name.endswith("rotary_emb.inv_freq")):  # a buffer
+        shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+        raise UserError(f"The folder's weights hold {shown}, which this model has no place for.")
     return out
 
 
+def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face folder: ``model.safetensors``, or the files its index lists."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise UserError(f"{folder} holds neither model.safetensors nor model.safetensors.index.json.")
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        weights.update(load_file(str(folder / name)))
+    return weights
+
+
 def load_exported_weights(folder: str | Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
-    """Our-named weights from a folder ``pretrain export`` wrote (for continued pretraining)."""
-    return from_hf_state_dict(load_file(str(Path(folder) / "model.safetensors")), config)
+    """Our-named weights from a Hugging Face folder (``pretrain export``'s or ``transformers``')."""
+    return from_hf_state_dict(read_safetensors_folder(folder), config)
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """A folder with a model ``config.json`` and safetensors weights, as ``save_pretrained`` writes."""
+    folder = Path(path)
+    return (folder / "config.json").is_file() and any(
+        (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")
+    )

@@ -41,11 +41,31 @@ def compiled_flex_attention() -> Callable[..., torch.Tensor]:
     return torch.compile(flex_attention)
 
 
-def rope_cache(seq_len: int, head_dim: int, base: float, device: torch.device | None = None) -> torch.Tensor:
-    """Cos and sin of every (position, frequency) pair, shape (T, head_dim // 2, 2), float32."""
+def rope_cache(
+    seq_len: int,
+    head_dim: int,
+    base: float,
+    device: torch.device | None = None,
+    llama3_scaling: tuple[float, float, float, int] | None = None,
+) -> torch.Tensor:
+    """Cos and sin of every (position, frequency) pair, shape (T, head_dim // 2, 2), float32; with
+    ``llama3_scaling`` (``LlamaConfig.rope_scaling``), the frequencies Llama 3 uses for long contexts."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if llama3_scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, *llama3_scaling)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def llama3_frequencies(
+    inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float, original_context: int
+) -> torch.Tensor:
+    """Llama 3's rotary frequencies: those whose wavelength is short against the original context stay, long
+    ones are divided by ``factor``, and those in between are blended linearly in context / wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    ratio = original_context / wavelength  # how many wavelengths fit in the original context
+    blend = ((ratio - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0.0, 1.0)
+    return inv_freq / factor * (1 - blend) + inv_freq * blend
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
@@ -98,7 +118,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         qkv_dim = (config.n_head + 2 * config.n_kv_head) * config.head_dim
         self.qkv = nn.Linear(config.d_model, qkv_dim, bias=False)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.proj = nn.Linear(config.attention_dim, config.d_model, bias=False)
         self.qk_norm = config.qk_norm  # bounds the attention logits: against loss spikes, less LR sensitivity
         if self.qk_norm:
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
@@ -108,7 +128,7 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: torch.Tensor, cache: LayerCache | None = None, mask: AttentionMask | None = None
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -127,7 +147,7 @@ class Attention(nn.Module):
             # CPU: logits off by 0.1 with rotated queries and keys; tests/model/test_document_mask.py).
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             y = attend(q, k, v, block_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
-            return self.proj(y.transpose(1, 2).reshape(B, T, C))
+            return self.proj(y.transpose(1, 2).reshape(B, T, q_dim))
         if past:  # new tokens see every cached token and, among themselves, only earlier ones
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
         # Chosen here, inside the block, so a checkpointed block recomputes with the same kernel.
@@ -135,7 +155,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa
             )  # (B, H, T, D)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.proj(y.transpose(1, 2).reshape(B, T, q_dim))
 
 
 class SwiGLU(nn.Module):
@@ -174,7 +194,8 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         self.tie_weights()
         # Derived from the config, so kept out of the state dict; rebuilt by init_weights.
-        self.register_buffer("rope", rope_cache(config.seq_len, config.head_dim, config.rope_base), persistent=False)
+        rope = rope_cache(config.seq_len, config.head_dim, config.rope_base, llama3_scaling=config.rope_scaling)
+        self.register_buffer("rope", rope, persistent=False)
         # Recompute each block in the backward pass instead of keeping its activations: about a third
         # more compute for a fraction of the memory. A training choice, not architecture: not in the config.
         self.activation_checkpointing = False
@@ -261,8 +282,9 @@ class Llama(nn.Module):
 
     def init_rope(self) -> None:
         """(Re)compute the rotary table on the embedding's device, e.g. after building on the meta device."""
+        config = self.config
         self.rope = rope_cache(
-            self.config.seq_len, self.config.head_dim, self.config.rope_base, self.embed.weight.device
+            config.seq_len, config.head_dim, config.rope_base, self.embed.weight.device, config.rope_scaling
         )
 
 

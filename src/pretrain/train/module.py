@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -14,8 +16,10 @@ from pretrain._compat import attached_trainer
 from pretrain.checkpoints.loading import load_weights, raise_on_mismatch
 from pretrain.checkpoints.random_states import random_states, restore_random_states
 from pretrain.errors import UserError
-from pretrain.model.config import LlamaConfig
 from pretrain.model.document_mask import AttentionMask, AttentionMaskName, document_mask
+from pretrain.model.hf_check import check_against_transformers
+from pretrain.model.hf_config import model_architecture
+from pretrain.model.hf_layout import is_hf_folder
 from pretrain.model.llama import Llama
 from pretrain.model.losses import next_token_loss
 from pretrain.train.compile_check import CompileSetting, compiles
@@ -58,7 +62,10 @@ class PretrainModule(L.LightningModule):
         activation_checkpointing: Recompute each block's activations in backward instead of storing them.
         attention_kernel: The ``scaled_dot_product_attention`` kernel tried first; None lets PyTorch pick. Not used
             under ``attention_mask: document`` on CUDA, which runs FlexAttention.
-        init_from: Start from these weights (a checkpoint or an exported folder) instead of random ones.
+        init_from: Start from these weights instead of random ones: a checkpoint, or a Hugging Face folder
+            (``pretrain export``'s, or a Llama or Qwen3 that ``transformers`` saved), whose ``config.json`` then
+            defines the architecture (``preset`` unused; ``overrides`` must agree with it). Read once, at the
+            start: a resumed run keeps the folder's architecture and loads the checkpoint's weights.
         max_nonfinite_steps: Consecutive non-finite steps skipped before the run stops (``StepGuard``).
         spike_window: Skip a step whose loss or gradient norm is more than ``spike_sigmas`` standard deviations
             above the mean of the last ``spike_window`` good steps (``pretrain.train.loss_spikes``); 0 turns it off.
@@ -95,10 +102,7 @@ class PretrainModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if compile_mode != "default" and compile is False:
             raise UserError(f"model.compile_mode: {compile_mode} has no effect without model.compile: true; set both.")
-        try:
-            self.config = LlamaConfig.from_preset(preset, vocab_size=vocab_size, seq_len=seq_len, **(overrides or {}))
-        except ValueError as error:
-            raise UserError(f"model: {error}. Fix model.preset or model.overrides.") from None
+        self.config = model_architecture(preset, overrides, vocab_size, seq_len, init_from)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.model: Llama | None = None
@@ -113,6 +117,7 @@ class PretrainModule(L.LightningModule):
         except ValueError as error:
             raise UserError(f"model.spike_window / model.spike_sigmas: {error}") from None
         self.step_guard = StepGuard(max_nonfinite_steps, spikes, max_spike_steps)
+        self.restoring = False  # a checkpoint's weights will replace init_from's: not read (set by the CLI)
         self._step_loss: torch.Tensor | None = None  # summed over the micro-batches of this step, for spikes
         self._micro_batches = 0
 
@@ -122,7 +127,7 @@ class PretrainModule(L.LightningModule):
         if self.model is not None:
             return
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        weights = load_weights(self.hparams.init_from, self.config) if self.hparams.init_from else None
+        weights = self._initial_weights()
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None  # FSDP2's ranks
         trainer = attached_trainer(self)
         target = trainer.strategy.root_device if trainer is not None else torch.get_default_device()
@@ -138,6 +143,24 @@ class PretrainModule(L.LightningModule):
         self.held_out_loss_fn = torch.compile(next_token_loss, mode=compile_mode) if whole else next_token_loss
         self.model.activation_checkpointing = self.hparams.activation_checkpointing
         self.model.use_attention_kernel(self.hparams.attention_kernel)
+
+    def _initial_weights(self) -> dict[str, torch.Tensor] | None:
+        """``init_from``'s weights, unless the run resumes (the checkpoint's replace them): a Hugging Face folder's
+        checked to the logit against ``transformers`` first, on rank 0, every rank stopping on a mismatch."""
+        if not self.hparams.init_from or self.restoring:
+            return None
+        trainer = attached_trainer(self)
+        weights = load_weights(self.hparams.init_from, self.config)
+        if is_hf_folder(self.hparams.init_from):
+            global_zero = trainer is None or trainer.is_global_zero
+            problem = (
+                check_against_transformers(Path(self.hparams.init_from), self.config, weights) if global_zero else None
+            )
+            if trainer is not None:
+                problem = trainer.strategy.broadcast(problem)
+            if problem:
+                raise UserError(problem)
+        return weights
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -257,6 +280,7 @@ class PretrainModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.step_guard.read(self.trainer)
+        checkpoint["architecture"] = dataclasses.asdict(self.config)  # also where init_from's folder set it
         checkpoint["step_guard"] = self.step_guard.state_dict()
         checkpoint["rng_states"] = random_states()  # anything random added later continues as if never stopped
 

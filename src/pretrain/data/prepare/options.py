@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.data.prepare.ranks import Ranks
+from pretrain.data.prepare.tokenizer import tokenizer_file
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def file_sha256(path: str | Path) -> str:
 def tokenizer_request(tokenizer: str | None, vocab_size: int, sample_bytes: int | str) -> dict:
     """The tokenizer part of a build request: a given file by its hash, a trained one by its size and sample."""
     if tokenizer:
-        return {"sha256": file_sha256(tokenizer)}
+        return {"sha256": file_sha256(tokenizer_file(tokenizer))}
     return {"train_vocab_size": vocab_size, "sample_bytes": byte_count(sample_bytes, "tokenizer_sample_bytes")}
 
 
@@ -65,7 +66,7 @@ class BuildOptions:
 
     Args:
         vocab_size: Size of the tokenizer trained when none is given.
-        tokenizer: Path of a ``tokenizer.json`` to use instead of training one.
+        tokenizer: A ``tokenizer.json``, or a model folder holding one, to use instead of training one.
         val_fraction: Share of documents held out for validation.
         text_field: The JSONL field / Parquet column that holds each document's text.
         overwrite: Rebuild even if ``data_dir`` holds shards built from something else.

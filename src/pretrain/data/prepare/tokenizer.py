@@ -30,12 +30,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a ``tokenizer.json``, with a readable error when it is missing or not one."""
+def tokenizer_file(path: str | Path) -> Path:
+    """The ``tokenizer.json`` a path names: the file, or the one in a model's folder (``save_pretrained``'s)."""
     path = Path(path)
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a ``tokenizer.json`` (or a folder's), with a readable error when it is missing or not one."""
+    path = tokenizer_file(path)
     if not path.is_file():
         raise UserError(
-            f"Tokenizer file {path} does not exist; give the path of a tokenizer.json or leave "
+            f"Tokenizer file {path} does not exist; give a tokenizer.json or a model folder holding one, or leave "
             "data.tokenizer empty to train one on the sources."
         )
     try:

@@ -15,7 +15,7 @@ from pretrain.data.prepare.options import BuildOptions, byte_count
 from pretrain.data.prepare.plan import DocumentSplit, share_out, unit_hash
 from pretrain.data.prepare.ranks import Ranks
 from pretrain.data.prepare.readers import Unit
-from pretrain.data.prepare.tokenizer import load_tokenizer, train_tokenizer
+from pretrain.data.prepare.tokenizer import load_tokenizer, tokenizer_file, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ def make_tokenizer(
 
     def write() -> None:
         if tokenizer:
-            if Path(tokenizer).resolve() != path.resolve():
-                shutil.copyfile(tokenizer, path)
+            if tokenizer_file(tokenizer).resolve() != path.resolve():
+                shutil.copyfile(tokenizer_file(tokenizer), path)
         else:
             log.info("Training a %d-token BPE tokenizer on a sample of the training split", vocab_size)
             train_tokenizer(sample, vocab_size).save(str(path))

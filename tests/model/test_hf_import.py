@@ -1,0 +1,94 @@
+"""Folders that ``transformers`` saved (Llama with Llama 3's rotary scaling, GQA and an untied head; Qwen3 with
+QK-norm and a head size of its own) read as our model, checked to the logit; fields we cannot honour refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.errors import UserError
+from pretrain.model.hf_check import check_against_transformers, compare_logits
+from pretrain.model.hf_config import model_architecture, read_hf_config
+from pretrain.model.hf_layout import load_exported_weights
+from tests.helpers.hf_models import SEQ_LEN, VOCAB, save_llama, save_qwen3, transformers
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_llama(tmp_path_factory.mktemp("hf") / "llama")
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_qwen3(tmp_path_factory.mktemp("hf") / "qwen3")
+
+
+def test_a_llama_folder_reads_as_its_own_architecture_and_computes_its_logits(llama: Path) -> None:
+    config = read_hf_config(llama, SEQ_LEN)
+    assert (config.d_model, config.n_layer, config.n_head, config.n_kv_head, config.ffn_dim) == (64, 2, 4, 2, 128)
+    assert (config.vocab_size, config.padded_vocab_size, config.tie_embeddings, config.qk_norm) == (
+        320,
+        320,
+        False,
+        False,
+    )
+    assert config.rope_base == 500_000.0 and config.rope_scaling == (8.0, 1.0, 4.0, 16)
+    assert check_against_transformers(llama, config, load_exported_weights(llama, config)) is None
+
+
+def test_without_llama3_scaling_the_check_fails(llama: Path) -> None:
+    config = read_hf_config(llama, SEQ_LEN)
+    plain = type(config)(**{**config.__dict__, "rope_factor": 1.0})
+    reference = transformers.AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    check = compare_logits(reference, plain, load_exported_weights(llama, plain))
+    assert not check.passed and check.mean_kl > 0
+
+
+def test_a_qwen3_folder_with_its_own_head_size_computes_its_logits(qwen3: Path) -> None:
+    config = read_hf_config(qwen3, SEQ_LEN)
+    assert (config.qk_norm, config.head_dim, config.attention_dim, config.tie_embeddings) == (True, 32, 128, True)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(qwen3, dtype=torch.float32)
+    check = compare_logits(reference, config, load_exported_weights(qwen3, config))
+    assert check.passed and check.max_abs_diff < 1e-4, check
+
+
+def test_sharded_and_bf16_folders_load(tmp_path: Path) -> None:
+    folder = save_qwen3(tmp_path / "sharded", max_shard_size="100KB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    config = read_hf_config(folder, SEQ_LEN)
+    assert check_against_transformers(folder, config, load_exported_weights(folder, config)) is None
+    bf16 = tmp_path / "bf16"
+    transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(bf16)
+    weights = load_exported_weights(bf16, config)
+    assert weights["embed.weight"].dtype == torch.bfloat16
+    assert check_against_transformers(bf16, config, weights) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("attention_bias", True, "attention_bias: True is not supported"),
+        ("hidden_act", "gelu", "hidden_act: 'gelu' is not supported"),
+        ("some_new_field", 3, "some_new_field not understood"),
+        ("model_type", "mistral", "model_type 'mistral' is not supported"),
+    ],
+)
+def test_a_field_we_cannot_honour_is_refused_by_name(llama: Path, tmp_path: Path, field, value, message) -> None:
+    folder = tmp_path / "changed"
+    shutil.copytree(llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(UserError, match=message):
+        read_hf_config(folder, SEQ_LEN)
+
+
+def test_overrides_must_agree_with_the_folder_and_the_data_must_fit_its_vocabulary(llama: Path) -> None:
+    assert model_architecture("tiny", {"n_layer": 2}, VOCAB, SEQ_LEN, str(llama)).n_layer == 2
+    with pytest.raises(UserError, match=r"model.overrides n_layer: 4 \(the folder's: 2\)"):
+        model_architecture("tiny", {"n_layer": 4}, VOCAB, SEQ_LEN, str(llama))
+    with pytest.raises(UserError, match="prepare the data with the model's own tokenizer"):
+        model_architecture("tiny", None, VOCAB + 1, SEQ_LEN, str(llama))
