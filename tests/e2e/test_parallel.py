@@ -77,6 +77,30 @@ def test_sharded_creation_gives_the_single_device_weights(tmp_path: Path) -> Non
     torch.testing.assert_close(sharded["rope"], plain.rope)
 
 
+def _load_on_rank(rank: int, rendezvous: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        source = Llama(CONFIG)
+        source.init_weights(7)
+        weights = source.state_dict() if rank == 0 else {}  # as init_from reads them: on rank 0 alone
+        model = build_sharded_model(CONFIG, init_device_mesh("cpu", (2,)), torch.device("cpu"), seed=3, weights=weights)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            torch.save(full, out)
+    finally:
+        close_process_group()
+
+
+def test_weights_read_on_rank_0_alone_reach_every_shard(tmp_path: Path) -> None:
+    out = tmp_path / "full.pt"
+    mp.spawn(_load_on_rank, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
+    loaded = torch.load(out, weights_only=True)
+    source = Llama(CONFIG)
+    source.init_weights(7)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+
+
 def _rope_dtypes_on_rank(rank: int, rendezvous: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:

@@ -127,8 +127,8 @@ class PretrainModule(L.LightningModule):
         if self.model is not None:
             return
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        weights = self._initial_weights()
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None  # FSDP2's ranks
+        weights = self._initial_weights(sharded=mesh is not None)
         trainer = attached_trainer(self)
         target = trainer.strategy.root_device if trainer is not None else torch.get_default_device()
         device = target if mesh else torch.get_default_device()  # sharded: made on the strategy's device
@@ -144,22 +144,27 @@ class PretrainModule(L.LightningModule):
         self.model.activation_checkpointing = self.hparams.activation_checkpointing
         self.model.use_attention_kernel(self.hparams.attention_kernel)
 
-    def _initial_weights(self) -> dict[str, torch.Tensor] | None:
-        """``init_from``'s weights, unless the run resumes (the checkpoint's replace them): a Hugging Face folder's
-        checked to the logit against ``transformers`` first, on rank 0, every rank stopping on a mismatch."""
+    def _initial_weights(self, sharded: bool) -> dict[str, torch.Tensor] | None:
+        """``init_from``'s weights, unless the run resumes (the checkpoint's replace them). Sharded, rank 0 alone
+        reads them and the others receive their shards from it (an empty dict here). A Hugging Face folder's are
+        checked to the logit against ``transformers`` on rank 0; every rank stops on its verdict."""
         if not self.hparams.init_from or self.restoring:
             return None
         trainer = attached_trainer(self)
-        weights = load_weights(self.hparams.init_from, self.config)
-        if is_hf_folder(self.hparams.init_from):
-            global_zero = trainer is None or trainer.is_global_zero
-            problem = (
-                check_against_transformers(Path(self.hparams.init_from), self.config, weights) if global_zero else None
-            )
-            if trainer is not None:
-                problem = trainer.strategy.broadcast(problem)
-            if problem:
-                raise UserError(problem)
+        global_zero = trainer is None or trainer.is_global_zero
+        weights: dict[str, torch.Tensor] = {}
+        problem = None
+        if global_zero or not sharded:
+            try:
+                weights = load_weights(self.hparams.init_from, self.config)
+                if global_zero and is_hf_folder(self.hparams.init_from):
+                    problem = check_against_transformers(Path(self.hparams.init_from), self.config, weights)
+            except UserError as error:
+                problem = str(error)
+        if trainer is not None and trainer.world_size > 1:
+            problem = trainer.strategy.broadcast(problem)
+        if problem:
+            raise UserError(problem)
         return weights
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:

@@ -81,7 +81,8 @@ def build_sharded_model(
     compile_mode: str | None = None,
     weights: dict[str, torch.Tensor] | None = None,
 ) -> Llama:
-    """A Llama whose parameters are sharded over ``mesh``, with the same values a single device gets.
+    """A Llama whose parameters are sharded over ``mesh``, with the same values a single device gets (or
+    ``weights``, read on rank 0 alone: no full copy on the other ranks).
 
     Each block is its own FSDP unit (gathered just before it runs, freed after); the embedding,
     final norm and LM head form the root unit. With ``param_dtype`` the gathered weights are cast
@@ -101,8 +102,9 @@ def build_sharded_model(
     fully_shard(model, mesh=mesh, mp_policy=policy)
     model.to_empty(device=device)
     model.init_weights(seed)
-    if weights is not None:  # every rank holds the full weights; each keeps its shard
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    if weights is not None:  # rank 0 holds the full weights (the others an empty dict): each rank gets its shard
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, weights, options=options)
     return model
 
 
