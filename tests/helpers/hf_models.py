@@ -21,19 +21,22 @@ LLAMA3_ROPE = {
 }
 
 
-def save_llama(folder: Path, **changes) -> Path:
+# The shape both tiny models share: GQA (4 query heads over 2 key/value heads).
+SHAPE = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
+def save_llama(folder: Path) -> Path:
+    """Llama 3's rotary scaling (that matters at SEQ_LEN), an untied head."""
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        rope_scaling=LLAMA3_ROPE,
-        rope_theta=500_000.0,
-        max_position_embeddings=256,
-        **changes,
+        **SHAPE, tie_word_embeddings=False, rope_scaling=LLAMA3_ROPE, rope_theta=500_000.0
     )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
@@ -41,17 +44,8 @@ def save_llama(folder: Path, **changes) -> Path:
 
 
 def save_qwen3(folder: Path, **save_options) -> Path:
-    config = transformers.Qwen3Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,  # not hidden_size / heads
-        tie_word_embeddings=True,
-        max_position_embeddings=256,
-    )
+    """QK-norm, a head size of its own (32, not 64 / 4), a tied head."""
+    config = transformers.Qwen3Config(**SHAPE, head_dim=32, tie_word_embeddings=True)
     torch.manual_seed(1)
     transformers.Qwen3ForCausalLM(config).save_pretrained(folder, **save_options)
     return folder

@@ -113,7 +113,9 @@ class PretrainCLI(LightningCLI):
             )
         if ckpt_path and kwargs.get("weights_only") is not False and Path(ckpt_path).is_dir():
             check_sharded_folder(Path(ckpt_path))  # Lightning's sharded loading unpickles it unchecked
-        model.restoring = bool(ckpt_path)  # the checkpoint's weights replace any init_from weights: not read
+        # A checkpoint's weights replace init_from's, which are then not read (where Lightning resolves a name such
+        # as "last" itself, it may find none: they are read, and replaced if it does).
+        model.restoring = bool(ckpt_path) and ckpt_path not in LIGHTNING_CKPT_NAMES
         try:
             method(model, ckpt_path=ckpt_path, **kwargs)
         except pickle.UnpicklingError:
