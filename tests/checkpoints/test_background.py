@@ -25,12 +25,16 @@ def test_writes_and_their_follow_ups_run_in_order() -> None:
     assert done == ["write", "link", "now"]
 
 
-def test_a_failed_write_is_raised_in_the_training_thread() -> None:
-    writes = BackgroundWrites()
-    writes.submit(lambda: 1 / 0)
+def test_a_failed_write_stops_what_follows_it_and_is_raised_in_the_training_thread() -> None:
+    writes, done = BackgroundWrites(), []
+    writes.submit(lambda: (time.sleep(0.2), 1 / 0))  # e.g. the disk is full
+    writes.after_writes(lambda: done.append("relink last, remove the checkpoint it replaces"))
     with pytest.raises(ZeroDivisionError):
         writes.wait()
+    assert done == []  # the previous checkpoint stays, and last points at it
     writes.wait()  # reported once
+    writes.after_writes(lambda: done.append("next"))
+    assert done == ["next"]
 
 
 def test_the_host_copy_keeps_the_values_training_then_changes_in_place() -> None:

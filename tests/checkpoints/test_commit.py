@@ -79,6 +79,16 @@ def test_only_what_a_killed_save_left_is_removed(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
+def test_a_save_killed_between_its_two_renames_is_finished_at_the_next_start(tmp_path: Path) -> None:
+    for name, step in ((".replaced-step=0000020.ckpt", 1), (".partial-step=0000020.ckpt", 2)):
+        folder_writer(shards=1)({"step": step}, tmp_path / name)  # the old one moved aside, the new one whole
+    lines = []
+    remove_unfinished_saves(tmp_path, lambda *args: lines.append(args[0] % args[1:]))
+    assert [p.name for p in tmp_path.iterdir()] == ["step=0000020.ckpt"]
+    assert (tmp_path / "step=0000020.ckpt" / "__0_0.distcp").read_bytes() == bytes([2]) * 1000  # the new one
+    assert lines[0].startswith(f"Restored {tmp_path / 'step=0000020.ckpt'}")
+
+
 def test_a_sharded_folder_without_lightnings_state_file_is_unfinished(tmp_path: Path) -> None:
     folder = tmp_path / "step=0000010.ckpt"
     dcp.save({"state_dict": {"w": torch.ones(4)}}, checkpoint_id=folder, no_dist=True)

@@ -33,11 +33,10 @@ SHAPE = {
 }
 
 
-def save_llama(folder: Path) -> Path:
-    """Llama 3's rotary scaling (that matters at SEQ_LEN), an untied head."""
-    config = transformers.LlamaConfig(
-        **SHAPE, tie_word_embeddings=False, rope_scaling=LLAMA3_ROPE, rope_theta=500_000.0
-    )
+def save_llama(folder: Path, rope_scaling: dict | None = None) -> Path:
+    """Llama 3's rotary scaling (by default one that matters at SEQ_LEN), an untied head."""
+    rope = rope_scaling or LLAMA3_ROPE
+    config = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=False, rope_scaling=rope, rope_theta=500_000.0)
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     return folder

@@ -3,6 +3,7 @@ QK-norm and a head size of its own) read as our model, checked to the logit; fie
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,7 +15,8 @@ from pretrain.errors import UserError
 from pretrain.model.hf_check import check_against_transformers, compare_logits
 from pretrain.model.hf_config import model_architecture, read_hf_config
 from pretrain.model.hf_layout import load_exported_weights
-from tests.helpers.hf_models import SEQ_LEN, VOCAB, save_llama, save_qwen3, transformers
+from tests.helpers.hf_models import LLAMA3_ROPE, SEQ_LEN, VOCAB, save_llama, save_qwen3, transformers
+from tests.helpers.runs import assert_clean_failure, assert_ok, tiny_fit_args
 
 
 @pytest.fixture(scope="module")
@@ -40,12 +42,23 @@ def test_a_llama_folder_reads_as_its_own_architecture_and_computes_its_logits(ll
     assert check_against_transformers(llama, config, load_exported_weights(llama, config)) is None
 
 
-def test_without_llama3_scaling_the_check_fails(llama: Path) -> None:
+def test_without_llama3_scaling_the_check_fails(llama: Path, tmp_path: Path) -> None:
     config = read_hf_config(llama, SEQ_LEN)
-    plain = type(config)(**{**config.__dict__, "rope_factor": 1.0})
+    plain = dataclasses.replace(config, rope_factor=1.0)
     reference = transformers.AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
     check = compare_logits(reference, plain, load_exported_weights(llama, plain))
     assert not check.passed and check.mean_kl > 0
+    # Llama 3.2's own scaling (factor 32 over 8192 positions) changes only frequencies too low to show in the
+    # logits of 64 positions: the frequencies themselves are compared.
+    rope = {**LLAMA3_ROPE, "factor": 32.0, "original_max_position_embeddings": 8192}
+    long = save_llama(tmp_path / "llama-3.2-like", rope_scaling=rope)
+    config = read_hf_config(long, SEQ_LEN)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(long, dtype=torch.float32)
+    assert compare_logits(reference, config, load_exported_weights(long, config)).passed
+    plain = dataclasses.replace(config, rope_factor=1.0)
+    check = compare_logits(reference, plain, load_exported_weights(long, plain))
+    assert check.max_abs_diff <= 1e-3 * check.scale and not check.passed  # the logits alone would pass
+    assert check.rope_rel_diff > 0.9  # the lowest frequencies are 32 times too high
 
 
 def test_a_qwen3_folder_with_its_own_head_size_computes_its_logits(qwen3: Path) -> None:
@@ -92,3 +105,15 @@ def test_overrides_must_agree_with_the_folder_and_the_data_must_fit_its_vocabula
         model_architecture("tiny", {"n_layer": 4}, VOCAB, SEQ_LEN, str(llama))
     with pytest.raises(UserError, match="prepare the data with the model's own tokenizer"):
         model_architecture("tiny", None, VOCAB + 1, SEQ_LEN, str(llama))
+
+
+def test_resuming_without_the_starting_folder_is_refused_naming_it(
+    llama: Path, corpus, prepared: Path, tmp_path: Path, run_cli
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(llama, model)
+    start = ("--model.init_from", str(model), "--model.overrides", "{}", "--trainer.max_steps", "2")
+    assert_ok(run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, *start, "--checkpoint.every_n_train_steps", "2")))
+    shutil.rmtree(model)  # the architecture is read from its config.json on resuming too
+    result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, *start, "--ckpt_path", "last"))
+    assert_clean_failure(result, f"model.init_from {model} is gone")

@@ -16,15 +16,26 @@ import torch
 
 
 class BackgroundWrites:
-    """A queue of checkpoint writes and their follow-ups, run in order by one thread."""
+    """A queue of checkpoint writes and their follow-ups, run in order by one thread. Once one fails, nothing
+    queued after it runs (the checkpoint it would replace stays, and ``last`` keeps pointing at it)."""
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-write")
         self._queued: list[Future] = []
+        self._failure: BaseException | None = None
 
     def submit(self, work: Callable[[], Any]) -> None:
-        """Run ``work`` after everything submitted before it."""
-        self._queued.append(self._executor.submit(work))
+        """Run ``work`` after everything submitted before it, unless something before it failed."""
+
+        def unless_failed() -> None:
+            if self._failure is not None:
+                return
+            try:
+                work()
+            except BaseException as error:
+                self._failure = error
+
+        self._queued.append(self._executor.submit(unless_failed))
 
     def after_writes(self, work: Callable[[], Any]) -> None:
         """Run ``work`` once the writes submitted so far are done: now, where none is."""
@@ -35,10 +46,13 @@ class BackgroundWrites:
             work()
 
     def wait(self) -> None:
-        """Wait for everything submitted; a write that failed raises here, in the training thread."""
+        """Wait for everything submitted; a write that failed raises here, in the training thread, once."""
         queued, self._queued = self._queued, []
         for future in queued:
             future.result()
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
 
 
 def host_copy(state: Any) -> Any:

@@ -122,10 +122,24 @@ class PretrainCheckpoint(ModelCheckpoint):
         else:
             self._writes.after_writes(work)
 
-    def wait_for_writes(self) -> None:
-        """Return once every checkpoint asked for is on disk (at once without ``async_save``)."""
-        if self._writes is not None:
+    def wait_for_writes(self, trainer: L.Trainer | None = None) -> None:
+        """Return once every checkpoint asked for is on disk (at once without ``async_save``). With ``trainer``, on
+        every rank together: a write that failed on one rank stops them all, rather than leaving the others
+        waiting for it at the next collective."""
+        if self._writes is None:
+            return
+        failure = None
+        try:
             self._writes.wait()
+        except Exception as error:
+            failure = error
+        failed = failure is not None
+        if trainer is not None and trainer.world_size > 1:
+            failed = trainer.strategy.reduce_boolean_decision(failed, all=False)
+        if failure is not None:
+            raise failure
+        if failed:
+            raise RuntimeError("A checkpoint write failed in another process of the run; its error says why.")
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         # Lightning hands a step's metrics to the loggers only after this hook; a run killed right
@@ -134,6 +148,7 @@ class PretrainCheckpoint(ModelCheckpoint):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         self._step_metrics = (trainer.global_step - 1, metrics)
         started = time.perf_counter()
+        self.wait_for_writes(trainer)  # the previous save's, on every rank: at most one in flight
         super()._save_checkpoint(trainer, filepath)
         self.blocked_sec = time.perf_counter() - started
         if trainer.is_global_zero:
@@ -198,7 +213,7 @@ class PretrainCheckpoint(ModelCheckpoint):
             self.save_now(trainer)
         if self._stop_requested(trainer):
             self.save_now(trainer)
-            self.wait_for_writes()  # the job may be killed soon after: the checkpoint must be on disk
+            self.wait_for_writes(trainer)  # the job may be killed soon after: the checkpoint must be on disk
             self.stopped_by = self._received
             name = signal.Signals(self._received).name if self._received else "a stop signal on another rank"
             log.info(
@@ -218,7 +233,7 @@ class PretrainCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.save_now(trainer)  # training stopped early for another reason (max_time, a callback ...)
-        self.wait_for_writes()
+        self.wait_for_writes(trainer)
         self._restore_handlers()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

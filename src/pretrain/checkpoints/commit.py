@@ -133,9 +133,19 @@ def _remove(path: Path) -> None:
 
 
 def remove_unfinished_saves(folder: Path, log_line: Callable[..., None] = log.warning) -> list[Path]:
-    """Remove what a killed save left in a checkpoint folder (only names this package writes), each named."""
+    """Remove what a killed save left in a checkpoint folder (only names this package writes), each named. A save
+    killed between the two renames of a folder saved again under its name is finished first: the new folder
+    was whole before the old one was moved aside."""
+    if not folder.is_dir():
+        return []
+    for replaced in sorted(folder.glob(f"{REPLACED}*.ckpt")):
+        name = replaced.name.removeprefix(REPLACED)
+        final, partial = folder / name, folder / (PARTIAL + name)
+        if not final.exists():
+            os.replace(partial if partial.exists() else replaced, final)
+            log_line("Restored %s: its save was stopped while it replaced the previous one", final)
     removed = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+    for path in sorted(folder.iterdir()):
         if UNFINISHED.fullmatch(path.name):
             _remove(path)
             log_line("Removed %s: a checkpoint save that did not finish", path)

@@ -129,9 +129,16 @@ class PretrainCLI(LightningCLI):
             ) from None
 
     def _parse_ckpt_path(self) -> None:
-        """Nothing: Lightning would lay the checkpoint's module arguments over the command line and the configs
-        here, so that an explicit ``--ckpt_path`` dropped e.g. ``--model.z_loss``. What the user gives applies,
-        as with ``--ckpt_path last``; ``_check_resume`` prints what differs from the run's saved settings."""
+        """``validate``/``test``: Lightning's, the checkpoint's module arguments laid over the configs (the model
+        read is the one saved). ``fit``: nothing, since that dropped e.g. ``--model.z_loss`` given with an explicit
+        ``--ckpt_path``: what the user gives applies, as with ``--ckpt_path last``, and ``_check_resume`` prints
+        what differs from the run's saved settings."""
+        if self.config.get("subcommand") == "fit":
+            return
+        try:
+            super()._parse_ckpt_path()
+        except pickle.UnpicklingError:
+            raise _unsafe_checkpoint(self.config[self.config.subcommand].get("ckpt_path")) from None
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -151,6 +158,12 @@ class PretrainCLI(LightningCLI):
         path = Path(config.ckpt_path)
         if "://" in config.ckpt_path or not path.exists():
             return  # an object store's, read by Lightning; a missing one is named in _run
+        start = config.model.get("init_from")
+        if start and not start.endswith(".ckpt") and not Path(start).exists():  # a checkpoint's weights are not needed
+            raise UserError(
+                f"model.init_from {start} is gone: a run started from a Hugging Face folder reads its config.json "
+                "(the architecture) when it resumes too. Put the folder back where the run's config says."
+            )
         if not chosen_by_last and (problem := checkpoint_problem(path)):
             raise UserError(
                 f"Checkpoint {path} cannot be resumed: {problem}. --ckpt_path last picks the newest whole one."

@@ -68,6 +68,15 @@ def llama_config_from_hf(hf: dict[str, Any], seq_len: int, where: str = "config.
         )
     if any(kind != "full_attention" for kind in hf.get("layer_types") or []):
         raise UserError(f"{where}: layer_types other than full_attention are not supported.")
+    try:
+        return _llama_config(hf, model_type, seq_len, where)
+    except KeyError as error:
+        raise UserError(f"{where} lacks {error}, which a {SUPPORTED[model_type]} config has.") from None
+    except (ValueError, TypeError) as error:
+        raise UserError(f"{where}: {error}.") from None
+
+
+def _llama_config(hf: dict[str, Any], model_type: str, seq_len: int, where: str) -> LlamaConfig:
     n_head = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
     return LlamaConfig(

@@ -56,7 +56,13 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], config: LlamaConfig) -> dic
 def from_hf_state_dict(hf: dict[str, torch.Tensor], config: LlamaConfig) -> dict[str, torch.Tensor]:
     """The inverse of ``to_hf_state_dict``: a Hugging Face folder's weights under our names. A tensor left over
     (a bias, a layer the config does not have) is refused by name: it would be dropped silently otherwise."""
-    out = {ours: hf[theirs] for ours, theirs in TOP_NAMES.items() if theirs in hf}
+
+    def tensor(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise UserError(f"The folder's weights lack {name}, which its config.json says the model has.")
+        return hf[name]
+
+    out = {ours: tensor(theirs) for ours, theirs in TOP_NAMES.items() if theirs != "lm_head.weight" or theirs in hf}
     used = {theirs for theirs in TOP_NAMES.values() if theirs in hf}
     if config.tie_embeddings or "lm_head.weight" not in hf:
         out["lm_head.weight"] = out["embed.weight"]
@@ -64,8 +70,8 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: LlamaConfig) -> dict
     for i in range(config.n_layer):
         prefix = f"model.layers.{i}."
         qkv = [f"{prefix}self_attn.{p}_proj.weight" for p in "qkv"]
-        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([hf[name] for name in qkv])
-        out |= {f"blocks.{i}.{ours}": hf[prefix + theirs] for ours, theirs in names.items()}
+        out[f"blocks.{i}.attn.qkv.weight"] = torch.cat([tensor(name) for name in qkv])
+        out |= {f"blocks.{i}.{ours}": tensor(prefix + theirs) for ours, theirs in names.items()}
         used |= {*qkv, *(prefix + theirs for theirs in names.values())}
     if left := sorted(name for name in set(hf) - used if not name.endswith("rotary_emb.inv_freq")):  # a buffer
         shown = ", ".join(left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")

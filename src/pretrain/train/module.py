@@ -64,8 +64,8 @@ class PretrainModule(L.LightningModule):
             under ``attention_mask: document`` on CUDA, which runs FlexAttention.
         init_from: Start from these weights instead of random ones: a checkpoint, or a Hugging Face folder
             (``pretrain export``'s, or a Llama or Qwen3 that ``transformers`` saved), whose ``config.json`` then
-            defines the architecture (``preset`` unused; ``overrides`` must agree with it). Read once, at the
-            start: a resumed run keeps the folder's architecture and loads the checkpoint's weights.
+            defines the architecture (``preset`` unused; ``overrides`` must agree with it). A resumed run loads
+            the checkpoint's weights, not these, but still reads a folder's ``config.json``.
         max_nonfinite_steps: Consecutive non-finite steps skipped before the run stops (``StepGuard``).
         spike_window: Skip a step whose loss or gradient norm is more than ``spike_sigmas`` standard deviations
             above the mean of the last ``spike_window`` good steps (``pretrain.train.loss_spikes``); 0 turns it off.
@@ -161,6 +161,8 @@ class PretrainModule(L.LightningModule):
                     problem = check_against_transformers(Path(self.hparams.init_from), self.config, weights)
             except UserError as error:
                 problem = str(error)
+            except Exception as error:  # said on every rank, rather than a traceback here and the others waiting
+                problem = f"Reading the weights of {self.hparams.init_from} failed: {type(error).__name__}: {error}"
         if trainer is not None and trainer.world_size > 1:
             problem = trainer.strategy.broadcast(problem)
         if problem:
