@@ -14,6 +14,7 @@ from pretrain._compat import ends_optimizer_step
 from pretrain.callbacks.progress_bar import ends_logging_step
 from pretrain.callbacks.run_logger import write_hparams
 from pretrain.callbacks.throughput import batch_tokens
+from pretrain.callbacks.trackers import write_settings
 from pretrain.evals import MultipleChoice
 from pretrain.model.config import LlamaConfig
 from pretrain.model.llama import Llama
@@ -40,6 +41,9 @@ class RunReview(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After any checkpoint is restored (sharded strategies restore after ``on_fit_start``)."""
+        if not trainer.ckpt_path:  # a new run: its settings in every other tracker (config, params)
+            for logger in trainer.loggers:
+                write_settings(logger, run_settings(trainer, pl_module))
         loggers = tensorboard_loggers(trainer)
         if not loggers or self.hparams_in == loggers[0].log_dir:
             return  # resumed in the same folder: its row is there already (a new folder gets one)
@@ -62,9 +66,14 @@ class RunReview(L.Callback):
     def _write(self, trainer: L.Trainer, names: list[str]) -> None:
         for name in names:
             value = trainer.callback_metrics.get(name)
-            if value is not None:
-                for logger in tensorboard_loggers(trainer):
+            if value is None:
+                continue
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):  # the tokens as the curve's step
                     logger.experiment.add_scalar(TOKEN_CURVES[name], float(value), self.tokens_seen)
+                else:  # trackers whose steps must rise with the training step: the tokens beside it, to plot by
+                    metrics = {TOKEN_CURVES[name]: float(value), "tokens/seen": float(self.tokens_seen)}
+                    logger.log_metrics(metrics, step=trainer.global_step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"tokens_seen": self.tokens_seen, "hparams_in": self.hparams_in}

@@ -10,10 +10,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from tokenizers import Tokenizer
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from pretrain.callbacks.trackers import write_tables
 from pretrain.commands.generate import continuation_text, generate_each, prompt_ids
 from pretrain.data.prepare.tokenizer import eos_id
 from pretrain.data.shards import iter_documents
@@ -89,13 +89,13 @@ class TextSamples(L.Callback):
         samples = self.samples(trainer, pl_module)
         if trainer.is_global_zero:
             sampled = f"sampled (temperature {self.temperature}, top-k {self.top_k or 'all'})"
-            text = markdown_table(("prompt", "greedy", sampled), samples["prompts"])
+            tables = {"prompts": (("prompt", "greedy", sampled), samples["prompts"])}
             if samples["documents"]:
                 header = ("a held-out document begins", "the model goes on", "the document goes on")
-                text += "\n\n" + markdown_table(header, samples["documents"])
+                tables["documents"] = (header, samples["documents"])
+            text = "\n\n".join(markdown_table(*table) for table in tables.values())
             for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("samples", text, trainer.global_step)
+                write_tables(logger, "samples", tables, text, trainer.global_step)
 
 
 def held_out_starts(datamodule: Any, count: int, shown: int, follows: int) -> list[tuple[list[int], list[int]]]:
