@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.checkpoints.loading import load_checkpoint, model_config
 from pretrain.errors import UserError
 from pretrain.model.hf_check import check_against_transformers, compare_logits
 from pretrain.model.hf_config import model_architecture, read_hf_config
@@ -117,3 +118,18 @@ def test_resuming_without_the_starting_folder_is_refused_naming_it(
     shutil.rmtree(model)  # the architecture is read from its config.json on resuming too
     result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, *start, "--ckpt_path", "last"))
     assert_clean_failure(result, f"model.init_from {model} is gone")
+
+
+def test_a_run_starts_from_a_qwen3_folder_with_its_tokenizer(
+    qwen3: Path, corpus, prepared: Path, tmp_path: Path, run_cli
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(qwen3, model)
+    shutil.copy(prepared / "tokenizer.json", model / "tokenizer.json")  # as a model folder holds its tokenizer
+    start = ("--model.init_from", str(model), "--model.overrides", "{}", "--trainer.max_steps", "2")
+    data = ("--data.tokenizer", str(model), "--data.data_dir", str(tmp_path / "data"))
+    result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, *start, *data))
+    assert_ok(result)
+    assert f"Logits of {model} match transformers'" in result.stderr
+    checkpoint = load_checkpoint(tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")
+    assert model_config(checkpoint).attention_head_dim == 32 and model_config(checkpoint).qk_norm
