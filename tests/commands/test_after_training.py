@@ -10,7 +10,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from tokenizers import Tokenizer, processors
 
-from pretrain.checkpoints.loading import load_checkpoint, load_model, load_tokenizer_from_checkpoint
+from pretrain.checkpoints.loading import checkpoint_eos_id, load_checkpoint, load_model, load_tokenizer_from_checkpoint
 from pretrain.commands import generate as generate_module
 from pretrain.commands.export import export
 from pretrain.commands.generate import generate, generate_each, generate_rows
@@ -167,8 +167,10 @@ def test_a_special_token_string_in_a_prompt_is_text(trained: Path, monkeypatch: 
     tokenizer = load_tokenizer_from_checkpoint(checkpoint)
     seen = []
     monkeypatch.setattr(generate_module, "generate", lambda model, ids, *args, **kwargs: seen.append(ids) or [])
-    generate_module.continue_text(load_model(checkpoint), tokenizer, "a <|endoftext|> b", max_new_tokens=1)
-    assert eos_id(tokenizer) not in seen[0]
+    eos = checkpoint_eos_id(checkpoint, tokenizer)
+    assert eos == eos_id(tokenizer)  # recorded with the tokenizer
+    generate_module.continue_text(load_model(checkpoint), tokenizer, eos, "a <|endoftext|> b", max_new_tokens=1)
+    assert eos not in seen[0]
     assert tokenizer.decode(seen[0], skip_special_tokens=False) == "a <|endoftext|> b"
 
 

@@ -1,6 +1,7 @@
 import json
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import time
@@ -80,6 +81,26 @@ def test_given_tokenizer_is_used_as_is(prepared: Path, corpus, tmp_path: Path) -
     manifest = prepare([str(corpus[0])], str(tmp_path), tokenizer=tokenizer)
     assert manifest["tokenizer"]["sha256"] == read_manifest(prepared)["tokenizer"]["sha256"]
     assert PretrainData(tokenizer=tokenizer).vocab_size == Tokenizer.from_file(tokenizer).get_vocab_size()
+
+
+def test_a_named_end_of_text_token_closes_each_document(prepared: Path, corpus, tmp_path: Path) -> None:
+    """A tokenizer whose document end has none of the usual names (as DeepSeek's Llama-shaped models)."""
+    model = tmp_path / "model"
+    model.mkdir()
+    renamed = (prepared / "tokenizer.json").read_text().replace("<|endoftext|>", "<|doc_end|>")
+    (model / "tokenizer.json").write_text(renamed)
+    with pytest.raises(UserError, match=re.escape("name the one that ends its documents with data.eos_token")):
+        PretrainData(sources=[str(corpus[0])], data_dir=str(tmp_path / "data"), tokenizer=str(model))
+    assert not (tmp_path / "data").exists()  # refused before anything is built
+    with pytest.raises(UserError, match=re.escape("data.eos_token '<|none|>' is not a token of the tokenizer")):
+        PretrainData(tokenizer=str(model), eos_token="<|none|>")
+    data = PretrainData(
+        sources=[str(corpus[0])], data_dir=str(tmp_path / "data"), tokenizer=str(model), eos_token="<|doc_end|>"
+    )
+    manifest = data.build()
+    assert manifest["tokenizer"]["eos_id"] == Tokenizer.from_str(renamed).token_to_id("<|doc_end|>")
+    documents = decoded_documents(tmp_path / "data", "train")  # each ends with exactly that token
+    assert documents and not any("<|doc_end|>" in text for text in documents)
 
 
 def test_sources_globs_directories_and_files(tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from pretrain.callbacks.trackers import write_tables
 from pretrain.commands.generate import continuation_text, generate_each, prompt_ids
-from pretrain.data.prepare.tokenizer import eos_id
 from pretrain.data.shards import iter_documents
 
 
@@ -53,11 +52,13 @@ class TextSamples(L.Callback):
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self.held_out, self.held_out_prompt_tokens = held_out, held_out_prompt_tokens
         self.tokenizer: Tokenizer | None = None
+        self.eos = -1  # the build's end-of-text token, read in setup
         self.documents: list[tuple[list[int], list[int]]] = []  # (shown, what follows) of each held-out document
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # After prepare_data, so the tokenizer file exists; read once, not at every validation.
         self.tokenizer = Tokenizer.from_file(str(trainer.datamodule.tokenizer_path))
+        self.eos = trainer.datamodule.eos_id
         room = min(self.held_out_prompt_tokens, pl_module.config.seq_len - self.max_new_tokens)
         documents = held_out_starts(trainer.datamodule, self.held_out, room, self.max_new_tokens)
         # Rank 0's: nodes may hold different parts of a streamed split, and every rank must generate alike.
@@ -65,17 +66,17 @@ class TextSamples(L.Callback):
 
     def samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, list[tuple[str, ...]]]:
         """Rows of both tables, on every rank: (prompt, greedy, sampled) and (shown, the model's, the real)."""
-        model, tokenizer, eos = pl_module.model, self.tokenizer, eos_id(self.tokenizer)
+        model, tokenizer, eos = pl_module.model, self.tokenizer, self.eos
         requests = []  # (prompt ids, temperature, tokens): each prompt greedy and sampled, then the documents
         for prompt in self.prompts:
-            ids = prompt_ids(tokenizer, prompt)
+            ids = prompt_ids(tokenizer, prompt, eos)
             requests += [(ids, 0.0, self.max_new_tokens), (ids, self.temperature, self.max_new_tokens)]
         requests += [(shown, 0.0, len(real)) for shown, real in self.documents]
         with torch.no_grad(), torch.compiler.set_stance("force_eager"), gathered_weights(trainer.strategy.model):
             # New shapes at each token: run eagerly rather than recompile.
             generator = torch.Generator(model.embed.weight.device).manual_seed(self.seed)
             written = generate_each(model, requests, self.top_k, eos, generator)
-        texts = [continuation_text(tokenizer, ids) for ids in written[: 2 * len(self.prompts)]]
+        texts = [continuation_text(tokenizer, ids, eos) for ids in written[: 2 * len(self.prompts)]]
         prompts = list(zip(self.prompts, texts[0::2], texts[1::2], strict=True))  # greedy, then sampled
         documents = [
             (decode(tokenizer, shown), decode(tokenizer, ids), decode(tokenizer, real))

@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer
 
 from pretrain.checkpoints.sharded import read_sharded_weights
+from pretrain.data.prepare.tokenizer import eos_id
 from pretrain.errors import UserError
 from pretrain.model.config import LlamaConfig
 from pretrain.model.hf_layout import is_hf_folder, load_exported_weights
@@ -73,6 +74,13 @@ def load_tokenizer_from_checkpoint(checkpoint: dict[str, Any]) -> Tokenizer:
     if not state or "tokenizer_json" not in state:
         raise UserError("The checkpoint holds no tokenizer; it was not written by this project's training.")
     return Tokenizer.from_str(state["tokenizer_json"])
+
+
+def checkpoint_eos_id(checkpoint: dict[str, Any], tokenizer: Tokenizer) -> int:
+    """The token that ended each document the checkpoint was trained on: recorded with its tokenizer, or (in
+    checkpoints saved before it was) found by its usual names."""
+    recorded = (checkpoint.get(DATA_STATE_KEY) or {}).get("eos_id")
+    return int(recorded) if recorded is not None else eos_id(tokenizer)
 
 
 def raise_on_mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], what: str) -> None:

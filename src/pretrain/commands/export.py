@@ -16,8 +16,13 @@ import torch
 from jsonargparse import auto_cli
 from safetensors.torch import save_file
 
-from pretrain.checkpoints.loading import load_checkpoint, load_tokenizer_from_checkpoint, model_config, model_state_dict
-from pretrain.data.prepare.tokenizer import eos_id
+from pretrain.checkpoints.loading import (
+    checkpoint_eos_id,
+    load_checkpoint,
+    load_tokenizer_from_checkpoint,
+    model_config,
+    model_state_dict,
+)
 from pretrain.errors import UserError, run_command
 from pretrain.model.config import LlamaConfig
 from pretrain.model.hf_layout import to_hf_state_dict
@@ -79,7 +84,7 @@ def export(checkpoint: str, out_dir: str, overwrite: bool = False) -> Path:
     config = model_config(loaded)
     tokenizer = load_tokenizer_from_checkpoint(loaded)
     state = to_hf_state_dict(model_state_dict(loaded), config)
-    eos = eos_id(tokenizer)
+    eos = checkpoint_eos_id(loaded, tokenizer)
     eos_token = tokenizer.id_to_token(eos)
 
     staging = out.with_name(f".{out.name}.partial")

@@ -10,8 +10,7 @@ import torch
 from jsonargparse import auto_cli
 from tokenizers import Tokenizer
 
-from pretrain.checkpoints.loading import load_checkpoint, load_model, load_tokenizer_from_checkpoint
-from pretrain.data.prepare.tokenizer import eos_id
+from pretrain.checkpoints.loading import checkpoint_eos_id, load_checkpoint, load_model, load_tokenizer_from_checkpoint
 from pretrain.errors import UserError, run_command
 from pretrain.model.llama import Llama
 
@@ -113,33 +112,31 @@ def generate_each(
     return results
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, prompt: str, eos: int) -> list[int]:
     """``prompt``'s token ids as in training (special-token strings are text); an empty prompt starts a new
-    document."""
+    document (with ``eos``, the token that ends the one before)."""
     tokenizer.encode_special_tokens = True
-    return tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else [eos_id(tokenizer)]
+    return tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else [eos]
 
 
-def continuation_text(tokenizer: Tokenizer, ids: list[int]) -> str:
-    """The text of generated ``ids``, the end-of-text token left out."""
-    eos = eos_id(tokenizer)
+def continuation_text(tokenizer: Tokenizer, ids: list[int], eos: int) -> str:
+    """The text of generated ``ids``, the end-of-text token ``eos`` left out."""
     return tokenizer.decode([t for t in ids if t != eos], skip_special_tokens=False)
 
 
 def continue_text(
     model: Llama,
     tokenizer: Tokenizer,
+    eos: int,
     prompt: str,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
 ) -> str:
-    """The text the model writes after ``prompt`` (an empty prompt starts a new document)."""
-    ids = generate(
-        model, prompt_ids(tokenizer, prompt), max_new_tokens, temperature, top_k, eos_id(tokenizer), generator
-    )
-    return continuation_text(tokenizer, ids)
+    """The text the model writes after ``prompt`` (an empty prompt starts a new document), until ``eos``."""
+    ids = generate(model, prompt_ids(tokenizer, prompt, eos), max_new_tokens, temperature, top_k, eos, generator)
+    return continuation_text(tokenizer, ids, eos)
 
 
 def print_continuation(
@@ -166,7 +163,8 @@ def print_continuation(
     loaded = load_checkpoint(checkpoint)
     model = load_model(loaded).to(device)
     tokenizer = load_tokenizer_from_checkpoint(loaded)
-    print(prompt + continue_text(model, tokenizer, prompt, max_new_tokens, temperature, top_k))
+    eos = checkpoint_eos_id(loaded, tokenizer)
+    print(prompt + continue_text(model, tokenizer, eos, prompt, max_new_tokens, temperature, top_k))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -66,6 +66,8 @@ class PretrainData(L.LightningDataModule):
         allow_new_build: Resume a checkpoint on data other than what it was trained on (another build or
             tokenizer, another seq_len or seed): the training stream then starts from its beginning. Without
             it such a resume is refused, naming the change.
+        eos_token: The token of the given ``tokenizer`` that ends each document, where it has none of
+            ``<|endoftext|>``, ``<|end_of_text|>``, ``</s>``, ``<eos>`` (tried in that order otherwise).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class PretrainData(L.LightningDataModule):
         tokenizer_sample_bytes: int | str = TOKENIZER_SAMPLE_BYTES,
         skip_batches: int = 0,
         allow_new_build: bool = False,
+        eos_token: str | None = None,
     ) -> None:
         super().__init__()
         if mixture is not None and sources is not None:
@@ -105,8 +108,11 @@ class PretrainData(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
-        # A given tokenizer fixes the vocabulary; the model reads it from here.
-        self.vocab_size = load_tokenizer(tokenizer).get_vocab_size() if tokenizer else vocab_size
+        # A given tokenizer fixes the vocabulary (the model reads it from here) and has the end-of-text token.
+        given = load_tokenizer(tokenizer) if tokenizer else None
+        if given is not None:
+            eos_id(given, eos_token)  # named, or one of the usual ones: refused before anything is built
+        self.vocab_size = given.get_vocab_size() if given is not None else vocab_size
         self.build_options = BuildOptions(  # what the build depends on, kept once (progress and ranks: per call)
             vocab_size=self.vocab_size,
             tokenizer=tokenizer,
@@ -115,6 +121,7 @@ class PretrainData(L.LightningDataModule):
             overwrite=overwrite,
             chunk_bytes=chunk_bytes,
             tokenizer_sample_bytes=tokenizer_sample_bytes,
+            eos_token=eos_token,
         )
         self.remote = is_remote(data_dir)
         self.cache_dir = Path(cache_dir or default_cache_dir(data_dir)) if self.remote else None
@@ -177,15 +184,23 @@ class PretrainData(L.LightningDataModule):
         """The datasets validation reports on one by one (a mixture's names; none for a single corpus)."""
         return [name for name in self.val_sets if name]
 
+    @property
+    def eos_id(self) -> int:
+        """The token that ends each document in the build (its manifest's: named, or found by its usual names)."""
+        if self.manifest is None:
+            raise RuntimeError("The data module is not set up yet: its build's manifest is read in setup().")
+        return self.manifest["tokenizer"]["eos_id"]
+
     def token_byte_table(self) -> tuple[list[int], int]:
         """Bytes of text per token id and the end-of-text id, of the build's tokenizer (for bits per byte)."""
-        tokenizer = load_tokenizer(self.tokenizer_path)
-        return token_byte_lengths(tokenizer), eos_id(tokenizer)
+        return token_byte_lengths(load_tokenizer(self.tokenizer_path)), self.eos_id
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in every checkpoint: the tokenizer, so generation and export need nothing but the checkpoint; and
-        ``skip_batches``, so that resuming a run that skipped them does not skip them again."""
-        return {"tokenizer_json": self.tokenizer_path.read_text(), "skipped_batches": self.skip_batches}
+        """Saved in every checkpoint: the tokenizer and its end-of-text id, so generation and export need nothing
+        but the checkpoint; and ``skip_batches``, so that resuming a run that skipped them does not skip them
+        again."""
+        tokenizer = self.tokenizer_path.read_text()
+        return {"tokenizer_json": tokenizer, "eos_id": self.eos_id, "skipped_batches": self.skip_batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restored before the loaders are made: a checkpoint of a run started with this same ``skip_batches``

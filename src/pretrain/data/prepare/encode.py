@@ -18,7 +18,6 @@ from pretrain.data.prepare.options import token_dtype
 from pretrain.data.prepare.plan import DocumentSplit
 from pretrain.data.prepare.ranks import Ranks
 from pretrain.data.prepare.readers import RawDocument, Unit, read_unit
-from pretrain.data.prepare.tokenizer import eos_id
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +56,17 @@ def encode_units(
     split: DocumentSplit,
     text_field: str,
     tokenizer: Tokenizer,
+    eos: int,
     buckets: BucketFiles,
     bar: tqdm,
 ) -> Counter:
-    """Encode this process's units into its part of every bucket; returns the noted events.
+    """Encode this process's units into its part of every bucket, each document closed with ``eos``; returns the
+    noted events.
 
     A batch is encoded on a thread of its own (the tokenizer's cores, without the GIL) while this one
     reads the next batch and files the one before into the buckets.
     """
-    eos, dtype = eos_id(tokenizer), token_dtype(tokenizer.get_vocab_size())
+    dtype = token_dtype(tokenizer.get_vocab_size())
     tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not a document break
     events, pending, pending_chars = Counter(), [], 0
 

@@ -16,7 +16,6 @@ from tokenizers import Tokenizer
 from pretrain.data.prepare.options import file_sha256, token_dtype
 from pretrain.data.prepare.ownership import is_build_manifest
 from pretrain.data.prepare.sources import Corpus
-from pretrain.data.prepare.tokenizer import eos_id
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -143,6 +142,7 @@ def peak_rss_mb() -> float:
 def manifest_of(
     request: dict,
     tokenizer: Tokenizer,
+    eos: int,
     root: Path,
     built: dict,
     corpus: Corpus,
@@ -159,7 +159,7 @@ def manifest_of(
             "path": "tokenizer.json",
             "sha256": file_sha256(root / "tokenizer.json"),
             "vocab_size": tokenizer.get_vocab_size(),
-            "eos_id": eos_id(tokenizer),
+            "eos_id": eos,
             "dtype": token_dtype(tokenizer.get_vocab_size()),
         },
         "splits": built["splits"],  # documents, tokens and share of the tokens per split

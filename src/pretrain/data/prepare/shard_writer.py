@@ -74,6 +74,7 @@ def build_shards(
     split: DocumentSplit,
     text_field: str,
     tokenizer: Tokenizer,
+    eos: int,
     root: Path,
     scratch: Path,
     chunk_bytes: str,
@@ -89,7 +90,7 @@ def build_shards(
     def encode() -> Counter:
         with progress_bar([units[n] for n in mine], ranks, "Tokenizing", progress) as bar:
             return encode_units(
-                units, mine, split, text_field, tokenizer, BucketFiles(folders[ranks.rank], buckets, dtype), bar
+                units, mine, split, text_field, tokenizer, eos, BucketFiles(folders[ranks.rank], buckets, dtype), bar
             )
 
     events = sum(ranks.gather(ranks.everywhere(encode)), Counter())

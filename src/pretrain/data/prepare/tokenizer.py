@@ -50,15 +50,21 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise UserError(f"{path} is not a Hugging Face tokenizer.json ({error}).") from None
 
 
-def eos_id(tokenizer: Tokenizer) -> int:
-    """The id of the end-of-text token that separates documents in the shards."""
+def eos_id(tokenizer: Tokenizer, name: str | None = None) -> int:
+    """The id of the end-of-text token that separates documents in the shards: ``name``'s where one is given
+    (``data.eos_token``), else the first of ``KNOWN_EOS_TOKENS`` the tokenizer has."""
+    if name is not None:
+        token_id = tokenizer.token_to_id(name)
+        if token_id is None:
+            raise UserError(f"data.eos_token {name!r} is not a token of the tokenizer; name one of its tokens.")
+        return token_id
     for token in KNOWN_EOS_TOKENS:
         token_id = tokenizer.token_to_id(token)
         if token_id is not None:
             return token_id
     raise UserError(
-        f"The tokenizer has none of the end-of-text tokens {list(KNOWN_EOS_TOKENS)}; "
-        "add one of them as a special token."
+        f"The tokenizer has none of the end-of-text tokens {list(KNOWN_EOS_TOKENS)}; name the one that ends its "
+        "documents with data.eos_token."
     )
 
 
