@@ -18,7 +18,7 @@ from litdata.streaming.writer import BinaryWriter
 from torch.utils.data import DataLoader
 
 from pretrain import _compat
-from pretrain.checkpoints.callback import PretrainCheckpoint
+from pretrain.checkpointing.callback import PretrainCheckpoint
 from pretrain.train import FSDP2Strategy, WarmupCosineLR
 
 SOURCE = Path(_compat.__file__).parent

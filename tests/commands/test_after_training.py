@@ -10,7 +10,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from tokenizers import Tokenizer, processors
 
-from pretrain.checkpoints.loading import checkpoint_eos_id, load_checkpoint, load_model, load_tokenizer_from_checkpoint
+from pretrain.checkpointing.loading import (
+    checkpoint_eos_id,
+    load_checkpoint,
+    load_model,
+    load_tokenizer_from_checkpoint,
+)
 from pretrain.commands import generate as generate_module
 from pretrain.commands.export import export
 from pretrain.commands.generate import generate, generate_each, generate_rows

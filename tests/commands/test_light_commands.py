@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from pretrain.checkpoints.loading import DATA_STATE_KEY
+from pretrain.checkpointing.loading import DATA_STATE_KEY
 from pretrain.data import PretrainData
 
 BLOCKED = ("lightning", "lightning_fabric", "pytorch_lightning", "litdata")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoints.commit import UNFINISHED
+from pretrain.checkpointing.commit import UNFINISHED
 from tests.helpers.processes import kill_with_its_children
 from tests.helpers.resume import fit_args
 from tests.helpers.runs import ROOT, assert_ok, run_main, scalars_by_step

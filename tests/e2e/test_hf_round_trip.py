@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoints.loading import load_checkpoint, model_config, model_state_dict
+from pretrain.checkpointing.loading import load_checkpoint, model_config, model_state_dict
 from pretrain.model.hf_check import compare_logits
 from pretrain.model.hf_config import read_hf_config
 from tests.helpers.hf_models import SEQ_LEN, save_llama, transformers

@@ -15,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from pretrain.checkpoints.loading import load_checkpoint, load_model, load_tokenizer_from_checkpoint
+from pretrain.checkpointing.loading import load_checkpoint, load_model, load_tokenizer_from_checkpoint
 from pretrain.commands.export import export
 from pretrain.data.prepare.next_line import TASK_PATH
 from pretrain.evals.scoring import batch_of, choice_scores, scoring_rows, token_loglikelihoods

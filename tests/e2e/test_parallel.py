@@ -22,7 +22,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import distribute_tensor
 
 from pretrain.callbacks.text_samples import TextSamples
-from pretrain.checkpoints.loading import load_checkpoint, load_model
+from pretrain.checkpointing.loading import load_checkpoint, load_model
 from pretrain.model.config import LlamaConfig
 from pretrain.model.llama import Block, Llama, build_model
 from pretrain.train.module import PretrainModule
@@ -52,6 +52,20 @@ def close_process_group() -> None:
     dist.destroy_process_group()
 
 
+def on_two_ranks(target, tmp_path: Path) -> object:
+    """Run ``target(rank, rendezvous, out)`` in two gloo processes; what rank 0 saved to ``out``."""
+    out = tmp_path / "out.pt"
+    mp.spawn(target, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
+    return torch.load(out)
+
+
+def save_full_state(model: torch.nn.Module, rank: int, out: str) -> None:
+    """The sharded model's whole state, gathered on every rank and saved by rank 0."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save(full, out)
+
+
 def _build_on_rank(rank: int, rendezvous: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
@@ -66,9 +80,7 @@ def _build_on_rank(rank: int, rendezvous: str, out: str) -> None:
 
 def test_sharded_creation_gives_the_single_device_weights(tmp_path: Path) -> None:
     """Built on the meta device, sharded over two ranks, initialised in place: the same weights as one device."""
-    out = tmp_path / "full.pt"
-    mp.spawn(_build_on_rank, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
-    sharded = torch.load(out, weights_only=True)
+    sharded = on_two_ranks(_build_on_rank, tmp_path)
     plain = Llama(CONFIG)
     plain.init_weights(3)
     assert sharded["weights"].keys() == plain.state_dict().keys()
@@ -84,17 +96,13 @@ def _load_on_rank(rank: int, rendezvous: str, out: str) -> None:
         source.init_weights(7)
         weights = source.state_dict() if rank == 0 else {}  # as init_from reads them: on rank 0 alone
         model = build_sharded_model(CONFIG, init_device_mesh("cpu", (2,)), torch.device("cpu"), seed=3, weights=weights)
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            torch.save(full, out)
+        save_full_state(model, rank, out)
     finally:
         close_process_group()
 
 
 def test_weights_read_on_rank_0_alone_reach_every_shard(tmp_path: Path) -> None:
-    out = tmp_path / "full.pt"
-    mp.spawn(_load_on_rank, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
-    loaded = torch.load(out, weights_only=True)
+    loaded = on_two_ranks(_load_on_rank, tmp_path)
     source = Llama(CONFIG)
     source.init_weights(7)
     for name, tensor in source.state_dict().items():
@@ -118,9 +126,9 @@ def _rope_dtypes_on_rank(rank: int, rendezvous: str, out: str) -> None:
 
 
 def test_bf16_weights_leave_the_rotary_table_in_fp32(tmp_path: Path) -> None:
-    out = tmp_path / "dtypes.pt"
-    mp.spawn(_rope_dtypes_on_rank, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
-    assert torch.load(out) == [(torch.bfloat16, torch.float32)] * CONFIG.n_layer  # activations bf16, table fp32
+    assert (
+        on_two_ranks(_rope_dtypes_on_rank, tmp_path) == [(torch.bfloat16, torch.float32)] * CONFIG.n_layer
+    )  # activations bf16, table fp32
 
 
 def run_fsdp2(*args: str) -> subprocess.CompletedProcess:
@@ -213,12 +221,11 @@ def _fsdp1_groups_on_rank(rank: int, rendezvous: str, out: str) -> None:
 
 
 def test_weight_decay_groups_are_the_same_when_fsdp1_has_flattened_the_parameters(tmp_path: Path) -> None:
-    out = tmp_path / "groups.pt"
-    mp.spawn(_fsdp1_groups_on_rank, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
+    groups = on_two_ranks(_fsdp1_groups_on_rank, tmp_path)
     plain = Llama(CONFIG)
     names = {id(p): n for n, p in plain.named_parameters()}
     expected = [sorted(names[id(p)] for p in group["params"]) for group in param_groups(plain)]
-    assert torch.load(out) == expected
+    assert groups == expected
     assert all("norm" in name for name in expected[2]) and expected[2]  # only the gains are exempt
 
 
@@ -236,24 +243,20 @@ def _muon_steps_on_rank(rank: int, rendezvous: str, out: str) -> None:
             for index, param in enumerate(model.parameters()):
                 param.grad = distribute_tensor(gradient(index, param.shape, step), param.device_mesh, param.placements)
             optimizer.step()
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            torch.save(full, out)
+        save_full_state(model, rank, out)
     finally:
         close_process_group()
 
 
 def test_muon_steps_fsdp2_shards_as_one_device_steps_whole_matrices(tmp_path: Path) -> None:
     """Each rank orthogonalises the gathered matrix and keeps its rows: the single-device weights."""
-    out = tmp_path / "muon.pt"
-    mp.spawn(_muon_steps_on_rank, args=(str(tmp_path / "rendezvous"), str(out)), nprocs=2)
+    sharded = on_two_ranks(_muon_steps_on_rank, tmp_path)
     model = build_model(CONFIG, "cpu", seed=3)
     optimizer = MuonWithAdamW(param_groups(model), fused=True)
     for step in range(2):
         for index, param in enumerate(model.parameters()):
             param.grad = gradient(index, param.shape, step)
         optimizer.step()
-    sharded = torch.load(out)
     for name, value in model.state_dict().items():
         torch.testing.assert_close(sharded[name], value, msg=name)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoints.loading import load_checkpoint, model_config
+from pretrain.checkpointing.loading import load_checkpoint, model_config
 from pretrain.errors import UserError
 from pretrain.model.hf_check import check_against_transformers, compare_logits
 from pretrain.model.hf_config import model_architecture, read_hf_config

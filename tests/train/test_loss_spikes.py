@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pretrain.checkpoints.callback import PretrainCheckpoint
+from pretrain.checkpointing.callback import PretrainCheckpoint
 from pretrain.data import PretrainData
 from pretrain.errors import TrainingDiverged, UserError
 from pretrain.model.losses import LossTerms

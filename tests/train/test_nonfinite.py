@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch.utils.data import DataLoader
 
-from pretrain.checkpoints.callback import PretrainCheckpoint
+from pretrain.checkpointing.callback import PretrainCheckpoint
 from pretrain.data import PretrainData
 from pretrain.train.module import PretrainModule
 from tests.helpers.runs import TINY_VOCAB, assert_clean_failure, tiny_fit_args

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.checkpoints.loading import load_checkpoint, load_model
+from pretrain.checkpointing.loading import load_checkpoint, load_model
 from pretrain.commands.export import export
 from pretrain.model.config import LlamaConfig
 from pretrain.model.llama import Llama

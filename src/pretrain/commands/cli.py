@@ -30,10 +30,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from pretrain._compat import cli_config_dump, cli_config_value
 from pretrain.callbacks.progress_bar import LossProgressBar
 from pretrain.callbacks.run_review import RunReview
-from pretrain.checkpoints.callback import PretrainCheckpoint
-from pretrain.checkpoints.last import checkpoint_problem, find_last_checkpoint
-from pretrain.checkpoints.resume_check import read_checkpoint_record, run_changes, saved_config_path, setting_changes
-from pretrain.checkpoints.sharded import check_sharded_folder
+from pretrain.checkpointing.callback import PretrainCheckpoint
+from pretrain.checkpointing.last import checkpoint_problem, find_last_checkpoint
+from pretrain.checkpointing.resume_check import read_checkpoint_record, run_changes, saved_config_path, setting_changes
+from pretrain.checkpointing.sharded import check_sharded_folder
 from pretrain.data import PretrainData
 from pretrain.errors import Interrupted, LoaderWorkerDied, UserError, run_command
 from pretrain.train.module import PretrainModule

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pretrain.checkpoints.loading import load_checkpoint
+from pretrain.checkpointing.loading import load_checkpoint
 from pretrain.commands.benchmark import config_args
 from pretrain.commands.cli import PretrainCLI
 from pretrain.data import PretrainData

@@ -16,7 +16,7 @@ import torch
 from jsonargparse import auto_cli
 from safetensors.torch import save_file
 
-from pretrain.checkpoints.loading import (
+from pretrain.checkpointing.loading import (
     checkpoint_eos_id,
     load_checkpoint,
     load_tokenizer_from_checkpoint,

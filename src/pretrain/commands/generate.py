@@ -10,7 +10,12 @@ import torch
 from jsonargparse import auto_cli
 from tokenizers import Tokenizer
 
-from pretrain.checkpoints.loading import checkpoint_eos_id, load_checkpoint, load_model, load_tokenizer_from_checkpoint
+from pretrain.checkpointing.loading import (
+    checkpoint_eos_id,
+    load_checkpoint,
+    load_model,
+    load_tokenizer_from_checkpoint,
+)
 from pretrain.errors import UserError, run_command
 from pretrain.model.llama import Llama
 

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from pretrain.checkpoints.last import STEP, checkpoint_problem, checkpoints_newest_first
+from pretrain.checkpointing.last import STEP, checkpoint_problem, checkpoints_newest_first
 
 
 class LossSpikeDetector:

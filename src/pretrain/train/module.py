@@ -13,8 +13,8 @@ import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from pretrain._compat import attached_trainer
-from pretrain.checkpoints.loading import load_weights, raise_on_mismatch
-from pretrain.checkpoints.random_states import random_states, restore_random_states
+from pretrain.checkpointing.loading import load_weights, raise_on_mismatch
+from pretrain.checkpointing.random_states import random_states, restore_random_states
 from pretrain.errors import UserError
 from pretrain.model.document_mask import AttentionMask, AttentionMaskName, document_mask
 from pretrain.model.hf_check import check_against_transformers

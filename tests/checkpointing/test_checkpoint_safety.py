@@ -14,8 +14,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from pretrain.checkpoints.callback import AtomicCheckpointIO
-from pretrain.checkpoints.loading import load_checkpoint
+from pretrain.checkpointing.callback import AtomicCheckpointIO
+from pretrain.checkpointing.loading import load_checkpoint
 from pretrain.errors import UserError
 from tests.helpers.runs import QUICKSTART, assert_clean_failure, assert_ok, tiny_fit_args
 
@@ -29,7 +29,7 @@ def test_validate_reads_the_model_the_checkpoint_was_saved_with(
     corpus, prepared: Path, trained: Path, tmp_path: Path, run_cli
 ) -> None:
     """The checkpoint's module arguments define the model validated, whatever the config says (fit refuses
-    another model: tests/checkpoints/test_resume_check.py)."""
+    another model: tests/checkpointing/test_resume_check.py)."""
     shutil.copytree(trained, tmp_path / "quickstart" / "version_0", symlinks=True)
     other = "{d_model: 32, n_layer: 2, n_head: 2, n_kv_head: 2, ffn_dim: 128}"
     checkpoint = tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"

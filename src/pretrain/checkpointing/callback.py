@@ -24,8 +24,8 @@ from pretrain._compat import (
     save_checkpoint_now,
     take_over_lightning_sigterm,
 )
-from pretrain.checkpoints.background import BackgroundWrites, host_copy
-from pretrain.checkpoints.commit import commit_saves_by_rename, remove_unfinished_saves
+from pretrain.checkpointing.background import BackgroundWrites, host_copy
+from pretrain.checkpointing.commit import commit_saves_by_rename, remove_unfinished_saves
 from pretrain.data.loader_workers import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,14 @@ class PretrainCheckpoint(ModelCheckpoint):
     Args:
         signal_check_interval: Steps between the ranks' agreement on a stop signal (multi-process runs).
         async_save: Write checkpoints in the background: training waits only for the copy of the state to
-            host memory (``pretrain.checkpoints.background``); the end of the run and a stop signal wait
+            host memory (``pretrain.checkpointing.background``); the end of the run and a stop signal wait
             for the write. Each save's stall is logged as ``perf/checkpoint_block_sec``.
     """
 
     def __init__(self, *args, signal_check_interval: int = 10, async_save: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.signal_check_interval = signal_check_interval
-        self._writes = BackgroundWrites() if async_save else None  # see pretrain.checkpoints.background
+        self._writes = BackgroundWrites() if async_save else None  # see pretrain.checkpointing.background
         self.blocked_sec: float | None = None  # how long the last save held up training
         self._received: int | None = None
         self.stopped_by: int | None = None  # the signal this process stopped for, once saved (None: another rank's)

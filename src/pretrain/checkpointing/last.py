@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoints.sharded import check_sharded_folder
+from pretrain.checkpointing.sharded import check_sharded_folder
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
 from torch.distributed.tensor import DTensor
 
-from pretrain.checkpoints.background import BackgroundWrites, host_copy
+from pretrain.checkpointing.background import BackgroundWrites, host_copy
 
 log = logging.getLogger(__name__)
 PARTIAL = ".partial-"  # a save in progress, or one that was killed

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from pretrain.checkpoints.sharded import read_sharded_weights
+from pretrain.checkpointing.sharded import read_sharded_weights
 from pretrain.data.prepare.tokenizer import eos_id
 from pretrain.errors import UserError
 from pretrain.model.config import LlamaConfig
@@ -28,7 +28,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint's weights and plain values as one dict, on the CPU; nothing in it can run code.
 
     A file is loaded weights-only. A folder is a sharded checkpoint: it is checked first
-    (``pretrain.checkpoints.sharded``), then only the weights are read, not the optimizer's state (twice
+    (``pretrain.checkpointing.sharded``), then only the weights are read, not the optimizer's state (twice
     their size), and its ``meta.pt`` weights-only. ``state_dict`` holds the weights either way.
     """
     path = Path(path)

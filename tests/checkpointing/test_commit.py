@@ -12,8 +12,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from pretrain.checkpoints.commit import commit_saves_by_rename, remove_unfinished_saves
-from pretrain.checkpoints.last import checkpoint_problem
+from pretrain.checkpointing.commit import commit_saves_by_rename, remove_unfinished_saves
+from pretrain.checkpointing.last import checkpoint_problem
 from tests.helpers.resume import TRAINED_STEPS
 from tests.helpers.runs import assert_ok, tiny_fit_args
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from pretrain.checkpoints.loading import model_config
+from pretrain.checkpointing.loading import model_config
 from pretrain.data.identity import build_identity
 from pretrain.data.prepare.manifest import read_manifest
 from pretrain.errors import UserError

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoints.resume_check import read_checkpoint_record, run_changes, setting_changes
+from pretrain.checkpointing.resume_check import read_checkpoint_record, run_changes, setting_changes
 from tests.helpers.resume import TRAINED_STEPS
 from tests.helpers.runs import assert_clean_failure, assert_ok, tiny_fit_args
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoints.background import BackgroundWrites, host_copy
+from pretrain.checkpointing.background import BackgroundWrites, host_copy
 from tests.helpers.resume import TRAINED_STEPS
 from tests.helpers.runs import assert_ok, scalars_by_step, tiny_fit_args
 

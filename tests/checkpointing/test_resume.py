@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pretrain.checkpoints.callback import PretrainCheckpoint
+from pretrain.checkpointing.callback import PretrainCheckpoint
 from pretrain.train.module import PretrainModule
 from pretrain.train.schedules import WarmupCosineLR
 from tests.helpers.resume import STEPS, fit_args

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from pretrain.checkpoints.sharded import check_sharded_folder
+from pretrain.checkpointing.sharded import check_sharded_folder
 from pretrain.errors import UserError
 from tests.helpers.runs import assert_ok, tiny_fit_args
 
