@@ -1,5 +1,5 @@
 """FSDP on two CPU processes. FSDP2 (pretrain.train.parallel): sharded creation, training, exact resume, reading
-back, Muon's steps. FSDP1 (Lightning's FSDPStrategy): the optimizer's groups, text samples."""
+back, Muon's steps. FSDP1 (Lightning's FSDPStrategy): the optimizer's groups, text samples, starting weights."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.pytorch.strategies import FSDPStrategy
 from tokenizers import Tokenizer
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp import FullyShardedDataParallel, _init_utils
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.distributed.tensor import distribute_tensor
 
@@ -298,3 +299,50 @@ def test_text_samples_gather_the_weights_fsdp1_shards(prepared: Path, tmp_path: 
     module = fsdp1_test_module()
     expected = callback.samples(SimpleNamespace(strategy=SimpleNamespace(model=module)), module)
     assert torch.load(f"{out}.0") == torch.load(f"{out}.1") == expected
+
+
+def _fsdp1_init_from_on_rank(rank: int, rendezvous: str, out: str) -> None:
+    """A run's module under Lightning's FSDPStrategy, started from a Hugging Face folder and wrapped with the
+    strategy's FSDP settings (as its ``_setup_model`` does, but on the CPU); what each rank held before the wrap,
+    and the whole model after it."""
+    from tests.helpers import hf_models
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    # FSDP1 broadcasts rank 0's values from GPU memory only (NCCL): lifting that guard runs the same broadcast on gloo.
+    _init_utils._check_module_states_for_sync_module_states = lambda states: None
+    try:
+        strategy = FSDPStrategy(auto_wrap_policy={Block}, parallel_devices=[torch.device("cpu")] * 2)
+        trainer = SimpleNamespace(strategy=strategy, world_size=2, is_global_zero=rank == 0)
+        module = PretrainModule(vocab_size=hf_models.VOCAB, seq_len=hf_models.SEQ_LEN, init_from=str(Path(out).parent))
+        module._trainer = trainer
+        module.configure_model()
+        before = {name: tensor.device.type for name, tensor in module.model.state_dict().items()}
+        wrapped = FullyShardedDataParallel(
+            module, sharding_strategy=strategy.sharding_strategy, device_id=torch.device("cpu"), **strategy.kwargs
+        )
+        with torch.device("meta"):
+            whole_size = sum(p.numel() for p in Llama(module.config).parameters())
+        assert sum(p.numel() for p in wrapped.parameters()) < whole_size  # each rank keeps its shard only
+        with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
+            whole = {name: tensor.clone() for name, tensor in module.model.state_dict().items()}
+        tied = module.model.lm_head.weight is module.model.embed.weight
+        torch.save({"before": before, "whole": whole, "tied": tied}, f"{out}.{rank}")
+    finally:
+        close_process_group()
+
+
+def test_fsdp1_reads_starting_weights_on_rank_0_alone_and_every_rank_gets_them(tmp_path: Path) -> None:
+    """Only rank 0 builds the whole model (the other stays on the meta device until FSDP1 wraps each unit): a large
+    model's start is one copy per node, not one per GPU."""
+    hf_models = pytest.importorskip("tests.helpers.hf_models")
+    folder = hf_models.save_qwen3(tmp_path)  # a tied head: the tie survives the meta device
+    out = str(tmp_path / "out.pt")
+    mp.spawn(_fsdp1_init_from_on_rank, args=(str(tmp_path / "rendezvous"), out), nprocs=2)
+    ranks = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    assert set(ranks[0]["before"].values()) == {"cpu"} and set(ranks[1]["before"].values()) == {"meta"}
+    module = PretrainModule(vocab_size=hf_models.VOCAB, seq_len=hf_models.SEQ_LEN, init_from=str(folder))
+    module.configure_model()  # in one process: the weights as read from the folder
+    for rank in ranks:
+        assert rank["tied"]
+        for name, tensor in module.model.state_dict().items():
+            assert torch.equal(rank["whole"][name], tensor), name

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 
 from pretrain._compat import attached_trainer
 from pretrain.checkpointing.loading import load_weights, raise_on_mismatch
@@ -26,7 +27,7 @@ from pretrain.train.compile_check import CompileSetting, compiles
 from pretrain.train.host_memory import keep_freed_memory
 from pretrain.train.loss_spikes import LossSpikeDetector
 from pretrain.train.metrics import HeldOutMetrics
-from pretrain.train.parallel import build_training_model, clip_global_grad_norm
+from pretrain.train.parallel import build_training_model, clip_global_grad_norm, receive_weights_at_wrap
 from pretrain.train.param_groups import param_groups
 from pretrain.train.step_guard import StepGuard
 
@@ -128,8 +129,11 @@ class PretrainModule(L.LightningModule):
             return
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None  # FSDP2's ranks
-        weights = self._initial_weights(sharded=mesh is not None)
         trainer = attached_trainer(self)
+        fsdp1 = trainer is not None and trainer.world_size > 1 and isinstance(trainer.strategy, FSDPStrategy)
+        weights = self._initial_weights(sharded=mesh is not None or fsdp1)
+        if fsdp1 and weights is not None:
+            receive_weights_at_wrap(trainer.strategy)
         target = trainer.strategy.root_device if trainer is not None else torch.get_default_device()
         device = target if mesh else torch.get_default_device()  # sharded: made on the strategy's device
         bf16 = mesh is not None and str(self.trainer.precision).startswith("bf16")  # FSDP2 gathers in bf16
@@ -145,9 +149,9 @@ class PretrainModule(L.LightningModule):
         self.model.use_attention_kernel(self.hparams.attention_kernel)
 
     def _initial_weights(self, sharded: bool) -> dict[str, torch.Tensor] | None:
-        """``init_from``'s weights, unless the run resumes (the checkpoint's replace them). Sharded, rank 0 alone
-        reads them and the others receive their shards from it (an empty dict here). A Hugging Face folder's are
-        checked to the logit against ``transformers`` on rank 0; every rank stops on its verdict."""
+        """``init_from``'s weights, unless the run resumes (the checkpoint's replace them). Sharded (FSDP2 or FSDP1),
+        rank 0 alone reads them and the others receive their shards from it (an empty dict here). A Hugging Face
+        folder's are checked to the logit against ``transformers`` on rank 0; every rank stops on its verdict."""
         if not self.hparams.init_from or self.restoring:
             return None
         trainer = attached_trainer(self)

@@ -10,7 +10,7 @@ from datetime import timedelta
 from functools import partial
 
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolicy, fully_shard
@@ -59,12 +59,17 @@ def build_training_model(
 ) -> tuple[Llama, LossFn]:
     """The model and its loss function as training runs them; the benchmark's bare loop uses it too.
 
-    Without a ``mesh``, on ``device`` (a meta default device means the CPU): with a ``compile_mode`` the model
-    and its loss are compiled as one graph, so the fp32 upcast of the logits fuses into the softmax. With a
-    ``mesh``, sharded (``build_sharded_model``): the blocks are compiled one by one and the loss on its own.
+    Without a ``mesh``, on ``device`` (a meta default device means the CPU; empty ``weights``: left on the meta
+    device, for FSDP1 to fill from rank 0): with a ``compile_mode`` the model and its loss are compiled as one
+    graph, so the fp32 upcast of the logits fuses into the softmax. With a ``mesh``, sharded
+    (``build_sharded_model``): the blocks are compiled one by one and the loss on its own.
     """
     if mesh is None:
-        model = build_model(config, "cpu" if device.type == "meta" else device, seed, weights)
+        if weights == {}:  # FSDP1's ranks but 0 (``receive_weights_at_wrap``)
+            with torch.device("meta"):
+                model = Llama(config)
+        else:
+            model = build_model(config, "cpu" if device.type == "meta" else device, seed, weights)
         return model, torch.compile(next_token_loss, mode=compile_mode) if compile_mode else next_token_loss
     model = build_sharded_model(config, mesh, device, seed, param_dtype, compile_mode, weights)
     if compile_mode is None:
@@ -106,6 +111,34 @@ def build_sharded_model(
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, weights, options=options)
     return model
+
+
+def receive_weights_at_wrap(strategy: FSDPStrategy) -> None:
+    """FSDP1 (Lightning's FSDPStrategy) gives each unit rank 0's values as it wraps it (``sync_module_states``),
+    before sharding it. The other ranks' models stay on the meta device until then, each unit made real on its own
+    (``param_init_fn``), so rank 0 alone ever holds the whole model: a 8B start is not 8 copies of 32 GB per node."""
+    strategy.kwargs.update(sync_module_states=True, param_init_fn=MadeReal(strategy.root_device))
+
+
+class MadeReal:
+    """FSDP1's ``param_init_fn``: gives a module's own meta-device tensors (not its children's) memory on ``device``,
+    values unset. A tensor shared by two modules (a tied head) gets one, so the tie holds: ``to_empty`` would split it.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.made: dict[torch.nn.Parameter, torch.nn.Parameter] = {}
+
+    def __call__(self, module: torch.nn.Module) -> None:
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_meta:
+                if param not in self.made:
+                    empty = torch.empty_like(param, device=self.device)
+                    self.made[param] = torch.nn.Parameter(empty, param.requires_grad)
+                setattr(module, name, self.made[param])
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer.is_meta:
+                setattr(module, name, torch.empty_like(buffer, device=self.device))
 
 
 def clip_global_grad_norm(wrapped: torch.nn.Module, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
