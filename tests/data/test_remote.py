@@ -85,3 +85,18 @@ def test_fit_from_a_remote_data_dir(corpus, prepared: Path, tmp_path: Path, run_
     result = run_cli(*args)
     assert_ok(result)
     assert len(scalars(tmp_path / "logs" / "quickstart" / "version_0", "train/loss")) == 6
+
+
+def test_a_given_tokenizer_s_files_come_with_a_remote_build_each_checked(corpus, prepared: Path, tmp_path: Path):
+    model, bucket, cache = tmp_path / "model", tmp_path / "bucket", tmp_path / "cache"
+    model.mkdir()
+    shutil.copy(prepared / "tokenizer.json", model / "tokenizer.json")
+    (model / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    prepare([str(corpus[0])], str(bucket), tokenizer=str(model), val_fraction=0.1)
+    first_batches(f"local:{bucket}", cache)
+    copy = cache / "tokenizer_files" / "tokenizer_config.json"
+    assert copy.read_bytes() == (model / "tokenizer_config.json").read_bytes()
+    (bucket / "tokenizer_files" / "tokenizer_config.json").write_text('{"chat_template": "changed"}')
+    with pytest.raises(UserError, match=r"tokenizer_config.json does not match the digest its manifest records"):
+        first_batches(f"local:{bucket}", cache)
+    assert not copy.exists()  # the older copy is not kept either

@@ -76,6 +76,20 @@ def load_tokenizer_from_checkpoint(checkpoint: dict[str, Any]) -> Tokenizer:
     return Tokenizer.from_str(state["tokenizer_json"])
 
 
+def checkpoint_tokenizer_files(checkpoint: dict[str, Any]) -> tuple[str, dict[str, bytes]]:
+    """The run's ``tokenizer.json`` as it was given or trained, and the files it came with (none in checkpoints
+    saved before they were carried, or for a tokenizer trained here)."""
+    load_tokenizer_from_checkpoint(checkpoint)  # the same error where there is none
+    state = checkpoint[DATA_STATE_KEY]
+    return state["tokenizer_json"], dict(state.get("tokenizer_files", {}))
+
+
+def checkpoint_bos_id(checkpoint: dict[str, Any]) -> int | None:
+    """The token training put before each document (``data.bos_token``), if any."""
+    recorded = (checkpoint.get(DATA_STATE_KEY) or {}).get("bos_id")
+    return int(recorded) if recorded is not None else None
+
+
 def checkpoint_eos_id(checkpoint: dict[str, Any], tokenizer: Tokenizer) -> int:
     """The token that ended each document the checkpoint was trained on: recorded with its tokenizer, or (in
     checkpoints saved before it was) found by its usual names."""

@@ -17,18 +17,21 @@ from jsonargparse import auto_cli
 from safetensors.torch import save_file
 
 from pretrain.checkpointing.loading import (
+    checkpoint_bos_id,
     checkpoint_eos_id,
+    checkpoint_tokenizer_files,
     load_checkpoint,
     load_tokenizer_from_checkpoint,
     model_config,
     model_state_dict,
 )
+from pretrain.commands.export_tokenizer import bos_token_id, write_tokenizer_files
 from pretrain.errors import UserError, run_command
 from pretrain.model.config import LlamaConfig
 from pretrain.model.hf_layout import to_hf_state_dict
 
 
-def hf_config(config: LlamaConfig, eos: int, dtype: torch.dtype) -> dict[str, Any]:
+def hf_config(config: LlamaConfig, bos: int, eos: int, dtype: torch.dtype) -> dict[str, Any]:
     """Llama's architecture; with ``qk_norm``, Qwen3's: Llama's blocks plus an RMSNorm of each head's queries
     and keys before the rotary embedding, as ours."""
     qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
@@ -51,7 +54,7 @@ def hf_config(config: LlamaConfig, eos: int, dtype: torch.dtype) -> dict[str, An
         "attention_bias": False,
         "mlp_bias": False,
         "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": eos,  # documents are separated, and so begin, with end-of-text
+        "bos_token_id": bos,
         "eos_token_id": eos,
         "initializer_range": 0.02,
         "torch_dtype": str(dtype).removeprefix("torch."),
@@ -84,31 +87,19 @@ def export(checkpoint: str, out_dir: str, overwrite: bool = False) -> Path:
     config = model_config(loaded)
     tokenizer = load_tokenizer_from_checkpoint(loaded)
     state = to_hf_state_dict(model_state_dict(loaded), config)
-    eos = checkpoint_eos_id(loaded, tokenizer)
-    eos_token = tokenizer.id_to_token(eos)
+    eos, bos = checkpoint_eos_id(loaded, tokenizer), checkpoint_bos_id(loaded)
 
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+    tokenizer_json, companions = checkpoint_tokenizer_files(loaded)
+    changes = write_tokenizer_files(staging, tokenizer_json, companions, eos, bos, config.seq_len)
+    for change in changes:
+        print(f"Changed from the tokenizer's own files: {change}")
     dtype = next(iter(state.values())).dtype
-    (staging / "config.json").write_text(json.dumps(hf_config(config, eos, dtype), indent=2) + "\n")
-    # Training encoded without the tokenizer's post-processor (a supplied Llama-style tokenizer.json may
-    # carry one that prepends a BOS): Hugging Face's tokenizer must give the same ids, so it goes.
-    tokenizer.post_processor = None
-    tokenizer.save(str(staging / "tokenizer.json"))
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": eos_token,
-        "eos_token": eos_token,
-        "model_max_length": config.seq_len,
-        "add_bos_token": False,
-        "add_eos_token": False,
-    }
-    (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    (staging / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": eos_token, "eos_token": eos_token}) + "\n"
-    )
+    first = bos_token_id(staging, tokenizer, eos, bos)
+    (staging / "config.json").write_text(json.dumps(hf_config(config, first, eos, dtype), indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

@@ -23,7 +23,14 @@ from pretrain.data.prepare.mixture import check_mixture, single_corpus
 from pretrain.data.prepare.options import CHUNK_BYTES, TOKENIZER_SAMPLE_BYTES, BuildOptions
 from pretrain.data.prepare.ranks import Ranks
 from pretrain.data.prepare.tokenizer import eos_id, load_tokenizer, token_byte_lengths
-from pretrain.data.remote import default_cache_dir, fetch_build_files, fetch_splits, is_remote
+from pretrain.data.prepare.tokenizer_files import read_companions
+from pretrain.data.remote import (
+    default_cache_dir,
+    fetch_build_files,
+    fetch_splits,
+    fetch_tokenizer_files,
+    is_remote,
+)
 from pretrain.data.shards import verify_split
 from pretrain.data.skipping_loader import SkippingLoader
 from pretrain.errors import UserError
@@ -145,6 +152,7 @@ class PretrainData(L.LightningDataModule):
         if self.remote:
             fetch_build_files(self.data_dir, self.cache_dir)
             manifest = read_manifest(self.cache_dir)
+            fetch_tokenizer_files(self.data_dir, self.cache_dir, manifest["tokenizer"].get("files", {}))
             splits = [f"{name}/{split}".lstrip("/") for name in manifest.get("mixture", [""]) for split in SPLITS]
             fetch_splits(self.data_dir, self._chunks_dir(manifest), splits, manifest.get("chunks"))
             return manifest
@@ -196,11 +204,17 @@ class PretrainData(L.LightningDataModule):
         return token_byte_lengths(load_tokenizer(self.tokenizer_path)), self.eos_id
 
     def state_dict(self) -> dict[str, Any]:
-        """Saved in every checkpoint: the tokenizer and its end-of-text id, so generation and export need nothing
-        but the checkpoint; and ``skip_batches``, so that resuming a run that skipped them does not skip them
-        again."""
-        tokenizer = self.tokenizer_path.read_text()
-        return {"tokenizer_json": tokenizer, "eos_id": self.eos_id, "skipped_batches": self.skip_batches}
+        """Saved in every checkpoint: the tokenizer, its companion files and its end-of-text id, so generation and
+        export need nothing but the checkpoint; and ``skip_batches``, so that resuming a run that skipped them
+        does not skip them again."""
+        eos, tokenizer = self.eos_id, self.tokenizer_path.read_text()  # the first fails before setup
+        companions = read_companions(self.build_dir, list(self.manifest["tokenizer"].get("files", {})))
+        return {
+            "tokenizer_json": tokenizer,
+            "tokenizer_files": companions,
+            "eos_id": eos,
+            "skipped_batches": self.skip_batches,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restored before the loaders are made: a checkpoint of a run started with this same ``skip_batches``

@@ -1,9 +1,9 @@
 """Shards in object storage (``s3://``, ``gs://``, ``azure://``, ``r2://``, ``hf://``), copied into a local cache
-before training: the manifest, the tokenizer and the built-in eval task first, then every chunk, each checked
-against the manifest's digest as it arrives. Training draws its blocks from the whole build at every step, so
-streaming chunk by chunk would fetch all of them at once anyway. The chunks go under the build's identity
-(``<cache_dir>/<identity>/``): a build uploaded again under the same URL is never served from an older copy.
-``local:/path`` takes the same road from a local folder (litdata's own stand-in for a bucket)."""
+before training: the manifest, the tokenizer (and its companion files) and the built-in eval task first, then
+every chunk, each checked against the manifest's digest as it arrives. Training draws its blocks from the whole
+build at every step, so streaming chunk by chunk would fetch all of them at once anyway. The chunks go under the
+build's identity (``<cache_dir>/<identity>/``): a build uploaded again under the same URL is never served from an
+older copy. ``local:/path`` takes the same road from a local folder (litdata's own stand-in for a bucket)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from typing import Any
 from litdata.streaming.downloader import get_downloader
 
 from pretrain.data.prepare.next_line import TASK_PATH
+from pretrain.data.prepare.ownership import TOKENIZER_FILES
 from pretrain.data.prepare.verify import sha256_of
 from pretrain.errors import UserError
 
@@ -79,16 +80,27 @@ def fetch_splits(url: str, cache: Path, splits: list[str], digests: dict[str, st
             raise UserError(f"Could not read {join(url, split, 'index.json')}: {error}. Upload the whole build folder.")
         for chunk in json.loads((cache / split / "index.json").read_text())["chunks"]:
             name = f"{split}/{chunk['filename']}"
-            if (cache / name).is_file():
-                continue
-            partial = f"{name}.partial"
-            if (error := _download_as(downloader, join(url, name), cache / partial)) is not None:
-                raise UserError(f"Could not read {join(url, name)}: {error}. Check the upload and the credentials.")
-            expected = (digests or {}).get(name)
-            if expected and sha256_of(cache / partial) != expected:
-                (cache / partial).unlink()
-                raise UserError(
-                    f"{join(url, name)} does not match the digest its manifest records: the upload is damaged or "
-                    "incomplete. Upload the build again (e.g. `aws s3 sync`), then run again."
-                )
-            (cache / partial).rename(cache / name)
+            if not (cache / name).is_file():
+                _fetch_checked(downloader, url, cache, name, (digests or {}).get(name))
+
+
+def fetch_tokenizer_files(url: str, cache_dir: Path, digests: dict[str, str]) -> None:
+    """Fresh copies of the companion files of the build's tokenizer (its manifest's ``{name: sha256}``)."""
+    downloader = get_downloader(url, str(cache_dir), [])
+    for name, digest in digests.items():
+        (cache_dir / TOKENIZER_FILES / name).unlink(missing_ok=True)
+        _fetch_checked(downloader, url, cache_dir, f"{TOKENIZER_FILES}/{name}", digest)
+
+
+def _fetch_checked(downloader: Any, url: str, cache: Path, name: str, expected: str | None) -> None:
+    """``url/name`` at ``cache/name``, renamed into place only once it matches the manifest's digest."""
+    partial = f"{name}.partial"
+    if (error := _download_as(downloader, join(url, name), cache / partial)) is not None:
+        raise UserError(f"Could not read {join(url, name)}: {error}. Check the upload and the credentials.")
+    if expected and sha256_of(cache / partial) != expected:
+        (cache / partial).unlink()
+        raise UserError(
+            f"{join(url, name)} does not match the digest its manifest records: the upload is damaged or "
+            "incomplete. Upload the build again (e.g. `aws s3 sync`), then run again."
+        )
+    (cache / partial).rename(cache / name)

@@ -101,7 +101,7 @@ def test_a_glob_that_cannot_reach_the_data_dir_is_fine(small_corpus: Path) -> No
 # Only what a build wrote is removed.
 
 
-@pytest.mark.parametrize("output", ["train", "val", "evals", "tokenizer.json", "manifest.json"])
+@pytest.mark.parametrize("output", ["train", "val", "evals", "tokenizer_files", "tokenizer.json", "manifest.json"])
 def test_an_output_name_a_build_did_not_make_is_refused_and_left_as_it_was(
     small_corpus: Path, tmp_path: Path, output: str
 ) -> None:
@@ -152,6 +152,34 @@ def test_a_given_tokenizer_inside_the_data_dir_is_kept(small_corpus: Path, tmp_p
     before = (data_dir / "tokenizer.json").read_bytes()
     build(small_corpus, data_dir, tokenizer=str(data_dir / "tokenizer.json"))
     assert (data_dir / "tokenizer.json").read_bytes() == before
+
+
+def test_a_given_tokenizer_s_files_are_copied_and_a_rebuild_removes_only_the_copies(
+    small_corpus: Path, tmp_path: Path
+) -> None:
+    build(small_corpus, tmp_path / "first")
+    model = tmp_path / "model"  # a public model's folder: its tokenizer files, and others that are not
+    model.mkdir()
+    (model / "tokenizer.json").write_bytes((tmp_path / "first" / "tokenizer.json").read_bytes())
+    companions = {
+        "tokenizer_config.json": b'{"chat_template": "{{ messages }}", "bos_token": "<|endoftext|>"}',
+        "chat_template.jinja": b"{% for m in messages %}{{ m.content }}{% endfor %}",
+        "tokenizer.model": bytes(range(256)),  # a SentencePiece model is binary
+    }
+    for name, content in companions.items():
+        (model / name).write_bytes(content)
+    (model / "generation_config.json").write_text("{}")
+    before = snapshot(model)
+    manifest = build(small_corpus, tmp_path / "data", tokenizer=str(model / "tokenizer.json"))  # the file's folder
+    copies = tmp_path / "data" / "tokenizer_files"
+    assert manifest["tokenizer"]["files"] == {name: sha256_of(model / name) for name in sorted(companions)}
+    assert {name: (copies / name).read_bytes() for name in companions} == companions
+    assert not (copies / "generation_config.json").exists()
+    assert snapshot(model) == before
+    manifest = build(small_corpus, tmp_path / "data", overwrite=True)  # a trained tokenizer brings none
+    assert manifest["tokenizer"]["files"] == {}
+    assert not copies.exists()
+    assert snapshot(model) == before
 
 
 def test_a_build_of_another_manifest_version_is_rebuilt(small_corpus: Path, tmp_path: Path) -> None:

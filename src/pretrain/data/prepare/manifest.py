@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from pretrain.data.prepare.options import file_sha256, token_dtype
 from pretrain.data.prepare.ownership import is_build_manifest
 from pretrain.data.prepare.sources import Corpus
+from pretrain.data.prepare.tokenizer_files import companion_digests
 from pretrain.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def manifest_of(
             "vocab_size": tokenizer.get_vocab_size(),
             "eos_id": eos,
             "dtype": token_dtype(tokenizer.get_vocab_size()),
+            "files": companion_digests(root),  # a given tokenizer's companions, in tokenizer_files/
         },
         "splits": built["splits"],  # documents, tokens and share of the tokens per split
         "source_bytes": corpus.bytes,

@@ -1,5 +1,6 @@
 """What a build may remove: only what a build wrote. Every folder preparation makes holds a marker file, and a
-folder that holds one owns its build files too (``tokenizer.json``, ``files.json``, ``manifest.json``); anything
+folder that holds one owns its build files too (``tokenizer.json``, ``files.json``, ``manifest.json``) and, at the
+build's top, the copies of a given tokenizer's companion files (``tokenizer_files``, marked too); anything
 else under those names is the user's, and preparation refuses to touch it. Other files in ``data_dir`` are never
 looked at.
 """
@@ -21,6 +22,7 @@ MARKER = ".pretrain-build"
 MARKER_TEXT = "Made by `pretrain prepare`: the build files in this folder are removed and rebuilt when it is redone.\n"
 BUILD_FILES = ("tokenizer.json", "files.json", "manifest.json")
 BUILD_FOLDERS = ("train", "val", "evals")
+TOKENIZER_FILES = "tokenizer_files"  # at the build's top only: a given tokenizer's companion files
 SCRATCH_PREFIX = ".build-"
 
 
@@ -65,7 +67,10 @@ def claim_outputs(root: Path, datasets: Sequence[str] = (), tokenizer: str | Non
     ``tokenizer``: the given tokenizer file, which may be ``root/tokenizer.json`` itself (it is kept).
     """
     keep = Path(tokenizer).resolve() if tokenizer else None
-    folders = {root: [*BUILD_FOLDERS, *datasets], **{root / name: list(BUILD_FOLDERS) for name in datasets}}
+    folders = {
+        root: [*BUILD_FOLDERS, TOKENIZER_FILES, *datasets],
+        **{root / name: list(BUILD_FOLDERS) for name in datasets},
+    }
     made = [root, root / "evals"] + [root / name / sub for name in datasets for sub in ("", *BUILD_FOLDERS)]
     if not datasets:
         made += [root / "train", root / "val"]
@@ -80,6 +85,7 @@ def claim_outputs(root: Path, datasets: Sequence[str] = (), tokenizer: str | Non
         (folder / "manifest.json").unlink(missing_ok=True)  # first: a build without it is never served
         for name in ("train", "val"):
             shutil.rmtree(folder / name, ignore_errors=True)
+    shutil.rmtree(root / TOKENIZER_FILES, ignore_errors=True)  # the next build's tokenizer brings its own
     for folder in made:
         mark(folder)
 

@@ -1,4 +1,5 @@
-"""The tokenizer of a build: a given one copied, or one trained on a seeded sample of the training documents."""
+"""The tokenizer of a build: a given one copied (with its companion files), or one trained on a seeded sample of
+the training documents."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pretrain.data.prepare.plan import DocumentSplit, share_out, unit_hash
 from pretrain.data.prepare.ranks import Ranks
 from pretrain.data.prepare.readers import Unit
 from pretrain.data.prepare.tokenizer import load_tokenizer, tokenizer_file, train_tokenizer
+from pretrain.data.prepare.tokenizer_files import copy_companions
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +67,15 @@ def _sampled(rate: float) -> Callable[[str], bool]:
 def make_tokenizer(
     root: Path, tokenizer: str | None, vocab_size: int, sample: Iterator[str] | None, ranks: Ranks
 ) -> Tokenizer:
-    """``root/tokenizer.json``: a copy of the given one, or trained by rank 0 on ``sample``; loaded on every rank."""
+    """``root/tokenizer.json``: a copy of the given one (with its companion files), or trained by rank 0 on
+    ``sample``; loaded on every rank."""
     path = root / "tokenizer.json"
 
     def write() -> None:
         if tokenizer:
             if tokenizer_file(tokenizer).resolve() != path.resolve():
                 shutil.copyfile(tokenizer_file(tokenizer), path)
+            copy_companions(tokenizer, root)
         else:
             log.info("Training a %d-token BPE tokenizer on a sample of the training split", vocab_size)
             train_tokenizer(sample, vocab_size).save(str(path))
