@@ -19,7 +19,7 @@ from pretrain.checkpointing.loading import (
 from pretrain.commands import generate as generate_module
 from pretrain.commands.export import export
 from pretrain.commands.generate import generate, generate_each, generate_rows
-from pretrain.data.prepare.tokenizer import eos_id
+from pretrain.data.prepare.tokenizer import DocumentBounds, eos_id
 from pretrain.errors import UserError
 from pretrain.model.config import LlamaConfig
 from pretrain.model.llama import Llama
@@ -174,9 +174,21 @@ def test_a_special_token_string_in_a_prompt_is_text(trained: Path, monkeypatch: 
     monkeypatch.setattr(generate_module, "generate", lambda model, ids, *args, **kwargs: seen.append(ids) or [])
     eos = checkpoint_eos_id(checkpoint, tokenizer)
     assert eos == eos_id(tokenizer)  # recorded with the tokenizer
-    generate_module.continue_text(load_model(checkpoint), tokenizer, eos, "a <|endoftext|> b", max_new_tokens=1)
+    bounds = DocumentBounds(eos)
+    generate_module.continue_text(load_model(checkpoint), tokenizer, bounds, "a <|endoftext|> b", max_new_tokens=1)
     assert eos not in seen[0]
     assert tokenizer.decode(seen[0], skip_special_tokens=False) == "a <|endoftext|> b"
+
+
+def test_a_prompt_begins_as_each_training_document_began(prepared: Path) -> None:
+    """After the token the build put before each document (data.bos_token) where it put one; an empty prompt is
+    that token alone, else the end-of-text token that ends the document before."""
+    tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    eos, text = eos_id(tokenizer), tokenizer.encode("The dog", add_special_tokens=False).ids
+    assert generate_module.prompt_ids(tokenizer, "The dog", DocumentBounds(eos)) == text
+    assert generate_module.prompt_ids(tokenizer, "", DocumentBounds(eos)) == [eos]
+    assert generate_module.prompt_ids(tokenizer, "The dog", DocumentBounds(eos, bos=7)) == [7, *text]
+    assert generate_module.prompt_ids(tokenizer, "", DocumentBounds(eos, bos=7)) == [7]
 
 
 def test_export_of_a_supplied_tokenizer_gives_the_ids_training_used(

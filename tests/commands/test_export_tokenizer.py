@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, processors
 
+from pretrain.data.prepare.tokenizer import DocumentBounds
+from pretrain.data.prepare.tokenizer_files import beginning_id
 from tests.helpers.runs import assert_ok, tiny_fit_args
 
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
@@ -45,8 +47,8 @@ def public_tokenizer_folder(prepared: Path, folder: Path, adds_bos: bool) -> dic
     return {"tokenizer.json": (folder / "tokenizer.json").read_bytes(), **files}
 
 
-def fit_and_export(corpus, tmp_path: Path, tokenizer: Path, run_cli) -> tuple[Path, str]:
-    args = tiny_fit_args(corpus[0], tmp_path / "data", tmp_path / "logs", "--data.tokenizer", str(tokenizer))
+def fit_and_export(corpus, tmp_path: Path, tokenizer: Path, run_cli, *extra: str) -> tuple[Path, str]:
+    args = tiny_fit_args(corpus[0], tmp_path / "data", tmp_path / "logs", "--data.tokenizer", str(tokenizer), *extra)
     assert_ok(run_cli(*args, "--trainer.max_steps", "2"))
     checkpoint = tmp_path / "logs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     exported = run_cli("export", str(checkpoint), str(tmp_path / "hf"))
@@ -85,3 +87,33 @@ def test_a_bos_training_did_not_add_is_taken_out_and_everything_else_comes_back(
     assert loaded.chat_template == CHAT_TEMPLATE
     assert (loaded.bos_token, loaded.eos_token) == ("<s>", "<|endoftext|>")
     assert loaded.convert_tokens_to_ids("<s>") == json.loads((hf / "config.json").read_text())["bos_token_id"]
+
+
+@pytest.mark.parametrize("adds_bos", [True, False], ids=["its-post-processor-adds-it", "it-has-none"])
+def test_a_bos_training_added_is_added_by_the_exported_tokenizer(corpus, prepared, tmp_path, run_cli, adds_bos):
+    transformers = pytest.importorskip("transformers")
+    source = public_tokenizer_folder(prepared, tmp_path / "model", adds_bos=adds_bos)
+    hf, printed = fit_and_export(corpus, tmp_path, tmp_path / "model", run_cli, "--data.bos_token", "<s>")
+    same = source if adds_bos else {name: content for name, content in source.items() if name.endswith(".model")}
+    assert {name: (hf / name).read_bytes() for name in same} == same
+    assert ("Changed" in printed) != adds_bos
+    tokenizer = Tokenizer.from_str(source["tokenizer.json"].decode())
+    bos = tokenizer.token_to_id("<s>")
+    loaded = transformers.AutoTokenizer.from_pretrained(hf)
+    assert loaded(TEXT)["input_ids"] == [bos, *tokenizer.encode(TEXT, add_special_tokens=False).ids]
+    assert json.loads((hf / "config.json").read_text())["bos_token_id"] == bos
+
+
+def test_the_beginning_of_text_is_the_bos_training_added_else_the_tokenizer_s_own_else_end_of_text(prepared):
+    """config.json's bos_token_id and the in-loop evals' empty context agree with what a Hugging Face reader sees."""
+    tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<s>", "<t>"])
+    s, t, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("<t>"), tokenizer.token_to_id("<|endoftext|>")
+    named = {"tokenizer_config.json": b'{"bos_token": "<s>"}'}
+    as_added_token = {"tokenizer_config.json": b'{"bos_token": {"content": "<s>", "special": true}}'}
+    unknown = {"tokenizer_config.json": b'{"bos_token": "<|begin_of_text|>"}'}
+    assert beginning_id(tokenizer, named, DocumentBounds(eos, bos=t)) == t
+    assert beginning_id(tokenizer, named, DocumentBounds(eos)) == s
+    assert beginning_id(tokenizer, as_added_token, DocumentBounds(eos)) == s
+    assert beginning_id(tokenizer, unknown, DocumentBounds(eos)) == eos
+    assert beginning_id(tokenizer, {}, DocumentBounds(eos)) == eos

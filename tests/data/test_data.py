@@ -103,6 +103,47 @@ def test_a_named_end_of_text_token_closes_each_document(prepared: Path, corpus, 
     assert documents and not any("<|doc_end|>" in text for text in documents)
 
 
+def test_a_named_beginning_token_opens_each_document_and_nothing_else_changes(
+    prepared: Path, corpus, tmp_path: Path
+) -> None:
+    """data.bos_token (Llama 3's <|begin_of_text|>): each document is that token, its text, end-of-text."""
+    model = tmp_path / "model"
+    model.mkdir()
+    tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    tokenizer.add_special_tokens(["<s>"])
+    tokenizer.save(str(model / "tokenizer.json"))
+    bos = tokenizer.token_to_id("<s>")
+    for token, problem in (("<|none|>", "is not a token of the tokenizer"), ("<|endoftext|>", "is the end-of-text")):
+        with pytest.raises(UserError, match=re.escape(f"data.bos_token {token!r} {problem}")):
+            PretrainData(
+                sources=[str(corpus[0])], data_dir=str(tmp_path / "data"), tokenizer=str(model), bos_token=token
+            )
+    with pytest.raises(UserError, match=re.escape("data.bos_token '<s>' names a token of a given tokenizer")):
+        PretrainData(sources=[str(corpus[0])], data_dir=str(tmp_path / "data"), bos_token="<s>").build()
+    assert not (tmp_path / "data").exists()  # refused before anything is built
+
+    plain = prepare([str(corpus[0])], str(tmp_path / "plain"), tokenizer=str(model), val_fraction=0.1)
+    data = PretrainData(
+        sources=[str(corpus[0])],
+        data_dir=str(tmp_path / "data"),
+        tokenizer=str(model),
+        bos_token="<s>",
+        val_fraction=0.1,
+    )
+    manifest = data.build()
+    assert (manifest["tokenizer"]["bos_id"], plain["tokenizer"]["bos_id"]) == (bos, None)
+    assert manifest["request"]["tokenizer"]["bos_token"] == "<s>"  # a build without it is another build
+    for split in ("train", "val"):
+        with_bos = [ids.tolist() for ids in iter_documents(tmp_path / "data" / split)]
+        without = [ids.tolist() for ids in iter_documents(tmp_path / "plain" / split)]
+        assert with_bos == [[bos, *ids] for ids in without]  # the same documents, each opened with it
+    questions = (tmp_path / "data" / "evals" / "next_line.jsonl").read_text()
+    assert questions == (tmp_path / "plain" / "evals" / "next_line.jsonl").read_text()  # asked of the text alone
+    data.setup("fit")
+    lengths, _ = data.token_byte_table()
+    assert lengths[bos] == 0 and data.state_dict()["bos_id"] == bos
+
+
 def test_sources_globs_directories_and_files(tmp_path: Path) -> None:
     make_corpus(tmp_path, n_docs=8)
     (tmp_path / "notes" / "skip.bin").write_bytes(b"\x00\x01")

@@ -1,6 +1,6 @@
 """A public model's folder in and out again, through the command line: a Llama folder that ``transformers`` saved,
 with its tokenizer -> ``fit --model.init_from`` (checked to the logit) -> resumed -> ``export`` -> ``transformers``
-loads the export and computes the trained model's logits; the export holds the folder's tokenizer."""
+loads the export and computes the trained model's logits; the export holds the folder's tokenizer files."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from tests.helpers.runs import assert_ok, run_main, tiny_fit_args
 def test_a_llama_folder_trains_resumes_and_exports_back(corpus, prepared: Path, tmp_path: Path) -> None:
     model = save_llama(tmp_path / "model")
     shutil.copy(prepared / "tokenizer.json", model / "tokenizer.json")  # as a model folder holds its tokenizer
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "chat_template": "{{ x }}"}
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
     start = ("--model.init_from", str(model), "--model.overrides", "{}", "--data.tokenizer", str(model))
     start += ("--data.data_dir", str(tmp_path / "data"))
     first = run_main(*tiny_fit_args(corpus[0], prepared, tmp_path, *start, "--trainer.max_steps", "20"), cwd=tmp_path)
@@ -42,4 +44,5 @@ def test_a_llama_folder_trains_resumes_and_exports_back(corpus, prepared: Path, 
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32)
     check = compare_logits(reference, model_config(checkpoint), model_state_dict(checkpoint))
     assert check.passed and check.max_abs_diff < 1e-4, check
-    assert (tmp_path / "exported" / "tokenizer.json").read_bytes() == (model / "tokenizer.json").read_bytes()
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the folder's tokenizer files, as they were
+        assert (tmp_path / "exported" / name).read_bytes() == (model / name).read_bytes()

@@ -54,12 +54,13 @@ def test_validation_logs_the_mean_loss_over_batches_of_different_sizes() -> None
     assert logged["val/loss"] == pytest.approx(torch.stack(per_sequence).mean().item(), rel=1e-5)
 
 
-def test_bits_per_byte_leave_out_end_of_text_targets_and_count_the_bytes_of_the_rest() -> None:
-    """Each target's loss in bits over the bytes it stands for; end-of-text targets (id 0 here) count neither."""
+def test_bits_per_byte_leave_out_end_of_text_and_beginning_targets_and_count_the_bytes_of_the_rest() -> None:
+    """Each target's loss in bits over the bytes it stands for; end-of-text targets (id 0 here) and those of no
+    bytes (a beginning token put before each document, id 1 here) count neither."""
 
     class Data(L.LightningDataModule):
         def token_byte_table(self) -> tuple[list[int], int]:
-            return [0, *(1 + i % 3 for i in range(1, TINY_VOCAB))], 0
+            return [0, 0, *(1 + i % 3 for i in range(2, TINY_VOCAB))], 0
 
         def val_dataloader(self) -> DataLoader:
             return DataLoader(batches, batch_size=None)
@@ -67,6 +68,7 @@ def test_bits_per_byte_leave_out_end_of_text_targets_and_count_the_bytes_of_the_
     torch.manual_seed(1)
     batches = [torch.randint(0, TINY_VOCAB, (size, 17)) for size in (3, 2)]
     batches[0][:, 5] = 0  # end-of-text targets
+    batches[0][:, 6] = batches[1][:, 9] = 1  # beginning targets
     module = PretrainModule(overrides=TINY, vocab_size=TINY_VOCAB, seq_len=16)
     module.configure_model()
     module.eval()
@@ -76,7 +78,7 @@ def test_bits_per_byte_leave_out_end_of_text_targets_and_count_the_bytes_of_the_
         for batch in batches:
             logits = module.model(batch[:, :-1])
             losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
-            text = batch[:, 1:].flatten() != 0
+            text = batch[:, 1:].flatten() > 1
             nats += losses[text].sum().item()
             count += table[batch[:, 1:].flatten()[text]].sum().item()
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)

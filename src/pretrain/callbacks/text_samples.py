@@ -15,6 +15,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from pretrain.callbacks.trackers import write_tables
 from pretrain.commands.generate import continuation_text, generate_each, prompt_ids
+from pretrain.data.prepare.tokenizer import DocumentBounds
 from pretrain.data.shards import iter_documents
 
 
@@ -52,13 +53,14 @@ class TextSamples(L.Callback):
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self.held_out, self.held_out_prompt_tokens = held_out, held_out_prompt_tokens
         self.tokenizer: Tokenizer | None = None
-        self.eos = -1  # the build's end-of-text token, read in setup
+        self.bounds = DocumentBounds(-1)  # the build's tokens around each document, read in setup
         self.documents: list[tuple[list[int], list[int]]] = []  # (shown, what follows) of each held-out document
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # After prepare_data, so the tokenizer file exists; read once, not at every validation.
         self.tokenizer = Tokenizer.from_file(str(trainer.datamodule.tokenizer_path))
-        self.eos = trainer.datamodule.eos_id
+        datamodule = trainer.datamodule
+        self.bounds = DocumentBounds(datamodule.eos_id, getattr(datamodule, "bos_id", None))
         room = min(self.held_out_prompt_tokens, pl_module.config.seq_len - self.max_new_tokens)
         documents = held_out_starts(trainer.datamodule, self.held_out, room, self.max_new_tokens)
         # Rank 0's: nodes may hold different parts of a streamed split, and every rank must generate alike.
@@ -66,10 +68,10 @@ class TextSamples(L.Callback):
 
     def samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, list[tuple[str, ...]]]:
         """Rows of both tables, on every rank: (prompt, greedy, sampled) and (shown, the model's, the real)."""
-        model, tokenizer, eos = pl_module.model, self.tokenizer, self.eos
+        model, tokenizer, eos = pl_module.model, self.tokenizer, self.bounds.eos
         requests = []  # (prompt ids, temperature, tokens): each prompt greedy and sampled, then the documents
         for prompt in self.prompts:
-            ids = prompt_ids(tokenizer, prompt, eos)
+            ids = prompt_ids(tokenizer, prompt, self.bounds)
             requests += [(ids, 0.0, self.max_new_tokens), (ids, self.temperature, self.max_new_tokens)]
         requests += [(shown, 0.0, len(real)) for shown, real in self.documents]
         with torch.no_grad(), torch.compiler.set_stance("force_eager"), gathered_weights(trainer.strategy.model):

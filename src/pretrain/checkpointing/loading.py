@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer
 
 from pretrain.checkpointing.sharded import read_sharded_weights
-from pretrain.data.prepare.tokenizer import eos_id
+from pretrain.data.prepare.tokenizer import DocumentBounds, eos_id
 from pretrain.errors import UserError
 from pretrain.model.config import LlamaConfig
 from pretrain.model.hf_layout import is_hf_folder, load_exported_weights
@@ -84,10 +84,11 @@ def checkpoint_tokenizer_files(checkpoint: dict[str, Any]) -> tuple[str, dict[st
     return state["tokenizer_json"], dict(state.get("tokenizer_files", {}))
 
 
-def checkpoint_bos_id(checkpoint: dict[str, Any]) -> int | None:
-    """The token training put before each document (``data.bos_token``), if any."""
-    recorded = (checkpoint.get(DATA_STATE_KEY) or {}).get("bos_id")
-    return int(recorded) if recorded is not None else None
+def checkpoint_bounds(checkpoint: dict[str, Any], tokenizer: Tokenizer) -> DocumentBounds:
+    """The tokens around each document the checkpoint was trained on: its end-of-text token and the one put
+    before each document (``data.bos_token``), if any."""
+    bos = (checkpoint.get(DATA_STATE_KEY) or {}).get("bos_id")
+    return DocumentBounds(checkpoint_eos_id(checkpoint, tokenizer), int(bos) if bos is not None else None)
 
 
 def checkpoint_eos_id(checkpoint: dict[str, Any], tokenizer: Tokenizer) -> int:

@@ -17,15 +17,15 @@ from jsonargparse import auto_cli
 from safetensors.torch import save_file
 
 from pretrain.checkpointing.loading import (
-    checkpoint_bos_id,
-    checkpoint_eos_id,
+    checkpoint_bounds,
     checkpoint_tokenizer_files,
     load_checkpoint,
     load_tokenizer_from_checkpoint,
     model_config,
     model_state_dict,
 )
-from pretrain.commands.export_tokenizer import bos_token_id, write_tokenizer_files
+from pretrain.commands.export_tokenizer import write_tokenizer_files
+from pretrain.data.prepare.tokenizer_files import beginning_id
 from pretrain.errors import UserError, run_command
 from pretrain.model.config import LlamaConfig
 from pretrain.model.hf_layout import to_hf_state_dict
@@ -87,19 +87,19 @@ def export(checkpoint: str, out_dir: str, overwrite: bool = False) -> Path:
     config = model_config(loaded)
     tokenizer = load_tokenizer_from_checkpoint(loaded)
     state = to_hf_state_dict(model_state_dict(loaded), config)
-    eos, bos = checkpoint_eos_id(loaded, tokenizer), checkpoint_bos_id(loaded)
+    bounds = checkpoint_bounds(loaded, tokenizer)
 
     staging = out.with_name(f".{out.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
     tokenizer_json, companions = checkpoint_tokenizer_files(loaded)
-    changes = write_tokenizer_files(staging, tokenizer_json, companions, eos, bos, config.seq_len)
+    changes = write_tokenizer_files(staging, tokenizer_json, companions, bounds, config.seq_len)
     for change in changes:
         print(f"Changed from the tokenizer's own files: {change}")
     dtype = next(iter(state.values())).dtype
-    first = bos_token_id(staging, tokenizer, eos, bos)
-    (staging / "config.json").write_text(json.dumps(hf_config(config, first, eos, dtype), indent=2) + "\n")
+    first = beginning_id(tokenizer, companions, bounds)
+    (staging / "config.json").write_text(json.dumps(hf_config(config, first, bounds.eos, dtype), indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

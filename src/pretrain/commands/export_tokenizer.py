@@ -12,6 +12,8 @@ from typing import Any
 
 from tokenizers import Tokenizer, processors
 
+from pretrain.data.prepare.tokenizer import DocumentBounds
+
 PROBE = "The cat sat on the mat. 12 + 7 = 19"  # any text: post-processors add their tokens around whatever it is
 
 
@@ -33,10 +35,10 @@ def training_post_processor(tokenizer: Tokenizer, bos: int | None) -> processors
 
 
 def write_tokenizer_files(
-    folder: Path, tokenizer_json: str, companions: dict[str, bytes], eos: int, bos: int | None, max_length: int
+    folder: Path, tokenizer_json: str, companions: dict[str, bytes], bounds: DocumentBounds, max_length: int
 ) -> list[str]:
     """Write the tokenizer files into ``folder``; returns a line for each change to a file it came with."""
-    tokenizer, changes = Tokenizer.from_str(tokenizer_json), []
+    tokenizer, changes, (eos, bos) = Tokenizer.from_str(tokenizer_json), [], bounds
     if encodes_as_training(tokenizer, bos):
         (folder / "tokenizer.json").write_text(tokenizer_json)
     else:
@@ -74,14 +76,3 @@ def write_own_tokenizer_config(folder: Path, tokenizer: Tokenizer, eos: int, bos
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     special = {"bos_token": bos_token, "eos_token": eos_token}
     (folder / "special_tokens_map.json").write_text(json.dumps(special) + "\n")
-
-
-def bos_token_id(folder: Path, tokenizer: Tokenizer, eos: int, bos: int | None) -> int:
-    """``config.json``'s ``bos_token_id``: the BOS training added; else the one the written
-    ``tokenizer_config.json`` names (a public model's own, so that model and tokenizer agree); else end-of-text."""
-    if bos is not None:
-        return bos
-    named = json.loads((folder / "tokenizer_config.json").read_text()).get("bos_token")
-    named = named.get("content") if isinstance(named, dict) else named  # written as an AddedToken by some versions
-    found = tokenizer.token_to_id(named) if isinstance(named, str) else None
-    return found if found is not None else eos

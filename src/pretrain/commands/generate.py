@@ -11,11 +11,12 @@ from jsonargparse import auto_cli
 from tokenizers import Tokenizer
 
 from pretrain.checkpointing.loading import (
-    checkpoint_eos_id,
+    checkpoint_bounds,
     load_checkpoint,
     load_model,
     load_tokenizer_from_checkpoint,
 )
+from pretrain.data.prepare.tokenizer import DocumentBounds
 from pretrain.errors import UserError, run_command
 from pretrain.model.llama import Llama
 
@@ -117,11 +118,15 @@ def generate_each(
     return results
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str, eos: int) -> list[int]:
-    """``prompt``'s token ids as in training (special-token strings are text); an empty prompt starts a new
-    document (with ``eos``, the token that ends the one before)."""
+def prompt_ids(tokenizer: Tokenizer, prompt: str, bounds: DocumentBounds) -> list[int]:
+    """``prompt``'s token ids as in training (special-token strings are text), as a document begins: after the
+    token training put before each one, if any. An empty prompt starts a new document (with that token, else the
+    end-of-text token that ends the one before)."""
     tokenizer.encode_special_tokens = True
-    return tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else [eos]
+    text = tokenizer.encode(prompt, add_special_tokens=False).ids if prompt else []
+    if bounds.bos is not None:
+        return [bounds.bos, *text]
+    return text or [bounds.eos]
 
 
 def continuation_text(tokenizer: Tokenizer, ids: list[int], eos: int) -> str:
@@ -132,16 +137,17 @@ def continuation_text(tokenizer: Tokenizer, ids: list[int], eos: int) -> str:
 def continue_text(
     model: Llama,
     tokenizer: Tokenizer,
-    eos: int,
+    bounds: DocumentBounds,
     prompt: str,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
 ) -> str:
-    """The text the model writes after ``prompt`` (an empty prompt starts a new document), until ``eos``."""
-    ids = generate(model, prompt_ids(tokenizer, prompt, eos), max_new_tokens, temperature, top_k, eos, generator)
-    return continuation_text(tokenizer, ids, eos)
+    """The text the model writes after ``prompt`` (an empty prompt starts a new document), until end-of-text."""
+    ids = prompt_ids(tokenizer, prompt, bounds)
+    written = generate(model, ids, max_new_tokens, temperature, top_k, bounds.eos, generator)
+    return continuation_text(tokenizer, written, bounds.eos)
 
 
 def print_continuation(
@@ -168,8 +174,8 @@ def print_continuation(
     loaded = load_checkpoint(checkpoint)
     model = load_model(loaded).to(device)
     tokenizer = load_tokenizer_from_checkpoint(loaded)
-    eos = checkpoint_eos_id(loaded, tokenizer)
-    print(prompt + continue_text(model, tokenizer, eos, prompt, max_new_tokens, temperature, top_k))
+    bounds = checkpoint_bounds(loaded, tokenizer)
+    print(prompt + continue_text(model, tokenizer, bounds, prompt, max_new_tokens, temperature, top_k))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,7 @@ from pretrain.data.prepare.manifest import SPLITS, read_manifest
 from pretrain.data.prepare.mixture import check_mixture, single_corpus
 from pretrain.data.prepare.options import CHUNK_BYTES, TOKENIZER_SAMPLE_BYTES, BuildOptions
 from pretrain.data.prepare.ranks import Ranks
-from pretrain.data.prepare.tokenizer import eos_id, load_tokenizer, token_byte_lengths
+from pretrain.data.prepare.tokenizer import document_bounds, load_tokenizer, token_byte_lengths
 from pretrain.data.prepare.tokenizer_files import read_companions
 from pretrain.data.remote import (
     default_cache_dir,
@@ -75,6 +75,8 @@ class PretrainData(L.LightningDataModule):
             it such a resume is refused, naming the change.
         eos_token: The token of the given ``tokenizer`` that ends each document, where it has none of
             ``<|endoftext|>``, ``<|end_of_text|>``, ``</s>``, ``<eos>`` (tried in that order otherwise).
+        bos_token: The token of the given ``tokenizer`` put before each document, as the model was first
+            pretrained (Llama 3's ``<|begin_of_text|>``); none by default.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class PretrainData(L.LightningDataModule):
         skip_batches: int = 0,
         allow_new_build: bool = False,
         eos_token: str | None = None,
+        bos_token: str | None = None,
     ) -> None:
         super().__init__()
         if mixture is not None and sources is not None:
@@ -118,7 +121,7 @@ class PretrainData(L.LightningDataModule):
         # A given tokenizer fixes the vocabulary (the model reads it from here) and has the end-of-text token.
         given = load_tokenizer(tokenizer) if tokenizer else None
         if given is not None:
-            eos_id(given, eos_token)  # named, or one of the usual ones: refused before anything is built
+            document_bounds(given, eos_token, bos_token)  # refused before anything is built
         self.vocab_size = given.get_vocab_size() if given is not None else vocab_size
         self.build_options = BuildOptions(  # what the build depends on, kept once (progress and ranks: per call)
             vocab_size=self.vocab_size,
@@ -129,6 +132,7 @@ class PretrainData(L.LightningDataModule):
             chunk_bytes=chunk_bytes,
             tokenizer_sample_bytes=tokenizer_sample_bytes,
             eos_token=eos_token,
+            bos_token=bos_token,
         )
         self.remote = is_remote(data_dir)
         self.cache_dir = Path(cache_dir or default_cache_dir(data_dir)) if self.remote else None
@@ -199,20 +203,36 @@ class PretrainData(L.LightningDataModule):
             raise RuntimeError("The data module is not set up yet: its build's manifest is read in setup().")
         return self.manifest["tokenizer"]["eos_id"]
 
+    @property
+    def bos_id(self) -> int | None:
+        """The token the build put before each document (``data.bos_token``), if any."""
+        if self.manifest is None:
+            raise RuntimeError("The data module is not set up yet: its build's manifest is read in setup().")
+        return self.manifest["tokenizer"].get("bos_id")
+
+    def tokenizer_companions(self) -> dict[str, bytes]:
+        """The files a given tokenizer came with (``tokenizer_files/``), by name; none for a trained one."""
+        return read_companions(self.build_dir, list(self.manifest["tokenizer"].get("files", {})))
+
     def token_byte_table(self) -> tuple[list[int], int]:
-        """Bytes of text per token id and the end-of-text id, of the build's tokenizer (for bits per byte)."""
-        return token_byte_lengths(load_tokenizer(self.tokenizer_path)), self.eos_id
+        """Bytes of text per token id and the end-of-text id, of the build's tokenizer (for bits per byte); a
+        token put before each document stands for no text."""
+        lengths = token_byte_lengths(load_tokenizer(self.tokenizer_path))
+        if self.bos_id is not None:
+            lengths[self.bos_id] = 0
+        return lengths, self.eos_id
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: the tokenizer, its companion files and its end-of-text id, so generation and
         export need nothing but the checkpoint; and ``skip_batches``, so that resuming a run that skipped them
         does not skip them again."""
         eos, tokenizer = self.eos_id, self.tokenizer_path.read_text()  # the first fails before setup
-        companions = read_companions(self.build_dir, list(self.manifest["tokenizer"].get("files", {})))
+        companions = self.tokenizer_companions()
         return {
             "tokenizer_json": tokenizer,
             "tokenizer_files": companions,
             "eos_id": eos,
+            "bos_id": self.bos_id,
             "skipped_batches": self.skip_batches,
         }
 

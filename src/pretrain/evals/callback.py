@@ -14,7 +14,8 @@ from tokenizers import Tokenizer
 
 from pretrain._compat import callback_state_key
 from pretrain.callbacks.text_samples import gathered_weights
-from pretrain.data.prepare.tokenizer import load_tokenizer
+from pretrain.data.prepare.tokenizer import DocumentBounds, load_tokenizer
+from pretrain.data.prepare.tokenizer_files import beginning_id
 from pretrain.errors import UserError
 from pretrain.evals.scoring import Batch, batch_of, choice_scores, count_correct, scoring_rows, token_loglikelihoods
 from pretrain.evals.tasks import Question, read_task
@@ -76,7 +77,10 @@ class MultipleChoice(L.Callback):
         """Read, check and tokenize every task (after ``prepare_data``, which writes the built-in one)."""
         datamodule = trainer.datamodule
         tokenizer = load_tokenizer(datamodule.tokenizer_path)
-        prefix = datamodule.eos_id  # an exported folder's beginning-of-text token
+        # An empty context's token: lm-evaluation-harness's beginning of text, as the exported folder sets it.
+        bounds = DocumentBounds(datamodule.eos_id, getattr(datamodule, "bos_id", None))
+        companions = datamodule.tokenizer_companions() if hasattr(datamodule, "tokenizer_companions") else {}
+        prefix = beginning_id(tokenizer, companions, bounds)
         pinned = trainer.strategy.root_device.type == "cuda"
         self.shares = []
         for name, path in self.tasks.items():

@@ -30,9 +30,10 @@ class HeldOutLoss(Metric):
 
 
 class BitsPerByte(Metric):
-    """Bits per UTF-8 byte of held-out text: the next-token losses of every target but the end-of-text token,
-    in bits, over the bytes those targets stand for. Unlike nats per token it does not depend on the
-    tokenizer, so runs with different vocabularies compare. Summed on the device, read at ``compute``."""
+    """Bits per UTF-8 byte of held-out text: the next-token losses of the targets that stand for text (not the
+    end-of-text token, nor any of no bytes, such as a beginning token), in bits, over the bytes they stand for.
+    Unlike nats per token it does not depend on the tokenizer, so runs with different vocabularies compare.
+    Summed on the device, read at ``compute``."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -41,7 +42,7 @@ class BitsPerByte(Metric):
 
     def update(self, losses: torch.Tensor, targets: torch.Tensor, token_bytes: torch.Tensor, eos_id: int) -> None:
         """``losses``, ``targets``: (B, T); ``token_bytes``: bytes per token id."""
-        text = targets != eos_id
+        text = (targets != eos_id) & (token_bytes[targets] > 0)
         self.nats += losses.detach().double().mul(text).sum()
         self.bytes += token_bytes[targets].mul(text).sum()
 

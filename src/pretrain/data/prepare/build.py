@@ -63,7 +63,7 @@ from pretrain.data.prepare.plan import DocumentSplit, plan_units
 from pretrain.data.prepare.shard_writer import build_shards
 from pretrain.data.prepare.source_overlap import refuse_overlap
 from pretrain.data.prepare.sources import Corpus, any_source_found, resolve_sources
-from pretrain.data.prepare.tokenizer import eos_id
+from pretrain.data.prepare.tokenizer import DocumentBounds, document_bounds
 from pretrain.data.prepare.tokenizer_sample import build_tokenizer
 from pretrain.errors import SourcesNotFound
 
@@ -102,14 +102,14 @@ def _build_locked(datasets: Datasets, root: Path, built_with: BuildOptions, requ
         return manifest
     plans = ranks.everywhere(lambda: {name: plan_units(corpus.files, val_fraction) for name, corpus in corpora.items()})
     tokenizer = build_tokenizer(root, list(plans.values()), built_with, scratch)
-    eos = eos_id(tokenizer, built_with.eos_token)
+    bounds = document_bounds(tokenizer, built_with.eos_token, built_with.bos_token)
     split, built = DocumentSplit(val_fraction), {}
     for name, units in plans.items():
         log.info("Tokenizing %d files into %s", len(corpora[name].files), root / name)
-        options = (built_with.text_field, tokenizer, eos, root / name, scratch / name, built_with.chunk_bytes)
+        options = (built_with.text_field, tokenizer, bounds, root / name, scratch / name, built_with.chunk_bytes)
         shards = build_shards(units, split, *options, ranks, built_with.progress)
         counts = (shards, corpora[name], len(units), ranks.world_size)
-        built[name] = ranks.on_first(partial(_finish_dataset, root, name, tokenizer, eos, request, counts))
+        built[name] = ranks.on_first(partial(_finish_dataset, root, name, tokenizer, bounds, request, counts))
     rss = ranks.gather(peak_rss_mb())
 
     def finish() -> dict[str, Any]:
@@ -150,14 +150,14 @@ def _standing_build(
 
 
 def _finish_dataset(
-    root: Path, name: str, tokenizer: Tokenizer, eos: int, request: dict, counts: tuple
+    root: Path, name: str, tokenizer: Tokenizer, bounds: DocumentBounds, request: dict, counts: tuple
 ) -> dict[str, Any]:
     """A dataset's manifest and next-line task, in its folder; a mixture's dataset gets a manifest of its own
     there (for reading it alone), a single corpus's becomes the build's."""
     folder = root / name
     own_request = request if name == SINGLE else {"sources": request["mixture"][name]["sources"]}
-    manifest = manifest_of(own_request, tokenizer, eos, root, *counts, [], 0.0)
-    write_next_line_task(folder, tokenizer)
+    manifest = manifest_of(own_request, tokenizer, bounds, root, *counts, [], 0.0)
+    write_next_line_task(folder, tokenizer, bounds.bos)
     if name != SINGLE:
         write_json_atomic(folder / "manifest.json", manifest)
     return manifest

@@ -18,6 +18,7 @@ from pretrain.data.prepare.options import token_dtype
 from pretrain.data.prepare.plan import DocumentSplit
 from pretrain.data.prepare.ranks import Ranks
 from pretrain.data.prepare.readers import RawDocument, Unit, read_unit
+from pretrain.data.prepare.tokenizer import DocumentBounds
 
 log = logging.getLogger(__name__)
 
@@ -56,24 +57,26 @@ def encode_units(
     split: DocumentSplit,
     text_field: str,
     tokenizer: Tokenizer,
-    eos: int,
+    bounds: DocumentBounds,
     buckets: BucketFiles,
     bar: tqdm,
 ) -> Counter:
-    """Encode this process's units into its part of every bucket, each document closed with ``eos``; returns the
+    """Encode this process's units into its part of every bucket, each document between ``bounds``; returns the
     noted events.
 
     A batch is encoded on a thread of its own (the tokenizer's cores, without the GIL) while this one
     reads the next batch and files the one before into the buckets.
     """
-    dtype = token_dtype(tokenizer.get_vocab_size())
+    dtype, first = token_dtype(tokenizer.get_vocab_size()), int(bounds.bos is not None)  # ids before the text
     tokenizer.encode_special_tokens = True  # "<|endoftext|>" inside a document is text, not a document break
     events, pending, pending_chars = Counter(), [], 0
 
     def file_away(batch: list[tuple], encodings: Future) -> None:
         for (name, text, unit, ordinal), encoding in zip(batch, encodings.result(), strict=True):
-            ids = np.empty(len(encoding.ids) + 1, dtype=dtype)
-            ids[:-1], ids[-1] = encoding.ids, eos
+            ids = np.empty(len(encoding.ids) + first + 1, dtype=dtype)
+            if first:
+                ids[0] = bounds.bos
+            ids[first:-1], ids[-1] = encoding.ids, bounds.eos
             buckets.add(name, text, unit, ordinal, ids)
         buckets.flush()
 

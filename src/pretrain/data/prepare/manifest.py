@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 from pretrain.data.prepare.options import file_sha256, token_dtype
 from pretrain.data.prepare.ownership import is_build_manifest
 from pretrain.data.prepare.sources import Corpus
+from pretrain.data.prepare.tokenizer import DocumentBounds
 from pretrain.data.prepare.tokenizer_files import companion_digests
 from pretrain.errors import UserError
 
@@ -143,7 +144,7 @@ def peak_rss_mb() -> float:
 def manifest_of(
     request: dict,
     tokenizer: Tokenizer,
-    eos: int,
+    bounds: DocumentBounds,
     root: Path,
     built: dict,
     corpus: Corpus,
@@ -160,7 +161,8 @@ def manifest_of(
             "path": "tokenizer.json",
             "sha256": file_sha256(root / "tokenizer.json"),
             "vocab_size": tokenizer.get_vocab_size(),
-            "eos_id": eos,
+            "eos_id": bounds.eos,
+            "bos_id": bounds.bos,  # before each document: none unless data.bos_token names one
             "dtype": token_dtype(tokenizer.get_vocab_size()),
             "files": companion_digests(root),  # a given tokenizer's companions, in tokenizer_files/
         },

@@ -91,15 +91,17 @@ def _similar_lines(pool: list[tuple[int, int, str]], line: str, document: int, r
     return rng.sample(options, DISTRACTORS) if len(options) >= DISTRACTORS else []
 
 
-def validation_texts(build: Path, tokenizer: Tokenizer) -> Iterator[str]:
-    """The validation split's documents as text, in stored order (the end-of-text token left out)."""
+def validation_texts(build: Path, tokenizer: Tokenizer, bos: int | None = None) -> Iterator[str]:
+    """The validation split's documents as text, in stored order (the end-of-text token left out, and ``bos``,
+    the token the build put before each document, if any)."""
+    first = int(bos is not None)
     for ids in iter_documents(build / "val"):
-        yield tokenizer.decode(ids[:-1].tolist(), skip_special_tokens=False)
+        yield tokenizer.decode(ids[first:-1].tolist(), skip_special_tokens=False)
 
 
-def write_next_line_task(build: Path, tokenizer: Tokenizer, seed: int = 0) -> Path:
-    """``build/evals/next_line.jsonl`` from the build's validation split."""
-    questions = next_line_questions(validation_texts(build, tokenizer), seed=seed)
+def write_next_line_task(build: Path, tokenizer: Tokenizer, bos: int | None = None, seed: int = 0) -> Path:
+    """``build/evals/next_line.jsonl`` from the build's validation split (``bos``: as ``validation_texts``)."""
+    questions = next_line_questions(validation_texts(build, tokenizer, bos), seed=seed)
     return _write_task(build / TASK_PATH, [json.dumps(q, ensure_ascii=False) + "\n" for q in questions])
 
 

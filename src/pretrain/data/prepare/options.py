@@ -53,15 +53,18 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def tokenizer_request(tokenizer: str | None, vocab_size: int, sample_bytes: int | str, eos_token: str | None) -> dict:
-    """The tokenizer part of a build request: a given file by its hash (and the end-of-text token named, if
-    one is), a trained one by its size and sample."""
+def tokenizer_request(
+    tokenizer: str | None, vocab_size: int, sample_bytes: int | str, eos_token: str | None, bos_token: str | None
+) -> dict:
+    """The tokenizer part of a build request: a given file by its hash (and the end-of-text and beginning tokens
+    named, if they are), a trained one by its size and sample."""
+    named = {name: token for name, token in (("eos_token", eos_token), ("bos_token", bos_token)) if token}
     if tokenizer:
-        return {"sha256": file_sha256(tokenizer_file(tokenizer)), **({"eos_token": eos_token} if eos_token else {})}
-    if eos_token:
+        return {"sha256": file_sha256(tokenizer_file(tokenizer)), **named}
+    for name, token in named.items():
         raise UserError(
-            f"data.eos_token {eos_token!r} names a token of a given tokenizer: set data.tokenizer too (a trained "
-            "one ends documents with its own <|endoftext|>)."
+            f"data.{name} {token!r} names a token of a given tokenizer: set data.tokenizer too (a trained one has "
+            "only its own <|endoftext|>, which ends each document and so stands before the next)."
         )
     return {"train_vocab_size": vocab_size, "sample_bytes": byte_count(sample_bytes, "tokenizer_sample_bytes")}
 
@@ -80,6 +83,7 @@ class BuildOptions:
         chunk_bytes: Size of each litdata chunk.
         tokenizer_sample_bytes: About how much training text the tokenizer is trained on.
         eos_token: The token of a given tokenizer that ends each document, where it has none of the usual names.
+        bos_token: The token of a given tokenizer put before each document (none by default).
         ranks: The processes building together (default: this one alone).
     """
 
@@ -92,6 +96,7 @@ class BuildOptions:
     chunk_bytes: str = CHUNK_BYTES
     tokenizer_sample_bytes: int | str = TOKENIZER_SAMPLE_BYTES
     eos_token: str | None = None
+    bos_token: str | None = None
     ranks: Ranks = field(default_factory=Ranks)
 
     def request(self) -> dict[str, Any]:
@@ -99,7 +104,7 @@ class BuildOptions:
         byte_count(self.chunk_bytes, "chunk_bytes")
         return {
             "tokenizer": tokenizer_request(
-                self.tokenizer, self.vocab_size, self.tokenizer_sample_bytes, self.eos_token
+                self.tokenizer, self.vocab_size, self.tokenizer_sample_bytes, self.eos_token, self.bos_token
             ),
             "val_fraction": self.val_fraction,
             "text_field": self.text_field,

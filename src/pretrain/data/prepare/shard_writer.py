@@ -24,6 +24,7 @@ from pretrain.data.prepare.options import token_dtype
 from pretrain.data.prepare.plan import DocumentSplit, share_out
 from pretrain.data.prepare.ranks import Ranks
 from pretrain.data.prepare.readers import Unit
+from pretrain.data.prepare.tokenizer import DocumentBounds
 from pretrain.data.prepare.verify import sha256_of
 from pretrain.errors import UserError
 
@@ -74,7 +75,7 @@ def build_shards(
     split: DocumentSplit,
     text_field: str,
     tokenizer: Tokenizer,
-    eos: int,
+    bounds: DocumentBounds,
     root: Path,
     scratch: Path,
     chunk_bytes: str,
@@ -90,7 +91,7 @@ def build_shards(
     def encode() -> Counter:
         with progress_bar([units[n] for n in mine], ranks, "Tokenizing", progress) as bar:
             return encode_units(
-                units, mine, split, text_field, tokenizer, eos, BucketFiles(folders[ranks.rank], buckets, dtype), bar
+                units, mine, split, text_field, tokenizer, bounds, BucketFiles(folders[ranks.rank], buckets, dtype), bar
             )
 
     events = sum(ranks.gather(ranks.everywhere(encode)), Counter())

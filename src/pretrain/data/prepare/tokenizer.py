@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -66,6 +67,31 @@ def eos_id(tokenizer: Tokenizer, name: str | None = None) -> int:
         f"The tokenizer has none of the end-of-text tokens {list(KNOWN_EOS_TOKENS)}; name the one that ends its "
         "documents with data.eos_token."
     )
+
+
+class DocumentBounds(NamedTuple):
+    """The tokens around each document in the shards: ``bos`` before it (none unless ``data.bos_token`` names
+    one), ``eos`` after it."""
+
+    eos: int
+    bos: int | None = None
+
+
+def document_bounds(tokenizer: Tokenizer, eos_token: str | None = None, bos_token: str | None = None) -> DocumentBounds:
+    """The end-of-text token (``eos_id``) and, where ``bos_token`` names one, the token put before each document:
+    refused unless it is a token of the tokenizer other than the end-of-text token."""
+    eos = eos_id(tokenizer, eos_token)
+    if bos_token is None:
+        return DocumentBounds(eos)
+    bos = tokenizer.token_to_id(bos_token)
+    if bos is None:
+        raise UserError(f"data.bos_token {bos_token!r} is not a token of the tokenizer; name one of its tokens.")
+    if bos == eos:
+        raise UserError(
+            f"data.bos_token {bos_token!r} is the end-of-text token, which already stands before every document "
+            "but the first; leave data.bos_token empty."
+        )
+    return DocumentBounds(eos, bos)
 
 
 BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")
