@@ -35,7 +35,7 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 def build(corpus: Path, data_dir: Path, **options) -> dict:
-    return prepare([str(corpus)], str(data_dir), vocab_size=TINY_VOCAB, val_fraction=0.2, **options)
+    return prepare([str(corpus)], str(data_dir), **{"vocab_size": TINY_VOCAB, "val_fraction": 0.2, **options})
 
 
 @pytest.fixture
@@ -152,6 +152,30 @@ def test_a_given_tokenizer_inside_the_data_dir_is_kept(small_corpus: Path, tmp_p
     before = (data_dir / "tokenizer.json").read_bytes()
     build(small_corpus, data_dir, tokenizer=str(data_dir / "tokenizer.json"))
     assert (data_dir / "tokenizer.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("next_tokenizer", ["trained", "another file"])
+def test_a_given_tokenizer_kept_in_place_stays_the_user_s_in_later_builds(
+    small_corpus: Path, tmp_path: Path, next_tokenizer: str
+) -> None:
+    build(small_corpus, tmp_path / "first")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    mine = (tmp_path / "first" / "tokenizer.json").read_bytes()
+    (data_dir / "tokenizer.json").write_bytes(mine)
+    build(small_corpus, data_dir, tokenizer=str(data_dir))  # the folder, as a model's is given
+    build(small_corpus, tmp_path / "other", vocab_size=TINY_VOCAB + 16)
+    other = {"trained": None, "another file": str(tmp_path / "other" / "tokenizer.json")}[next_tokenizer]
+    before = snapshot(data_dir)
+    with pytest.raises(UserError, match=r"data/tokenizer.json is the tokenizer an earlier build was given in place"):
+        build(small_corpus, data_dir, overwrite=True, tokenizer=other)
+    assert snapshot(data_dir) == before
+    build(small_corpus, data_dir, overwrite=True, tokenizer=str(data_dir / "tokenizer.json"))  # given again: kept
+    assert (data_dir / "tokenizer.json").read_bytes() == mine
+    (data_dir / "tokenizer.json").unlink()  # moved away by its owner: the next build may write its own
+    build(small_corpus, data_dir, overwrite=True)
+    build(small_corpus, data_dir, overwrite=True, tokenizer=str(data_dir))  # reusing the build's own: still its own
+    build(small_corpus, data_dir, overwrite=True)
 
 
 def test_a_given_tokenizer_s_files_are_copied_and_a_rebuild_removes_only_the_copies(
