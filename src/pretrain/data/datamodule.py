@@ -24,6 +24,7 @@ from pretrain.data.prepare.options import CHUNK_BYTES, TOKENIZER_SAMPLE_BYTES, B
 from pretrain.data.prepare.ranks import Ranks
 from pretrain.data.prepare.tokenizer import document_bounds, load_tokenizer, token_byte_lengths
 from pretrain.data.prepare.tokenizer_files import read_companions
+from pretrain.data.prepare.verify import verify_tokenizer_files
 from pretrain.data.remote import (
     default_cache_dir,
     fetch_build_files,
@@ -183,6 +184,7 @@ class PretrainData(L.LightningDataModule):
                 f"but data.mixture is {mixture or 'not set'}; "
                 "make the config match the build, or point data.data_dir at another one."
             )
+        verify_tokenizer_files(self.build_dir, manifest)
         self.shares = {name: dataset["share"] for name, dataset in self.datasets.items()}
         self.manifest = manifest
         for name in self.shares:

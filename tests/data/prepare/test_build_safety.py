@@ -17,13 +17,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pretrain.data import PretrainData
 from pretrain.data.prepare import build as build_module
 from pretrain.data.prepare import build_lock
 from pretrain.data.prepare.build import prepare, prepare_mixture
 from pretrain.data.prepare.build_lock import LOCK_NAME, STALE_SECONDS, WAIT_VARIABLE, BuildLock
 from pretrain.data.prepare.manifest import MANIFEST_VERSION, read_manifest
 from pretrain.data.prepare.ownership import MARKER
-from pretrain.data.prepare.verify import sha256_of, verify_build, verify_chunk_digests, verify_token_ids
+from pretrain.data.prepare.verify import (
+    sha256_of,
+    verify_build,
+    verify_chunk_digests,
+    verify_token_ids,
+    verify_tokenizer_files,
+)
 from pretrain.errors import UserError
 from tests.helpers.corpora import make_corpus
 from tests.helpers.runs import QUICKSTART, TINY_VOCAB
@@ -392,3 +399,28 @@ def test_verify_names_the_shard_holding_a_token_id_outside_the_vocabulary(small_
     result = run_cli(*verify_command(small_corpus, data_dir))
     assert result.returncode == 2
     assert f"error: Shard {chunk} holds token id {vocab_size + 7}" in result.stderr
+
+
+@pytest.mark.parametrize("edited", ["tokenizer.json", "tokenizer_files/tokenizer_config.json"])
+def test_a_tokenizer_file_edited_after_the_build_is_refused_by_every_run_and_by_verify(
+    small_corpus: Path, tmp_path: Path, edited: str
+) -> None:
+    build(small_corpus, tmp_path / "first")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "tokenizer.json").write_bytes((tmp_path / "first" / "tokenizer.json").read_bytes())
+    (model / "tokenizer_config.json").write_text('{"bos_token": null}')
+    data_dir = tmp_path / "data"
+    build(small_corpus, data_dir, tokenizer=str(model))
+    data = PretrainData(data_dir=str(data_dir), seq_len=16, batch_size=2, num_workers=0, vocab_size=TINY_VOCAB)
+    data.setup("fit")  # as built: served
+    path = data_dir / edited
+    path.write_text(path.read_text().replace("null", '"<|endoftext|>"') + " ")  # a fix made by hand
+    data = PretrainData(data_dir=str(data_dir), seq_len=16, batch_size=2, num_workers=0, vocab_size=TINY_VOCAB)
+    with pytest.raises(UserError, match=rf"{path} changed since the build encoded its shards with it"):
+        data.setup("fit")
+    with pytest.raises(UserError, match=rf"{path} changed since the build"):
+        verify_build(data_dir)
+    path.unlink()
+    with pytest.raises(UserError, match=rf"{path}, a file of the build in {data_dir}, is missing"):
+        verify_tokenizer_files(data_dir, read_manifest(data_dir))

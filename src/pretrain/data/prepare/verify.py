@@ -1,5 +1,6 @@
 """Checks of a finished build that read every byte (``pretrain prepare --verify``, and shards fetched from a
-bucket): each chunk against the digest its manifest recorded, each token id against the vocabulary."""
+bucket): each chunk against the digest its manifest recorded, each token id against the vocabulary; and the
+check every run makes of the small files, that the tokenizer is still the one the shards were encoded with."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.data.prepare.ownership import TOKENIZER_FILES
 from pretrain.data.prepare.tokenizer import load_tokenizer
 from pretrain.data.shards import split_dtype
 from pretrain.errors import UserError
@@ -47,6 +49,24 @@ def verify_chunk_digests(build_root: Path, manifest: dict[str, Any]) -> None:
             )
 
 
+def verify_tokenizer_files(build_root: Path, manifest: dict[str, Any]) -> None:
+    """The build's ``tokenizer.json`` and the companion files beside it are the ones its manifest recorded: an
+    edited tokenizer would read the shards' ids as other text, and hand other ids to generation and export."""
+    recorded = manifest["tokenizer"]
+    files = {"tokenizer.json": recorded["sha256"]}
+    files |= {f"{TOKENIZER_FILES}/{name}": digest for name, digest in recorded.get("files", {}).items()}
+    for name, expected in files.items():
+        path = build_root / name
+        if not path.is_file():
+            raise UserError(f"{path}, a file of the build in {build_root}, is missing. {REBUILD}")
+        if sha256_of(path) != expected:
+            raise UserError(
+                f"{path} changed since the build encoded its shards with it (its sha256 is not the one in "
+                f"{build_root / 'manifest.json'}). Put the build's own file back, or rebuild: remove "
+                "manifest.json, or set data.overwrite: true."
+            )
+
+
 def verify_token_ids(split_dir: Path, vocab_size: int) -> None:
     """Every token id of every chunk of the split is below ``vocab_size``; names the first shard holding one
     that is not (a build made with another tokenizer, or damaged), and that id."""
@@ -77,6 +97,7 @@ def verify_build(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{root} holds no complete build (manifest.json is missing); `pretrain prepare` builds it.")
     manifest = json.loads(path.read_text())
+    verify_tokenizer_files(root, manifest)
     verify_chunk_digests(root, manifest)
     vocab_size = load_tokenizer(root / "tokenizer.json").get_vocab_size()
     for name in manifest.get("mixture") or [""]:
