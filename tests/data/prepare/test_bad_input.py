@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import subprocess
 from pathlib import Path
 
@@ -20,6 +22,27 @@ def test_sources_without_text_are_refused(tmp_path: Path) -> None:
     (tmp_path / "b.txt").write_bytes(b"\x00\x01\x02")
     with pytest.raises(UserError, match=r"hold no text \(skipped: \{'empty': 1, 'binary': 1, 'unsupported': 0\}\)"):
         resolve_sources([str(tmp_path)])
+
+
+def test_records_without_the_text_field_are_named_as_the_problem(tmp_path: Path) -> None:
+    lines = [json.dumps({"content": f"document {n}"}) for n in range(40)]
+    (tmp_path / "corpus.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"40 records without a string in the field 'text'.*Set data.text_field"):
+        prepare([str(tmp_path / "corpus.jsonl")], str(tmp_path / "data"), vocab_size=TINY_VOCAB)
+    manifest = prepare(
+        [str(tmp_path / "corpus.jsonl")], str(tmp_path / "data"), vocab_size=TINY_VOCAB, text_field="content"
+    )
+    assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 40
+
+
+@pytest.mark.parametrize("damage", ["cut short", "not gzip"])
+def test_a_damaged_gzip_source_is_named_in_one_error(tmp_path: Path, damage: str) -> None:
+    whole = gzip.compress(b"".join(json.dumps({"text": f"document {n} " * 20}).encode() + b"\n" for n in range(200)))
+    content = whole[: len(whole) // 2] if damage == "cut short" else b'{"text": "plain text"}\n'
+    (tmp_path / "corpus.jsonl.gz").write_bytes(content)
+    path = tmp_path / "corpus.jsonl.gz"
+    with pytest.raises(UserError, match=rf"{path} cannot be read to its end .*damaged or cut short"):
+        prepare([str(path)], str(tmp_path / "data"), vocab_size=TINY_VOCAB)
 
 
 def test_binary_files_are_skipped_and_counted(tmp_path: Path) -> None:

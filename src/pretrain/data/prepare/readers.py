@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,9 +122,15 @@ def read_unit(unit: Unit, text_field: str, wanted: Callable[[str], bool] | None 
     else:
         with open_binary(unit.path) as file:
             documents = iter([RawDocument(unit.key, *decode_text(file.read()), read=unit.size)])
-    for document in documents:
-        if wanted is None or wanted(document.key):
-            yield document
+    try:
+        for document in documents:
+            if wanted is None or wanted(document.key):
+                yield document
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # a download cut short, or not gzip at all
+        raise UserError(
+            f"{unit.path} cannot be read to its end ({type(error).__name__}: {error}): it is damaged or cut short. "
+            "Fetch it again, or leave it out of data.sources."
+        ) from None
 
 
 def piece_start(file: BinaryIO, position: int, size: int, search: int) -> int:

@@ -110,6 +110,12 @@ def build_shards(
 
     duplicates = sum(ranks.gather(ranks.everywhere(write)))
     written = ranks.on_first(lambda: [name for name in SPLITS if any((root / name).glob(".bucket-*.json"))])
+    if not written:
+        raise UserError(
+            f"The sources hold no text to train on: {events['malformed']} records without a string in the field "
+            f"{text_field!r} and {events['empty']} empty documents. Set data.text_field to the field that holds "
+            "the text, or give other data.sources."
+        )
     if "val" not in written:
         raise UserError(f"No document fell into the validation split; raise data.val_fraction ({split.val_fraction}).")
     if "train" not in written:
