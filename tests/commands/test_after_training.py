@@ -68,6 +68,19 @@ def test_prompts_decoded_together_continue_as_each_alone() -> None:
     assert sampled[0] == sampled[1] and sampled[0][0] != sampled[0][1]  # seeded; each row draws its own tokens
 
 
+def test_ids_past_the_tokenizer_s_vocabulary_are_never_sampled() -> None:
+    """A public model's embedding has rows past its tokenizer's ids (padding): they decode to nothing."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=40, seq_len=64, d_model=32, n_layer=2, n_head=4, n_kv_head=2, ffn_dim=48))
+    model.init_weights(0)
+    with torch.no_grad():
+        model.lm_head.weight[30:] *= 50  # padding rows the model would otherwise favour
+    drawn = generate_each(model, [([1, 2], 1.0, 60)] * 4, None, None, torch.Generator().manual_seed(0))
+    assert max(max(row) for row in drawn) >= 30
+    drawn = generate_each(model, [([1, 2], 1.0, 60)] * 4, None, None, torch.Generator().manual_seed(0), 30)
+    assert max(max(row) for row in drawn) < 30
+
+
 def test_sharded_checkpoint_folder_is_read_like_a_file(trained: Path, tmp_path: Path) -> None:
     checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
     folder = tmp_path / "sharded.ckpt"  # the layout Lightning's FSDP strategy writes

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from pretrain.checkpointing.loading import load_checkpoint, model_config
@@ -89,6 +90,11 @@ def test_sharded_and_bf16_folders_load(tmp_path: Path) -> None:
         ("hidden_act", "gelu", "hidden_act: 'gelu' is not supported"),
         ("some_new_field", 3, "some_new_field not understood"),
         ("model_type", "mistral", "model_type 'mistral' is not supported"),
+        ("quantization_config", {"quant_method": "gptq"}, "the weights are quantized"),
+        ("rope_parameters", {"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn' is not supported"),
+        ("rope_parameters", {"partial_rotary_factor": 0.5}, "the rope parameters partial_rotary_factor are not"),
+        ("rope_parameters", {**LLAMA3_ROPE, "factor": None}, "the llama3 rope scaling's factor must be a number"),
+        ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_parameters and rope_scaling differ"),
     ],
 )
 def test_a_field_we_cannot_honour_is_refused_by_name(llama: Path, tmp_path: Path, field, value, message) -> None:
@@ -98,6 +104,33 @@ def test_a_field_we_cannot_honour_is_refused_by_name(llama: Path, tmp_path: Path
     (folder / "config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(UserError, match=message):
         read_hf_config(folder, SEQ_LEN)
+
+
+def test_a_folder_without_config_or_safetensors_is_refused_before_anything_is_built(llama: Path, tmp_path: Path):
+    no_config, bin_only = tmp_path / "no_config", tmp_path / "bin_only"
+    for folder in (no_config, bin_only):
+        shutil.copytree(llama, folder)
+    (no_config / "config.json").unlink()
+    (bin_only / "model.safetensors").rename(bin_only / "pytorch_model.bin")  # the file name is what is judged
+    for folder, message in [(no_config, "has weights but no config.json"), (bin_only, "holds PyTorch .bin weights")]:
+        with pytest.raises(UserError, match=rf"model.init_from {folder} {message}"):
+            model_architecture("tiny", None, VOCAB, SEQ_LEN, str(folder))
+
+
+@pytest.mark.parametrize("saved", ["untied without a head", "tied with a head of its own"])
+def test_a_head_that_contradicts_tie_word_embeddings_is_refused_by_name(llama: Path, tmp_path: Path, saved: str):
+    folder = tmp_path / "model"
+    shutil.copytree(llama, folder)
+    weights = safetensors.torch.load_file(folder / "model.safetensors")
+    if saved == "untied without a head":
+        del weights["lm_head.weight"]
+    else:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    safetensors.torch.save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    message = {"untied without a head": "lack lm_head.weight", "tied with a head of its own": "lm_head.weight differs"}
+    with pytest.raises(UserError, match=message[saved]):
+        load_exported_weights(folder, read_hf_config(folder, SEQ_LEN))
 
 
 def test_overrides_must_agree_with_the_folder_and_the_data_must_fit_its_vocabulary(llama: Path) -> None:

@@ -77,7 +77,7 @@ class TextSamples(L.Callback):
         with torch.no_grad(), torch.compiler.set_stance("force_eager"), gathered_weights(trainer.strategy.model):
             # New shapes at each token: run eagerly rather than recompile.
             generator = torch.Generator(model.embed.weight.device).manual_seed(self.seed)
-            written = generate_each(model, requests, self.top_k, eos, generator)
+            written = generate_each(model, requests, self.top_k, eos, generator, tokenizer.get_vocab_size())
         texts = [continuation_text(tokenizer, ids, eos) for ids in written[: 2 * len(self.prompts)]]
         prompts = list(zip(self.prompts, texts[0::2], texts[1::2], strict=True))  # greedy, then sampled
         documents = [

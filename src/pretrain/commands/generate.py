@@ -45,12 +45,14 @@ def generate(
     top_k: int | None = None,
     stop_id: int | None = None,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
 ) -> list[int]:
     """Token ids that continue ``prompt``, decoded incrementally with a KV cache.
 
-    Stops after ``max_new_tokens``, at ``stop_id``, or when the context (``seq_len``) is full.
+    Stops after ``max_new_tokens``, at ``stop_id``, or when the context (``seq_len``) is full. ``vocab_size``: the
+    tokenizer's, where the model's rows run past it (a public model's padding): those ids are never drawn.
     """
-    return generate_rows(model, [prompt], max_new_tokens, [temperature], top_k, stop_id, generator)[0]
+    return generate_rows(model, [prompt], max_new_tokens, [temperature], top_k, stop_id, generator, vocab_size)[0]
 
 
 @torch.no_grad()
@@ -62,6 +64,7 @@ def generate_rows(
     top_k: int | None = None,
     stop_id: int | None = None,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """``generate`` for prompts of one length, each at its own temperature, decoded together: one forward pass
     per token for all of them, where a small model's pass costs its calls' overhead more than its arithmetic.
@@ -79,9 +82,10 @@ def generate_rows(
     new: list[list[int]] = [[] for _ in prompts]
     stopped = [False] * len(prompts)
     steps = min(max_new_tokens, room)
+    vocab_size = min(vocab_size or model.config.vocab_size, model.config.vocab_size)
     for step in range(steps):
         tokens = [
-            stop_id if done else sample_next(row_logits[: model.config.vocab_size], temperature, top_k, generator)
+            stop_id if done else sample_next(row_logits[:vocab_size], temperature, top_k, generator)
             for row_logits, temperature, done in zip(logits, temperatures, stopped, strict=True)
         ]
         for row, token in enumerate(tokens):
@@ -100,6 +104,7 @@ def generate_each(
     top_k: int | None = None,
     stop_id: int | None = None,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
 ) -> list[list[int]]:
     """The continuation of each (prompt, temperature, max_new_tokens), those whose prompts have one length
     decoded together (``generate_rows``)."""
@@ -111,7 +116,14 @@ def generate_each(
         longest = max(requests[index][2] for index in indices)
         temperatures = [requests[index][1] for index in indices]
         rows = generate_rows(
-            model, [requests[index][0] for index in indices], longest, temperatures, top_k, stop_id, generator
+            model,
+            [requests[index][0] for index in indices],
+            longest,
+            temperatures,
+            top_k,
+            stop_id,
+            generator,
+            vocab_size,
         )
         for index, row in zip(indices, rows, strict=True):
             results[index] = row[: requests[index][2]]
@@ -146,7 +158,9 @@ def continue_text(
 ) -> str:
     """The text the model writes after ``prompt`` (an empty prompt starts a new document), until end-of-text."""
     ids = prompt_ids(tokenizer, prompt, bounds)
-    written = generate(model, ids, max_new_tokens, temperature, top_k, bounds.eos, generator)
+    written = generate(
+        model, ids, max_new_tokens, temperature, top_k, bounds.eos, generator, tokenizer.get_vocab_size()
+    )
     return continuation_text(tokenizer, written, bounds.eos)
 
 

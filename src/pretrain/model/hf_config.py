@@ -15,14 +15,14 @@ from typing import Any
 
 from pretrain.errors import UserError
 from pretrain.model.config import LlamaConfig
-from pretrain.model.hf_layout import is_hf_folder
+from pretrain.model.hf_layout import check_init_from, is_hf_folder
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Fields with no effect on the model's outputs in training: the folder, generation, the cache, initialisation.
 NO_EFFECT = {
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "bos_token_id", "eos_token_id",
     "pad_token_id", "use_cache", "initializer_range", "max_position_embeddings", "pretraining_tp",
-    "tie_word_embeddings", "_name_or_path", "max_window_layers",
+    "tie_word_embeddings", "_name_or_path", "max_window_layers", "_attn_implementation_autoset",
 }  # fmt: skip
 # Fields that must hold one value (the one our Llama computes with), by name.
 REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
@@ -60,6 +60,10 @@ def llama_config_from_hf(hf: dict[str, Any], seq_len: int, where: str = "config.
     for field, allowed in REQUIRED_VALUES.items():
         if field in hf and hf[field] not in allowed and not (field == "sliding_window" and not sliding):
             raise UserError(f"{where}: {field}: {hf[field]!r} is not supported (only {allowed[0]!r}).")
+    if "quantization_config" in hf:
+        raise UserError(
+            f"{where}: quantization_config: the weights are quantized; start from the model's unquantized folder."
+        )
     unknown = sorted(set(hf) - NO_EFFECT - set(REQUIRED_VALUES) - READ)
     if unknown:
         raise UserError(
@@ -98,11 +102,16 @@ def _llama_config(hf: dict[str, Any], model_type: str, seq_len: int, where: str)
 
 def _rope_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
     """rope_theta and Llama 3's scaling, from ``rope_scaling`` + ``rope_theta`` or from ``rope_parameters``."""
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    both = [hf.get("rope_parameters"), hf.get("rope_scaling")]
+    if all(both) and {**both[0], "rope_theta": None} != {**both[1], "rope_theta": None}:
+        raise UserError(f"{where}: rope_parameters and rope_scaling differ; keep the one the model was saved with.")
+    rope = dict(both[0] or both[1] or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10_000.0))
     kind = rope.pop("rope_type", rope.pop("type", "default"))
     if kind == "default" and not rope:
         return {"rope_base": float(theta)}
+    if kind == "default":
+        raise UserError(f"{where}: the rope parameters {', '.join(sorted(rope))} are not supported.")
     if kind != "llama3":
         raise UserError(f"{where}: rope_type {kind!r} is not supported (default or llama3).")
     known = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
@@ -110,6 +119,8 @@ def _rope_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
         raise UserError(f"{where}: the llama3 rope scaling lacks {', '.join(missing)}.")
     if extra := sorted(set(rope) - known):
         raise UserError(f"{where}: the llama3 rope scaling's {', '.join(extra)} not understood.")
+    if empty := sorted(name for name in known if not isinstance(rope[name], int | float)):
+        raise UserError(f"{where}: the llama3 rope scaling's {', '.join(empty)} must be a number.")
     return {
         "rope_base": float(theta),
         "rope_factor": float(rope["factor"]),
@@ -124,6 +135,8 @@ def model_architecture(
 ) -> LlamaConfig:
     """The architecture a run trains: a Hugging Face folder's own (``init_from``), with ``overrides`` allowed only
     where they agree with it; otherwise the preset with ``overrides``, the vocabulary and length from the data."""
+    if init_from:
+        check_init_from(init_from)
     if not (init_from and is_hf_folder(init_from)):
         try:
             return LlamaConfig.from_preset(preset, vocab_size=vocab_size, seq_len=seq_len, **(overrides or {}))

@@ -64,7 +64,17 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], config: LlamaConfig) -> dict
 
     out = {ours: tensor(theirs) for ours, theirs in TOP_NAMES.items() if theirs != "lm_head.weight" or theirs in hf}
     used = {theirs for theirs in TOP_NAMES.values() if theirs in hf}
-    if config.tie_embeddings or "lm_head.weight" not in hf:
+    if not config.tie_embeddings and "lm_head.weight" not in hf:
+        raise UserError(
+            "The folder's weights lack lm_head.weight, and its config.json does not tie the head to the embedding "
+            "(tie_word_embeddings is false or absent): set it true if the model was saved tied."
+        )
+    if config.tie_embeddings and "lm_head.weight" in hf and not torch.equal(hf["lm_head.weight"], out["embed.weight"]):
+        raise UserError(
+            "The folder's lm_head.weight differs from its model.embed_tokens.weight, but its config.json ties them "
+            "(tie_word_embeddings: true): set it false if the model has a head of its own."
+        )
+    if config.tie_embeddings:
         out["lm_head.weight"] = out["embed.weight"]
     names = {**BLOCK_NAMES, **QK_NORM_NAMES} if config.qk_norm else BLOCK_NAMES
     for i in range(config.n_layer):
@@ -98,6 +108,26 @@ def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
 def load_exported_weights(folder: str | Path, config: LlamaConfig) -> dict[str, torch.Tensor]:
     """Our-named weights from a Hugging Face folder (``pretrain export``'s or ``transformers``')."""
     return from_hf_state_dict(read_safetensors_folder(folder), config)
+
+
+def check_init_from(path: str | Path) -> None:
+    """Refuse, before anything is built, a folder that is neither a Hugging Face model (``config.json`` +
+    safetensors) nor a sharded checkpoint. (A missing path is named where it is read: a resumed run does not read
+    a checkpoint it started from.)"""
+    path = Path(path)
+    if not path.is_dir() or is_hf_folder(path) or (path / ".metadata").is_file():
+        return
+    if any(path.glob("pytorch_model*.bin")):
+        raise UserError(
+            f"model.init_from {path} holds PyTorch .bin weights only: save it again with safetensors "
+            "(AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)), then start from that."
+        )
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        raise UserError(f"model.init_from {path} has weights but no config.json: copy the model's config.json there.")
+    raise UserError(
+        f"model.init_from {path} is neither a Hugging Face model folder (config.json and model.safetensors) nor a "
+        "checkpoint of a run."
+    )
 
 
 def is_hf_folder(path: str | Path) -> bool:
