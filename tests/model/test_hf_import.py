@@ -13,6 +13,7 @@ import safetensors.torch
 import torch
 
 from pretrain.checkpointing.loading import load_checkpoint, model_config
+from pretrain.commands.export import export
 from pretrain.errors import UserError
 from pretrain.model.hf_check import check_against_transformers, compare_logits
 from pretrain.model.hf_config import model_architecture, read_hf_config
@@ -159,6 +160,8 @@ def test_a_run_starts_from_a_qwen3_folder_with_its_tokenizer(
     model = tmp_path / "model"
     shutil.copytree(qwen3, model)
     shutil.copy(prepared / "tokenizer.json", model / "tokenizer.json")  # as a model folder holds its tokenizer
+    generation = {"eos_token_id": [3, 5], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    (model / "generation_config.json").write_text(json.dumps(generation))
     start = ("--model.init_from", str(model), "--model.overrides", "{}", "--trainer.max_steps", "2")
     data = ("--data.tokenizer", str(model), "--data.data_dir", str(tmp_path / "data"))
     result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, *start, *data))
@@ -166,3 +169,10 @@ def test_a_run_starts_from_a_qwen3_folder_with_its_tokenizer(
     assert f"Logits of {model} match transformers'" in result.stderr
     checkpoint = load_checkpoint(tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt")
     assert model_config(checkpoint).attention_head_dim == 32 and model_config(checkpoint).qk_norm
+    # Export gives back what the public model was made for: its context (longer than the run's seq_len) and
+    # its generation settings.
+    exported = export(str(tmp_path / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"), str(tmp_path / "out"))
+    context = json.loads((qwen3 / "config.json").read_text())["max_position_embeddings"]
+    assert context > model_config(checkpoint).seq_len
+    assert json.loads((exported / "config.json").read_text())["max_position_embeddings"] == context
+    assert json.loads((exported / "generation_config.json").read_text()) == generation

@@ -31,9 +31,12 @@ from pretrain.model.config import LlamaConfig
 from pretrain.model.hf_layout import to_hf_state_dict
 
 
-def hf_config(config: LlamaConfig, bos: int, eos: int, dtype: torch.dtype) -> dict[str, Any]:
+def hf_config(
+    config: LlamaConfig, bos: int, eos: int, dtype: torch.dtype, context: int | None = None
+) -> dict[str, Any]:
     """Llama's architecture; with ``qk_norm``, Qwen3's: Llama's blocks plus an RMSNorm of each head's queries
-    and keys before the rotary embedding, as ours."""
+    and keys before the rotary embedding, as ours. ``context``: the public model's own, where the run started
+    from one made for a longer context than it trained on."""
     qwen3 = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": config.n_layer}
     return {
         "architectures": ["Qwen3ForCausalLM" if config.qk_norm else "LlamaForCausalLM"],
@@ -46,7 +49,7 @@ def hf_config(config: LlamaConfig, bos: int, eos: int, dtype: torch.dtype) -> di
         "num_attention_heads": config.n_head,
         "num_key_value_heads": config.n_kv_head,
         "head_dim": config.head_dim,
-        "max_position_embeddings": config.seq_len,
+        "max_position_embeddings": max(config.seq_len, context or 0),
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_base,
         **({"rope_scaling": llama3_scaling(config)} if config.rope_scaling else {}),
@@ -99,7 +102,11 @@ def export(checkpoint: str, out_dir: str, overwrite: bool = False) -> Path:
         print(f"Changed from the tokenizer's own files: {change}")
     dtype = next(iter(state.values())).dtype
     first = beginning_id(tokenizer, companions, bounds)
-    (staging / "config.json").write_text(json.dumps(hf_config(config, first, bounds.eos, dtype), indent=2) + "\n")
+    source = loaded.get("source_model") or {}  # the public model the run started from, if any
+    hf = hf_config(config, first, bounds.eos, dtype, source.get("max_position_embeddings"))
+    (staging / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    if source.get("generation_config"):
+        (staging / "generation_config.json").write_text(json.dumps(source["generation_config"], indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

@@ -130,6 +130,23 @@ def _rope_fields(hf: dict[str, Any], where: str) -> dict[str, Any]:
     }
 
 
+def source_model_record(init_from: str | None) -> dict[str, Any] | None:
+    """What export gives back of a Hugging Face folder a run started from, beyond its architecture: the context
+    it was made for (``max_position_embeddings``, often longer than the run's ``seq_len``) and its
+    ``generation_config.json`` (stop tokens, sampling defaults). None for any other start."""
+    if not (init_from and is_hf_folder(init_from)):
+        return None
+    folder = Path(init_from)
+    generation = folder / "generation_config.json"
+    try:
+        return {
+            "max_position_embeddings": json.loads((folder / "config.json").read_text()).get("max_position_embeddings"),
+            "generation_config": json.loads(generation.read_text()) if generation.is_file() else None,
+        }
+    except (OSError, json.JSONDecodeError) as error:
+        raise UserError(f"{folder}: {error}") from None
+
+
 def model_architecture(
     preset: str, overrides: dict[str, Any] | None, vocab_size: int, seq_len: int, init_from: str | None
 ) -> LlamaConfig:

@@ -19,7 +19,7 @@ from pretrain.checkpointing.random_states import random_states, restore_random_s
 from pretrain.errors import UserError
 from pretrain.model.document_mask import AttentionMask, AttentionMaskName, document_mask
 from pretrain.model.hf_check import check_against_transformers
-from pretrain.model.hf_config import model_architecture
+from pretrain.model.hf_config import model_architecture, source_model_record
 from pretrain.model.hf_layout import is_hf_folder
 from pretrain.model.llama import Llama
 from pretrain.model.losses import next_token_loss
@@ -104,6 +104,7 @@ class PretrainModule(L.LightningModule):
         if compile_mode != "default" and compile is False:
             raise UserError(f"model.compile_mode: {compile_mode} has no effect without model.compile: true; set both.")
         self.config = model_architecture(preset, overrides, vocab_size, seq_len, init_from)
+        self.source_model = source_model_record(init_from)  # carried by every checkpoint, for export
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.model: Llama | None = None
@@ -293,6 +294,8 @@ class PretrainModule(L.LightningModule):
         self.step_guard.read(self.trainer)
         checkpoint["architecture"] = dataclasses.asdict(self.config)  # also where init_from's folder set it
         checkpoint["step_guard"] = self.step_guard.state_dict()
+        if self.source_model:
+            checkpoint["source_model"] = self.source_model
         checkpoint["rng_states"] = random_states()  # anything random added later continues as if never stopped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
