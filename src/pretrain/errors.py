@@ -52,8 +52,13 @@ class CommandParser(argparse.ArgumentParser):
 
 def run_command(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
     """Run a command's ``main``, turning a reported error into its one line and exit status."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException  # here: this module stays light
+
     try:
         main(argv)
     except ReportedError as error:
         print(f"{error.label}: {error}", file=sys.stderr)
         sys.exit(error.exit_status)
+    except MisconfigurationException as error:  # Lightning's word for settings that cannot work together
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(UserError.exit_status)

@@ -182,6 +182,21 @@ def test_model_mistake_exits_with_one_clear_line(run_cli) -> None:
     assert "error: model: Unknown model field(s) ['ffn_hidden']" in result.stderr and "ffn_dim" in result.stderr
 
 
+def test_a_data_dir_that_is_a_file_exits_with_one_clear_line(tmp_path: Path, run_cli) -> None:
+    (tmp_path / "notes.txt").write_text("mine\n")
+    result = run_cli("fit", "--config", QUICKSTART, "--data.data_dir", "notes.txt")
+    assert result.returncode == 2
+    assert "error: data.data_dir notes.txt is a file, not a folder" in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"
+
+
+def test_settings_lightning_refuses_exit_with_one_clear_line(corpus, prepared, tmp_path, run_cli) -> None:
+    result = run_cli(*tiny_fit_args(corpus[0], prepared, tmp_path, "--checkpoint.save_top_k", "3"))
+    assert result.returncode == 2
+    assert "error: ModelCheckpoint(save_top_k=3, monitor=None) is not a valid configuration" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_model_overfits_one_batch(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # the initial weights, whatever seed earlier tests left behind
     data = PretrainData(data_dir=str(prepared), seq_len=32, batch_size=4, num_workers=0, vocab_size=TINY_VOCAB)

@@ -139,6 +139,8 @@ class PretrainData(L.LightningDataModule):
         self.cache_dir = Path(cache_dir or default_cache_dir(data_dir)) if self.remote else None
         # Where this process reads the manifest and tokenizer: the build itself, or the local cache of a remote one.
         self.build_dir = self.cache_dir if self.remote else Path(data_dir)
+        if self.build_dir.exists() and not self.build_dir.is_dir():
+            raise UserError(f"data.data_dir {self.build_dir} is a file, not a folder: point it at a folder.")
         self.tokenizer_path = self.build_dir / "tokenizer.json"  # written by prepare_data
         self.manifest: dict[str, Any] | None = None  # the build's, read in setup
         self.shares: dict[str, float] = {"": 1.0}  # the share of training samples of each dataset ("": the corpus)
