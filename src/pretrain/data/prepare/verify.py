@@ -38,15 +38,26 @@ def verify_chunk_digests(build_root: Path, manifest: dict[str, Any]) -> None:
             f"The manifest of {build_root} lists no chunk checksums (it was built before they were recorded): "
             "`pretrain prepare` rebuilds it."
         )
-    for name, expected in chunks.items():
+    if (found := _first_not_as_recorded(build_root, chunks)) is not None:
+        path, missing = found
+        if missing:
+            raise UserError(f"Shard {path} is missing. {REBUILD}")
+        raise UserError(
+            f"Shard {path} does not match its checksum in {build_root / 'manifest.json'}: it was damaged or "
+            f"changed since it was built. {REBUILD}"
+        )
+
+
+def _first_not_as_recorded(build_root: Path, digests: dict[str, str]) -> tuple[Path, bool] | None:
+    """The first file of ``digests`` (path under ``build_root`` -> sha256) that is missing (True) or differs
+    (False); None when all are as recorded."""
+    for name, expected in digests.items():
         path = build_root / name
         if not path.is_file():
-            raise UserError(f"Shard {path} is missing. {REBUILD}")
+            return path, True
         if sha256_of(path) != expected:
-            raise UserError(
-                f"Shard {path} does not match its checksum in {build_root / 'manifest.json'}: it was damaged or "
-                f"changed since it was built. {REBUILD}"
-            )
+            return path, False
+    return None
 
 
 def verify_tokenizer_files(build_root: Path, manifest: dict[str, Any]) -> None:
@@ -55,16 +66,15 @@ def verify_tokenizer_files(build_root: Path, manifest: dict[str, Any]) -> None:
     recorded = manifest["tokenizer"]
     files = {"tokenizer.json": recorded["sha256"]}
     files |= {f"{TOKENIZER_FILES}/{name}": digest for name, digest in recorded.get("files", {}).items()}
-    for name, expected in files.items():
-        path = build_root / name
-        if not path.is_file():
+    if (found := _first_not_as_recorded(build_root, files)) is not None:
+        path, missing = found
+        if missing:
             raise UserError(f"{path}, a file of the build in {build_root}, is missing. {REBUILD}")
-        if sha256_of(path) != expected:
-            raise UserError(
-                f"{path} changed since the build encoded its shards with it (its sha256 is not the one in "
-                f"{build_root / 'manifest.json'}). Put the build's own file back, or rebuild: remove "
-                "manifest.json, or set data.overwrite: true."
-            )
+        raise UserError(
+            f"{path} changed since the build encoded its shards with it (its sha256 is not the one in "
+            f"{build_root / 'manifest.json'}). Put the build's own file back, or rebuild: remove "
+            "manifest.json, or set data.overwrite: true."
+        )
 
 
 def verify_token_ids(split_dir: Path, vocab_size: int) -> None:
