@@ -58,16 +58,17 @@ def test_a_truncated_newest_checkpoint_is_passed_over(corpus, prepared: Path, tm
     assert resumed_step(result) == 20
 
 
-def test_nothing_whole_starts_a_new_run_and_says_why(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:
+def test_nothing_whole_is_refused_rather_than_started_over(corpus, prepared: Path, tmp_path: Path, run_cli) -> None:
+    """A requeued job must not quietly train from step 0 over a run whose saves were all damaged."""
     checkpoints = first_run(run_cli, corpus, prepared, tmp_path)
     for step in ("0000020", "0000040"):
         path = checkpoints / f"step={step}.ckpt"
         path.write_bytes(path.read_bytes()[:100])
     result = resume(run_cli, corpus, prepared, tmp_path)
-    assert_ok(result)
+    assert result.returncode == 2
     assert result.stderr.count("Skipping") == 3  # the link and both steps
-    assert "that is whole in version_0" in result.stderr and "starting a new run" in result.stderr
-    assert (tmp_path / "quickstart" / "version_1").is_dir()
+    assert "version_0 is whole (see the warnings above), so it cannot be resumed" in result.stderr
+    assert not (tmp_path / "quickstart" / "version_1").exists()
 
 
 def test_the_same_run_under_another_spelling_of_its_folder_relinks_last(

@@ -229,13 +229,16 @@ def _use_last_checkpoint(config: Namespace, continue_run: bool) -> None:
         return  # no versioned logger to search: leave "last" to Lightning
     name = init_args.get("name") or "lightning_logs"
     found = find_last_checkpoint(init_args.save_dir, name)
-    if found is None or found[1] is None:
-        why = "yet" if found is None else f"that is whole in version_{found[0]} (see the warnings above)"
-        if not continue_run:
-            raise UserError(f"No checkpoint of {name} under {init_args.save_dir} {why}; give --ckpt_path a .ckpt file.")
-        (log.info if found is None else log.warning)(
-            "No checkpoint of %s under %s %s: starting a new run", name, init_args.save_dir, why
+    if found is not None and found[1] is None:  # saves exist, none whole: starting over would drop the run's steps
+        raise UserError(
+            f"No checkpoint of {name} in {init_args.save_dir}/{name}/version_{found[0]} is whole (see the warnings "
+            "above), so it cannot be resumed. Give --ckpt_path a checkpoint you trust, or leave --ckpt_path out to "
+            "start a new run."
         )
+    if found is None:
+        if not continue_run:
+            raise UserError(f"No checkpoint of {name} under {init_args.save_dir} yet; give --ckpt_path a .ckpt file.")
+        log.info("No checkpoint of %s under %s yet: starting a new run", name, init_args.save_dir)
         config.ckpt_path = None
         return
     version, path = found
