@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,26 +39,28 @@ def verify_chunk_digests(build_root: Path, manifest: dict[str, Any]) -> None:
             f"The manifest of {build_root} lists no chunk checksums (it was built before they were recorded): "
             "`pretrain prepare` rebuilds it."
         )
-    if (found := _first_not_as_recorded(build_root, chunks)) is not None:
-        path, missing = found
-        if missing:
-            raise UserError(f"Shard {path} is missing. {REBUILD}")
-        raise UserError(
-            f"Shard {path} does not match its checksum in {build_root / 'manifest.json'}: it was damaged or "
-            f"changed since it was built. {REBUILD}"
-        )
+    _check_digests(
+        build_root,
+        chunks,
+        missing=lambda path: f"Shard {path} is missing. {REBUILD}",
+        changed=lambda path: (
+            f"Shard {path} does not match its checksum in {build_root / 'manifest.json'}: it was "
+            f"damaged or changed since it was built. {REBUILD}"
+        ),
+    )
 
 
-def _first_not_as_recorded(build_root: Path, digests: dict[str, str]) -> tuple[Path, bool] | None:
-    """The first file of ``digests`` (path under ``build_root`` -> sha256) that is missing (True) or differs
-    (False); None when all are as recorded."""
+def _check_digests(
+    build_root: Path, digests: dict[str, str], missing: Callable[[Path], str], changed: Callable[[Path], str]
+) -> None:
+    """Every file of ``digests`` (path under ``build_root`` -> sha256) is there and as recorded; the first that
+    is not raises the message ``missing`` or ``changed`` gives for it."""
     for name, expected in digests.items():
         path = build_root / name
         if not path.is_file():
-            return path, True
+            raise UserError(missing(path))
         if sha256_of(path) != expected:
-            return path, False
-    return None
+            raise UserError(changed(path))
 
 
 def verify_tokenizer_files(build_root: Path, manifest: dict[str, Any]) -> None:
@@ -66,15 +69,16 @@ def verify_tokenizer_files(build_root: Path, manifest: dict[str, Any]) -> None:
     recorded = manifest["tokenizer"]
     files = {"tokenizer.json": recorded["sha256"]}
     files |= {f"{TOKENIZER_FILES}/{name}": digest for name, digest in recorded.get("files", {}).items()}
-    if (found := _first_not_as_recorded(build_root, files)) is not None:
-        path, missing = found
-        if missing:
-            raise UserError(f"{path}, a file of the build in {build_root}, is missing. {REBUILD}")
-        raise UserError(
-            f"{path} changed since the build encoded its shards with it (its sha256 is not the one in "
-            f"{build_root / 'manifest.json'}). Put the build's own file back, or rebuild: remove "
-            "manifest.json, or set data.overwrite: true."
-        )
+    _check_digests(
+        build_root,
+        files,
+        missing=lambda path: f"{path}, a file of the build in {build_root}, is missing. {REBUILD}",
+        changed=lambda path: (
+            f"{path} changed since the build encoded its shards with it (its sha256 is not the "
+            f"one in {build_root / 'manifest.json'}). Put the build's own file back, or rebuild: remove manifest.json, "
+            "or set data.overwrite: true."
+        ),
+    )
 
 
 def verify_token_ids(split_dir: Path, vocab_size: int) -> None:
